@@ -1,0 +1,70 @@
+//! The path of an event after it leaves the kernel: decode -> process table -> outputs.
+//!
+//! Live runs feed raw ring-buffer records in; replay feeds decoded events in. Everything
+//! from `handle_event` on is the same code for both.
+
+use sensor_proto::v1::Event;
+use tracing::warn;
+
+use crate::{
+    decode::{self, BootClock},
+    output::Sink,
+    proctable::ProcessTable,
+};
+
+/// What went through the pipeline.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PipelineStats {
+    pub records: u64,
+    pub decode_errors: u64,
+    pub events: u64,
+}
+
+pub struct Pipeline<S: Sink> {
+    pub table: ProcessTable,
+    pub sink: S,
+    /// Print every event (`--events`).
+    pub print_events: bool,
+    pub clock: BootClock,
+    pub stats: PipelineStats,
+}
+
+impl<S: Sink> Pipeline<S> {
+    pub fn new(table: ProcessTable, sink: S, print_events: bool, clock: BootClock) -> Self {
+        Self {
+            table,
+            sink,
+            print_events,
+            clock,
+            stats: PipelineStats::default(),
+        }
+    }
+
+    /// One raw record from the kernel.
+    pub fn handle_record(&mut self, bytes: &[u8]) {
+        self.stats.records += 1;
+        match decode::decode(bytes, &self.clock) {
+            Ok(event) => self.handle_event(event),
+            Err(err) => {
+                self.stats.decode_errors += 1;
+                // A decode error means the agent and its probes disagree: loud, but bounded.
+                if self.stats.decode_errors <= 10 || self.stats.decode_errors.is_power_of_two() {
+                    warn!(error = %err, count = self.stats.decode_errors, "dropping an undecodable kernel record");
+                }
+            }
+        }
+    }
+
+    /// One decoded event: update the table, then hand it on.
+    pub fn handle_event(&mut self, event: Event) {
+        self.stats.events += 1;
+        self.table.apply(&event);
+        if self.print_events {
+            self.sink.event(&event);
+        }
+    }
+
+    pub fn flush(&mut self) {
+        self.sink.flush();
+    }
+}

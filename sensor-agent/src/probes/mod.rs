@@ -1,0 +1,8 @@
+//! The kernel side as seen from userspace: prerequisites, kernel layout, loading and
+//! attaching the embedded probes, and the maps records and loss counters come through.
+
+pub mod layout;
+pub mod loader;
+pub mod preflight;
+
+pub use loader::{LoadOptions, Probes};

@@ -1,0 +1,98 @@
+//! Checks what the probes need before loading them, and says exactly what is missing.
+
+use std::{fs, path::Path};
+
+/// Where the kernel exposes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Where tracefs is mounted (and mounted by us when it is not).
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(
+        "the agent must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE); it runs as uid {uid} without them. Start it with sudo, or through the systemd unit"
+    )]
+    NotPrivileged { uid: u32 },
+    #[error(
+        "this kernel exposes no BTF at {VMLINUX_BTF}; the probes need a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
+    NoBtf,
+    #[error("tracefs is not mounted at {TRACEFS} and mounting it failed: {0}")]
+    Tracefs(String),
+    #[error("tracepoint {0} is absent from this kernel ({TRACEFS}/events/{0} does not exist)")]
+    NoTracepoint(String),
+}
+
+/// Effective capabilities of this process, from /proc/self/status.
+fn effective_caps() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+pub fn check_privileges() -> Result<(), PreflightError> {
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    const CAP_PERFMON: u64 = 1 << 38;
+    const CAP_BPF: u64 = 1 << 39;
+    let caps = effective_caps();
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid == 0 || caps & CAP_SYS_ADMIN != 0 || (caps & CAP_BPF != 0 && caps & CAP_PERFMON != 0) {
+        Ok(())
+    } else {
+        Err(PreflightError::NotPrivileged { uid })
+    }
+}
+
+pub fn check_btf() -> Result<(), PreflightError> {
+    if Path::new(VMLINUX_BTF).is_file() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoBtf)
+    }
+}
+
+/// Mounts tracefs at its usual place when it is missing. Returns true when we mounted it.
+pub fn ensure_tracefs() -> Result<bool, PreflightError> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.is_dir() {
+        return Ok(false);
+    }
+    if !Path::new(TRACEFS).is_dir() {
+        fs::create_dir_all(TRACEFS).map_err(|e| PreflightError::Tracefs(e.to_string()))?;
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        TRACEFS,
+        Some("tracefs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| PreflightError::Tracefs(e.to_string()))?;
+    if events.is_dir() {
+        Ok(true)
+    } else {
+        Err(PreflightError::Tracefs(format!(
+            "mounted, but {} is still missing",
+            events.display()
+        )))
+    }
+}
+
+/// A classic tracepoint `category/name` exists on this kernel.
+pub fn check_tracepoint(category: &str, name: &str) -> Result<(), PreflightError> {
+    let id = Path::new(TRACEFS)
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("id");
+    if id.is_file() {
+        Ok(())
+    } else {
+        Err(PreflightError::NoTracepoint(format!("{category}/{name}")))
+    }
+}

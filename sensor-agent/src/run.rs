@@ -1,0 +1,120 @@
+//! `sensor-agent run`: load the probes, seed the process table, stream until SIGINT/SIGTERM.
+
+use std::{io::Write, path::Path, time::Duration};
+
+use anyhow::Context as _;
+use sensor_common::kind;
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{info, warn};
+
+use crate::{
+    decode::BootClock,
+    output::{Sink, json::JsonLines},
+    pipeline::Pipeline,
+    probes::{LoadOptions, Probes},
+    proc_seed,
+    proctable::ProcessTable,
+};
+
+/// Options of a live run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub print_events: bool,
+    pub load: LoadOptions,
+}
+
+/// How often loss counters are read and the clock offset refreshed.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let probes = Probes::load(&options.load).context("cannot start the probes")?;
+    // Seed after attaching: a process started in between is seen by both, and the events
+    // (applied after the seed) bring it up to date.
+    let mut table = ProcessTable::default();
+    let seeded = proc_seed::seed(&mut table, Path::new("/proc")).context("cannot read /proc")?;
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
+    let mut pipeline = Pipeline::new(
+        table,
+        JsonLines::new(stdout),
+        options.print_events,
+        BootClock::now(),
+    );
+    info!(
+        probes = probes.attached.len(),
+        unavailable = probes.unavailable.len(),
+        processes = seeded,
+        "ready: all probes attached, process table seeded"
+    );
+    event_loop(probes, &mut pipeline).await
+}
+
+async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyhow::Result<()> {
+    let Probes {
+        ring, ebpf, lost, ..
+    } = probes;
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
+    // as the AsyncFd owns the ring buffer.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .context("cannot poll the probes' ring buffer")?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    let mut last_lost = vec![0u64; usize::from(kind::COUNT)];
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    pipeline.handle_record(&item);
+                }
+                guard.clear_ready();
+                pipeline.flush();
+            }
+            _ = housekeeping.tick() => {
+                pipeline.clock = BootClock::now();
+                report_losses(&lost, &mut last_lost);
+            }
+            _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
+        }
+    }
+    // Drain what is already in the ring before leaving.
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        pipeline.handle_record(&item);
+    }
+    pipeline.flush();
+    report_losses(&lost, &mut last_lost);
+    drop(ebpf);
+    let stats = pipeline.stats;
+    let lost_total: u64 = last_lost.iter().sum();
+    info!(
+        records = stats.records,
+        events = stats.events,
+        decode_errors = stats.decode_errors,
+        lost_in_kernel = lost_total,
+        "stopped"
+    );
+    let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// Logs records lost in the kernel since the last call.
+fn report_losses(lost: &crate::probes::loader::LossCounters, last: &mut [u64]) {
+    for (k, total) in lost.counts() {
+        let slot = &mut last[usize::from(k)];
+        if total > *slot {
+            warn!(
+                kind = kind::name(k),
+                lost = total - *slot,
+                total,
+                "records lost in the kernel: the ring buffer was full"
+            );
+            *slot = total;
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! Process lifecycle: exec (successful and failed), fork/clone and exit.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_boot_ns},
+    },
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use sensor_common::{
+    DATA_OFFSET_LIMIT, ExecFailedRecord, ExecRecord, ExitRecord, ForkRecord, Header, MAX_ARGS,
+    MAX_FILENAME, TASK_COMM_LEN, exec_flags, kind,
+};
+
+use crate::{
+    kernel::{
+        KPtr, agent_tgid, describe_file, layout_ready, off, read, read_into, read_kernel_str,
+        read_path, read_ptr, read_user, read_user_str, task_fd_file, walk_path,
+    },
+    maps::{EXEC_ARGS, EVENTS, ExecArgs, SCRATCH, count_lost, submit_scratch},
+};
+
+/// Fills `hdr` in place for the current task (no stack copy of the struct).
+#[inline(always)]
+fn fill_header(hdr: &mut Header, kind: u16, size: usize) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    hdr.kind = kind;
+    hdr.flags = 0;
+    hdr.size = size as u32;
+    // SAFETY: helpers without arguments, and one writing 16 bytes into `hdr.comm`.
+    unsafe {
+        hdr.boot_ns = bpf_ktime_get_boot_ns();
+        hdr.cgroup_id = bpf_get_current_cgroup_id();
+        bpf_get_current_comm(hdr.comm.as_mut_ptr() as *mut c_void, TASK_COMM_LEN as u32);
+    }
+    hdr.pid = (pid_tgid >> 32) as u32;
+    hdr.tid = pid_tgid as u32;
+    hdr.uid = uid_gid as u32;
+    hdr.gid = (uid_gid >> 32) as u32;
+}
+
+#[inline(always)]
+fn is_agent() -> bool {
+    (bpf_get_current_pid_tgid() >> 32) as u32 == agent_tgid()
+}
+
+/// Where an exec record's strings start in the scratch buffer.
+const DATA_BASE: usize = core::mem::size_of::<ExecRecord>();
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
+    if layout_ready() && !is_agent() {
+        let _ = on_exec(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let task: KPtr = ctx.arg(0);
+    let old_tid: i32 = ctx.arg(1);
+    let bprm: KPtr = ctx.arg(2);
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(0i64)?;
+    let rec = scratch as *mut ExecRecord;
+    let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<ExecRecord>());
+    // SAFETY: `rec` points at the start of this CPU's scratch buffer, large enough for an
+    // ExecRecord followed by its data (checked by sensor-common's const assertions).
+    let r = unsafe { &mut *rec };
+    fill_header(&mut r.hdr, kind::EXEC, 0);
+    r.old_tid = old_tid as u32;
+    r.exec_flags = 0;
+
+    let parent = read_ptr(task, off!(task_real_parent))?;
+    r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
+    read_into(r.parent_thread_comm.as_mut_ptr(), TASK_COMM_LEN as u32, parent, off!(task_comm));
+    r.start_boot_ns = read::<u64>(task, off!(task_start_boottime)).unwrap_or(0);
+    let cred = read_ptr(task, off!(task_real_cred))?;
+    r.euid = read::<u32>(cred, off!(cred_euid)).unwrap_or(u32::MAX);
+    r.egid = read::<u32>(cred, off!(cred_egid)).unwrap_or(u32::MAX);
+
+    // argv as the kernel just laid it out in the new program's memory.
+    let mm = read_ptr(task, off!(task_mm))?;
+    let arg_start = read::<u64>(mm, off!(mm_arg_start)).unwrap_or(0);
+    let arg_end = read::<u64>(mm, off!(mm_arg_end)).unwrap_or(0);
+    let mut len = arg_end.wrapping_sub(arg_start);
+    if len > MAX_ARGS as u64 {
+        len = MAX_ARGS as u64;
+        r.exec_flags |= exec_flags::ARGS_TRUNCATED;
+    }
+    let mut end = 0usize;
+    if len > 0 && read_user(data, len as u32, arg_start as KPtr).is_ok() {
+        end = len as usize;
+    } else {
+        r.exec_flags |= exec_flags::ARGS_UNREADABLE;
+    }
+    r.args_len = end as u16;
+
+    // The filename the caller asked for (`/proc/self/fd/3`, a symlink, a script...).
+    let filename = read_ptr(bprm, off!(bprm_filename)).unwrap_or(core::ptr::null());
+    let dst = data.wrapping_add(end & (DATA_OFFSET_LIMIT - 1));
+    let n = read_kernel_str(dst, MAX_FILENAME as u32, filename).unwrap_or(0);
+    let n = if n > 0 { n - 1 } else { 0 };
+    if n + 1 >= MAX_FILENAME {
+        r.exec_flags |= exec_flags::FILENAME_TRUNCATED;
+    }
+    r.filename_len = n as u16;
+    end += n;
+
+    // The executable as the kernel resolved it.
+    let fs = read_ptr(task, off!(task_fs))?;
+    let root = read_path(fs, off!(fs_root))?;
+    r.exe_len = 0;
+    r.exe_ino = 0;
+    r.exe_nlink = 0;
+    r.exe_fs_magic = 0;
+    if let Ok(exe) = read_ptr(mm, off!(mm_exe_file)) {
+        if let Ok(inode) = read_ptr(exe, off!(file_f_inode)) {
+            r.exe_ino = read::<u64>(inode, off!(inode_i_ino)).unwrap_or(0);
+            r.exe_nlink = read::<u32>(inode, off!(inode_i_nlink)).unwrap_or(0);
+            if let Ok(sb) = read_ptr(inode, off!(inode_i_sb)) {
+                r.exe_fs_magic = read::<u64>(sb, off!(sb_s_magic)).unwrap_or(0);
+            }
+            if r.exe_nlink == 0 {
+                r.exec_flags |= exec_flags::EXE_UNLINKED;
+            }
+        }
+        if let Ok(path) = read_path(exe, off!(file_f_path)) {
+            let walk = walk_path(DATA_BASE, end, path, root);
+            if walk.truncated {
+                r.exec_flags |= exec_flags::EXE_PATH_TRUNCATED;
+            }
+            if walk.outside_root {
+                r.exec_flags |= exec_flags::EXE_OUTSIDE_ROOT;
+            }
+            r.exe_len = (walk.end - end) as u16;
+            end = walk.end;
+        }
+    }
+
+    // The working directory.
+    r.cwd_len = 0;
+    if let Ok(pwd) = read_path(fs, off!(fs_pwd)) {
+        let walk = walk_path(DATA_BASE, end, pwd, root);
+        if walk.truncated {
+            r.exec_flags |= exec_flags::CWD_TRUNCATED;
+        }
+        r.cwd_len = (walk.end - end) as u16;
+        end = walk.end;
+    }
+
+    // What the new program reads from and writes to.
+    for fd in 0..3u32 {
+        let file = task_fd_file(task, fd);
+        describe_file(file, &mut r.stdio[fd as usize]);
+    }
+
+    let size = core::mem::size_of::<ExecRecord>() + end;
+    r.hdr.size = size as u32;
+    submit_scratch(scratch, size, kind::EXEC);
+    Ok(())
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_execve")]
+pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
+    if layout_ready() && !is_agent() {
+        // SAFETY: offsets from the tracepoint's format file.
+        let filename = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(0);
+        remember_exec(filename, -100, 0);
+    }
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_enter_execveat")]
+pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
+    if layout_ready() && !is_agent() {
+        // SAFETY: offsets from the tracepoint's format file.
+        let dirfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+        let filename = unsafe { ctx.read_at::<u64>(24) }.unwrap_or(0);
+        remember_exec(filename, dirfd, exec_flags::EXECVEAT);
+    }
+    0
+}
+
+#[inline(always)]
+fn remember_exec(filename: u64, dirfd: i64, flags: u32) {
+    let args = ExecArgs {
+        filename,
+        dirfd,
+        flags,
+        _pad: 0,
+    };
+    let _ = EXEC_ARGS.insert(&bpf_get_current_pid_tgid(), &args, 0);
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_execve")]
+pub fn sys_exit_execve(ctx: TracePointContext) -> u32 {
+    on_exec_return(&ctx);
+    0
+}
+
+#[tracepoint(category = "syscalls", name = "sys_exit_execveat")]
+pub fn sys_exit_execveat(ctx: TracePointContext) -> u32 {
+    on_exec_return(&ctx);
+    0
+}
+
+#[inline(always)]
+fn on_exec_return(ctx: &TracePointContext) {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the map value is copied out before the entry is removed.
+    let Some(args) = (unsafe { EXEC_ARGS.get(&key) }).copied() else {
+        return;
+    };
+    let _ = EXEC_ARGS.remove(&key);
+    // SAFETY: offset from the tracepoint's format file.
+    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    if ret >= 0 {
+        return;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the scratch buffer holds an ExecFailedRecord and MAX_FILENAME bytes after it.
+    let r = unsafe { &mut *(scratch as *mut ExecFailedRecord) };
+    let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<ExecFailedRecord>());
+    fill_header(&mut r.hdr, kind::EXEC_FAILED, 0);
+    r.errno = (-ret) as i32;
+    r.exec_flags = args.flags;
+    r.dirfd = args.dirfd as i32;
+    r._pad = 0;
+    let n = read_user_str(data, MAX_FILENAME as u32, args.filename as KPtr).unwrap_or(0);
+    let n = if n > 0 { n - 1 } else { 0 };
+    if n + 1 >= MAX_FILENAME {
+        r.exec_flags |= exec_flags::FILENAME_TRUNCATED;
+    }
+    r.filename_len = n as u16;
+    let size = core::mem::size_of::<ExecFailedRecord>() + n;
+    r.hdr.size = size as u32;
+    submit_scratch(scratch, size, kind::EXEC_FAILED);
+}
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
+    if layout_ready() && !is_agent() {
+        let _ = on_fork(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let parent: KPtr = ctx.arg(0);
+    let child: KPtr = ctx.arg(1);
+    let Some(mut entry) = EVENTS.reserve::<ForkRecord>(0) else {
+        count_lost(kind::FORK);
+        return Ok(());
+    };
+    // SAFETY: every field is written below before submit.
+    let r = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(&mut r.hdr, kind::FORK, core::mem::size_of::<ForkRecord>());
+    let child_pid = read::<u32>(child, off!(task_pid)).unwrap_or(0);
+    let child_tgid = read::<u32>(child, off!(task_tgid)).unwrap_or(0);
+    r.hdr.pid = child_tgid;
+    r.hdr.tid = child_pid;
+    read_into(r.hdr.comm.as_mut_ptr(), TASK_COMM_LEN as u32, child, off!(task_comm));
+    r.parent_tid = read::<u32>(parent, off!(task_pid)).unwrap_or(0);
+    r.parent_pid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
+    read_into(r.parent_thread_comm.as_mut_ptr(), TASK_COMM_LEN as u32, parent, off!(task_comm));
+    r.child_start_boot_ns = read::<u64>(child, off!(task_start_boottime)).unwrap_or(0);
+    r.is_thread = (child_pid != child_tgid) as u32;
+    r._pad = 0;
+    entry.submit(0);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> i32 {
+    if layout_ready() && !is_agent() {
+        let _ = on_exit(&ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn on_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let task: KPtr = ctx.arg(0);
+    // Only the last thread of a process reports: `signal->live` has already been
+    // decremented for this thread when the tracepoint fires.
+    let signal = read_ptr(task, off!(task_signal))?;
+    let live = read::<i32>(signal, off!(signal_live))?;
+    if live != 0 {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<ExitRecord>(0) else {
+        count_lost(kind::EXIT);
+        return Ok(());
+    };
+    // SAFETY: every field is written below before submit.
+    let r = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(&mut r.hdr, kind::EXIT, core::mem::size_of::<ExitRecord>());
+    let parent = read_ptr(task, off!(task_real_parent)).unwrap_or(core::ptr::null());
+    r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
+    r.exit_code = read::<u32>(task, off!(task_exit_code)).unwrap_or(0);
+    r.start_boot_ns = read::<u64>(task, off!(task_start_boottime)).unwrap_or(0);
+    entry.submit(0);
+    Ok(())
+}
