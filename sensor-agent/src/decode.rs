@@ -139,7 +139,11 @@ fn join_components(bytes: &[u8]) -> String {
         path.push('/');
         path.push_str(&String::from_utf8_lossy(part));
     }
-    if path.is_empty() { "/".to_owned() } else { path }
+    if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path
+    }
 }
 
 fn header_event(hdr: &Header, clock: &BootClock) -> Event {
@@ -247,7 +251,11 @@ fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError
 fn decode_exec_failed(bytes: &[u8]) -> Result<ExecFailedEvent, DecodeError> {
     let r: ExecFailedRecord = read_struct(bytes, "failed-exec record")?;
     let mut rest = &bytes[size_of::<ExecFailedRecord>()..];
-    let filename = take(&mut rest, usize::from(r.filename_len), "failed-exec filename")?;
+    let filename = take(
+        &mut rest,
+        usize::from(r.filename_len),
+        "failed-exec filename",
+    )?;
     Ok(ExecFailedEvent {
         filename: lossy(filename),
         filename_truncated: r.exec_flags & exec_flags::FILENAME_TRUNCATED != 0,
@@ -491,20 +499,15 @@ mod tests {
             exit_code: 3 << 8,
             ..Default::default()
         };
-        let Some(event::Kind::Exit(exit)) = decode(&bytes_of(&r), &BootClock::default())
-            .unwrap()
-            .kind
+        let Some(event::Kind::Exit(exit)) =
+            decode(&bytes_of(&r), &BootClock::default()).unwrap().kind
         else {
             panic!()
         };
         assert_eq!((exit.exit_code, exit.signal), (3, 0));
-        let r = ExitRecord {
-            exit_code: 9,
-            ..r
-        };
-        let Some(event::Kind::Exit(exit)) = decode(&bytes_of(&r), &BootClock::default())
-            .unwrap()
-            .kind
+        let r = ExitRecord { exit_code: 9, ..r };
+        let Some(event::Kind::Exit(exit)) =
+            decode(&bytes_of(&r), &BootClock::default()).unwrap().kind
         else {
             panic!()
         };

@@ -8,7 +8,7 @@
 pub mod decode;
 pub mod output;
 pub mod pipeline;
-pub mod proc_seed;
 pub mod probes;
+pub mod proc_seed;
 pub mod proctable;
 pub mod run;

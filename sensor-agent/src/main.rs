@@ -5,7 +5,11 @@ use sensor_agent::{probes::LoadOptions, run};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "sensor-agent", version, about = "eBPF host sensor for Ivanti EPMM appliances")]
+#[command(
+    name = "sensor-agent",
+    version,
+    about = "eBPF host sensor for Ivanti EPMM appliances"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +29,9 @@ struct RunArgs {
     /// Size of the kernel-to-agent ring buffer in MiB (a power of two).
     #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
     ring_mib: u32,
+    /// Do not attach this optional probe (repeatable); to measure what each costs.
+    #[arg(long = "skip-probe", value_name = "PROBE")]
+    skip_probes: Vec<String>,
 }
 
 fn parse_ring_mib(value: &str) -> Result<u32, String> {
@@ -53,6 +60,7 @@ fn main() -> std::process::ExitCode {
                 print_events: args.events,
                 load: LoadOptions {
                     ring_bytes: args.ring_mib * 1024 * 1024,
+                    skip: args.skip_probes,
                 },
             }))
         }),

@@ -232,12 +232,8 @@ impl ProcessTable {
                 }
                 self.prune(ev.boot_ns);
             }
-            Some(_) => {
-                if !self.procs.contains_key(&ev.pid) {
-                    self.replace(partial(ev));
-                }
-            }
-            None => {}
+            Some(_) if !self.procs.contains_key(&ev.pid) => self.replace(partial(ev)),
+            _ => {}
         }
     }
 
@@ -381,7 +377,11 @@ mod tests {
         t.apply(&fork(10, 1, 5));
         t.apply(&exec(10, 1, 6, 5, "/usr/bin/java"));
         t.apply(&fork(20, 10, 7));
-        assert_eq!(&*t.get(20).unwrap().exe, "/usr/bin/java", "fork inherits the image");
+        assert_eq!(
+            &*t.get(20).unwrap().exe,
+            "/usr/bin/java",
+            "fork inherits the image"
+        );
         t.apply(&exec(20, 10, 8, 7, "/bin/sh"));
         let chain: Vec<&str> = t.ancestry(20).iter().map(|p| &*p.exe).collect();
         assert_eq!(chain, ["/usr/bin/java", "/sbin/init"]);

@@ -36,6 +36,28 @@ pub struct ExecArgs {
     pub _pad: u32,
 }
 
+/// Bytes waiting in `EVENTS` above which a record wakes the agent up (set by the agent).
+/// Below it records are written without a wake-up and the agent drains the ring on a short
+/// timer: a wake-up per record costs the traced workload a context switch each time.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Ring-buffer flags for the record about to be written.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    // SAFETY: read of a read-only global.
+    let threshold = unsafe { core::ptr::read_volatile(core::ptr::addr_of!(WAKEUP_BYTES)) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 /// Counts a record of `kind` that could not be delivered.
 #[inline(always)]
 pub fn count_lost(kind: u16) {
@@ -48,10 +70,14 @@ pub fn count_lost(kind: u16) {
 /// Copies `len` bytes of the scratch buffer into the ring buffer, or counts the loss.
 #[inline(always)]
 pub fn submit_scratch(scratch: *mut [u8; SCRATCH_SIZE], len: usize, kind: u16) {
-    let len = if len > SCRATCH_SIZE { SCRATCH_SIZE } else { len };
+    let len = if len > SCRATCH_SIZE {
+        SCRATCH_SIZE
+    } else {
+        len
+    };
     // SAFETY: `len` is bounded by the scratch size just above.
     let data = unsafe { core::slice::from_raw_parts(scratch as *const u8, len) };
-    if EVENTS.output::<[u8]>(data, 0).is_err() {
+    if EVENTS.output::<[u8]>(data, wakeup_flags()).is_err() {
         count_lost(kind);
     }
 }

@@ -20,7 +20,7 @@ use crate::{
         KPtr, agent_tgid, describe_file, layout_ready, off, read, read_into, read_kernel_str,
         read_path, read_ptr, read_user, read_user_str, task_fd_file, walk_path,
     },
-    maps::{EXEC_ARGS, EVENTS, ExecArgs, SCRATCH, count_lost, submit_scratch},
+    maps::{EVENTS, EXEC_ARGS, ExecArgs, SCRATCH, count_lost, submit_scratch, wakeup_flags},
 };
 
 /// Fills `hdr` in place for the current task (no stack copy of the struct).
@@ -76,7 +76,12 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
 
     let parent = read_ptr(task, off!(task_real_parent))?;
     r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
-    read_into(r.parent_thread_comm.as_mut_ptr(), TASK_COMM_LEN as u32, parent, off!(task_comm));
+    read_into(
+        r.parent_thread_comm.as_mut_ptr(),
+        TASK_COMM_LEN as u32,
+        parent,
+        off!(task_comm),
+    );
     r.start_boot_ns = read::<u64>(task, off!(task_start_boottime)).unwrap_or(0);
     let cred = read_ptr(task, off!(task_real_cred))?;
     r.euid = read::<u32>(cred, off!(cred_euid)).unwrap_or(u32::MAX);
@@ -266,14 +271,24 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let child_tgid = read::<u32>(child, off!(task_tgid)).unwrap_or(0);
     r.hdr.pid = child_tgid;
     r.hdr.tid = child_pid;
-    read_into(r.hdr.comm.as_mut_ptr(), TASK_COMM_LEN as u32, child, off!(task_comm));
+    read_into(
+        r.hdr.comm.as_mut_ptr(),
+        TASK_COMM_LEN as u32,
+        child,
+        off!(task_comm),
+    );
     r.parent_tid = read::<u32>(parent, off!(task_pid)).unwrap_or(0);
     r.parent_pid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
-    read_into(r.parent_thread_comm.as_mut_ptr(), TASK_COMM_LEN as u32, parent, off!(task_comm));
+    read_into(
+        r.parent_thread_comm.as_mut_ptr(),
+        TASK_COMM_LEN as u32,
+        parent,
+        off!(task_comm),
+    );
     r.child_start_boot_ns = read::<u64>(child, off!(task_start_boottime)).unwrap_or(0);
     r.is_thread = (child_pid != child_tgid) as u32;
     r._pad = 0;
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(())
 }
 
@@ -306,6 +321,6 @@ fn on_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
     r.exit_code = read::<u32>(task, off!(task_exit_code)).unwrap_or(0);
     r.start_boot_ns = read::<u64>(task, off!(task_start_boottime)).unwrap_or(0);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     Ok(())
 }

@@ -1,1 +1,254 @@
-//! Helpers for the end-to-end tests.
+//! Harness for the end-to-end tests: starts the real agent (real probes), collects its JSON
+//! lines, and waits for what a test expects, with bounded waits everywhere.
+//!
+//! The agent binary comes from `SENSOR_AGENT_BIN` (set by `cargo xtask test`) or
+//! `target/debug/sensor-agent`. These tests need root: without it they fail, they never
+//! skip, because a skipped end-to-end test proves nothing.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long an agent may take to load and attach its probes.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long to wait for an expected line.
+pub const LINE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Path of the agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("SENSOR_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = workspace.join("target/debug/sensor-agent");
+    assert!(
+        path.is_file(),
+        "no agent binary at {}: run the tests with `cargo xtask test`, or build sensor-agent first",
+        path.display()
+    );
+    path
+}
+
+/// The end-to-end tests load eBPF programs: they must run as root.
+pub fn require_root() {
+    // SAFETY: plain syscall.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests load the real probes and must run as root (CI runs them as root)"
+    );
+}
+
+/// A unique marker for argv, so a test finds its own processes among the host's.
+pub fn marker(name: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("e2e-{name}-{}-{n}", std::process::id())
+}
+
+/// A running agent and the lines it printed.
+pub struct Agent {
+    child: Child,
+    lines: Receiver<Value>,
+    /// Every line seen so far (kept so that later waits can look back).
+    seen: Vec<Value>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `sensor-agent run --events` plus `extra` args and waits for `ready`.
+    pub fn start(extra: &[&str]) -> Agent {
+        let mut args = vec!["run", "--events"];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
+    }
+
+    /// Starts the agent with exactly `args` and waits for the `ready` log line.
+    pub fn start_with(args: &[&str]) -> Agent {
+        require_root();
+        let mut child = Command::new(agent_bin())
+            .args(args)
+            .env("SENSOR_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the agent");
+        let (line_tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("agent printed a line that is not JSON ({e}): {line}")
+                });
+                if line_tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr_lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("ready") {
+                    let _ = ready_tx.send(());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Agent {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: stderr_lines,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if ready_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                panic!(
+                    "the agent exited with {status} before it was ready; its log:\n{}",
+                    agent.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent was not ready within {READY_TIMEOUT:?}; its log:\n{}",
+                agent.log()
+            );
+        }
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's stderr so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a line matching `pred` arrives (or was already seen) and returns it.
+    pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.try_wait_for(LINE_TIMEOUT, &pred).unwrap_or_else(|| {
+            panic!(
+                "no line with {what} within {LINE_TIMEOUT:?}; {} lines seen; agent log:\n{}",
+                self.seen.len(),
+                self.log()
+            )
+        })
+    }
+
+    /// As `wait_for`, but returns None after `timeout`.
+    pub fn try_wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: &dyn Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        if let Some(found) = self.seen.iter().find(|v| pred(v)) {
+            return Some(found.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(value) => {
+                    let hit = pred(&value);
+                    self.seen.push(value.clone());
+                    if hit {
+                        return Some(value);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Collects every line that arrives within `window` and matches `pred`, including those
+    /// already seen.
+    pub fn collect(&mut self, window: Duration, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + window;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(value) => self.seen.push(value),
+                Err(_) => break,
+            }
+        }
+        self.seen.iter().filter(|v| pred(v)).cloned().collect()
+    }
+
+    /// Stops the agent with SIGTERM (by its pid) and waits for it, bounded.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("reap the agent");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}
+
+/// `line["event"]` when the line is an event of `kind` ("exec", "fork", ...).
+pub fn event_of<'a>(line: &'a Value, kind: &str) -> Option<&'a Value> {
+    let event = line.get("event")?;
+    event.get(kind).map(|_| event)
+}
+
+/// A JSON number or a 64-bit integer rendered as a string, as u64 (0 when absent).
+pub fn num(value: &Value) -> u64 {
+    match value {
+        Value::Number(n) => n.as_u64().unwrap_or(0),
+        Value::String(s) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// argv of an exec event.
+pub fn argv(event: &Value) -> Vec<String> {
+    event["exec"]["argv"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|v| v.as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}

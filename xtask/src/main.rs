@@ -1,1 +1,144 @@
-fn main() {}
+//! Build orchestration. `cargo xtask run` and `cargo xtask test` are the README's two
+//! commands: each installs what is missing on a fresh machine, builds, and runs.
+
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "Build, run, test and benchmark the EPMM sensor"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the prerequisites (llvm-22-dev, bpf-linker 0.13, rust-src for nightly).
+    Setup,
+    /// Build and run the agent with its embedded defaults (as root). Arguments after `--`
+    /// go to `sensor-agent run`.
+    Run {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite: formatting, clippy, unit and end-to-end tests (as root).
+    Test {
+        /// Skip `cargo fmt --check` and `cargo clippy` (for quick iterations).
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks against the no-sensor baseline; results go to stdout.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Setup => setup::ensure_all(),
+        Cmd::Run { args } => {
+            setup::ensure_all()?;
+            cargo(&["build", "--release", "--package", "sensor-agent"])?;
+            let bin = workspace().join("target/release/sensor-agent");
+            let mut cmd = as_root(&bin);
+            cmd.arg("run").args(&args);
+            let status = cmd.status().context("cannot start the agent")?;
+            if !status.success() {
+                bail!("sensor-agent exited with {status}");
+            }
+            Ok(())
+        }
+        Cmd::Test { no_lint, args } => test(no_lint, &args),
+        Cmd::Bench(args) => {
+            setup::ensure_all()?;
+            bench::run(args)
+        }
+    }
+}
+
+fn test(no_lint: bool, args: &[String]) -> Result<()> {
+    setup::ensure_all()?;
+    if !no_lint {
+        step("cargo fmt --check");
+        cargo(&["fmt", "--all", "--check"])?;
+        step("cargo clippy --all-targets -- -D warnings");
+        cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    }
+    step("build the agent with its embedded probes");
+    cargo(&["build", "--package", "sensor-agent"])?;
+    if !is_root() {
+        bail!(
+            "the end-to-end tests load the real probes and must run as root; rerun with sudo (CI runs as root)"
+        );
+    }
+    step("cargo test --workspace");
+    let bin = workspace().join("target/debug/sensor-agent");
+    let mut cmd = Command::new(cargo_bin());
+    cmd.current_dir(workspace())
+        .args(["test", "--workspace"])
+        .env("SENSOR_AGENT_BIN", &bin)
+        .args(args);
+    run(&mut cmd)
+}
+
+/// Runs `cargo` with `args` in the workspace.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let mut cmd = Command::new(cargo_bin());
+    cmd.current_dir(workspace()).args(args);
+    run(&mut cmd)
+}
+
+pub fn cargo_bin() -> PathBuf {
+    std::env::var_os("CARGO").map_or_else(|| PathBuf::from("cargo"), PathBuf::from)
+}
+
+/// Runs a command, failing with its command line when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// A command for `program`, through sudo when we are not root.
+pub fn as_root(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut cmd = Command::new("sudo");
+        cmd.arg(program);
+        cmd
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: plain syscall without arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}

@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(parsed.item, Some(output::Item::Event(ev)));
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(value["event"]["pid"], 7);
-        assert_eq!(value["event"]["bootNs"], "12", "64-bit integers are strings");
+        assert_eq!(
+            value["event"]["bootNs"], "12",
+            "64-bit integers are strings"
+        );
         assert_eq!(value["event"]["exit"]["exitCode"], 3);
     }
 }

@@ -12,10 +12,7 @@ use sensor_common::KernelLayout;
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error("cannot read kernel BTF from {path}: {source}")]
-    Read {
-        path: String,
-        source: btf_rs::Error,
-    },
+    Read { path: String, source: btf_rs::Error },
     #[error("kernel BTF has no struct {0}")]
     NoStruct(String),
     #[error("kernel BTF: struct {strukt} has no field {field}")]

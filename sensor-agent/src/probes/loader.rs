@@ -89,6 +89,8 @@ pub enum LoadError {
         #[source]
         source: ProgramError,
     },
+    #[error("probe {0} is required and cannot be skipped")]
+    Required(&'static str),
     #[error("probe object has no program {0}; the agent and its embedded probes disagree")]
     MissingProgram(&'static str),
     #[error("probe object map {name}: {reason}")]
@@ -100,12 +102,23 @@ pub enum LoadError {
 pub struct LoadOptions {
     /// Size of the kernel-to-agent ring buffer, bytes (a power of two, page multiple).
     pub ring_bytes: u32,
+    /// Optional probes not to attach (to measure what each attach point costs).
+    pub skip: Vec<String>,
+}
+
+impl LoadOptions {
+    /// Pending bytes above which the kernel wakes the agent instead of waiting for its
+    /// next timed drain: a quarter of the ring.
+    pub fn wakeup_bytes(&self) -> u64 {
+        u64::from(self.ring_bytes / 4)
+    }
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             ring_bytes: 16 * 1024 * 1024,
+            skip: Vec::new(),
         }
     }
 }
@@ -138,12 +151,21 @@ impl Probes {
             .btf(Some(&btf))
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("AGENT_TGID", &agent_tgid, true)
+            .override_global("WAKEUP_BYTES", &options.wakeup_bytes(), true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .load(PROBE_OBJECT)?;
 
         let mut attached = Vec::new();
         let mut unavailable = Vec::new();
         for spec in PROBES {
+            if options.skip.iter().any(|s| s == spec.program) {
+                if spec.required {
+                    return Err(LoadError::Required(spec.program));
+                }
+                info!(probe = spec.program, "not attached, as asked");
+                unavailable.push((spec.program, "skipped by --skip-probe".to_owned()));
+                continue;
+            }
             match attach(&mut ebpf, spec, &btf) {
                 Ok(()) => {
                     debug!(probe = spec.program, "attached");

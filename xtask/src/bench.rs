@@ -1,0 +1,226 @@
+//! Benchmarks, run side by side with the no-sensor baseline in the same invocation.
+//!
+//! Each round runs the workload once without the agent and once with it (the order
+//! alternates between rounds), and the report gives medians and their ratio, the agent's
+//! CPU time while it ran, and what it counted as delivered and lost.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, step, workspace};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Which workload: `exec` (fork+exec of /bin/true).
+    #[arg(default_value = "exec")]
+    workload: Workload,
+    /// Operations per run.
+    #[arg(long, default_value_t = 20_000)]
+    iterations: u32,
+    /// Rounds; each has one baseline run and one run with the agent.
+    #[arg(long, default_value_t = 5)]
+    rounds: u32,
+    /// Extra arguments for `sensor-agent run`.
+    #[arg(long, allow_hyphen_values = true)]
+    agent_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Workload {
+    /// fork+exec of /bin/true, waited for one at a time.
+    Exec,
+}
+
+/// What one run with the agent cost and delivered.
+struct AgentRun {
+    wall: Duration,
+    cpu: Duration,
+    records: u64,
+    lost: u64,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if !crate::is_root() {
+        bail!("the benchmark loads the probes and must run as root");
+    }
+    step("build the agent (release)");
+    cargo(&["build", "--release", "--package", "sensor-agent"])?;
+    let bin = workspace().join("target/release/sensor-agent");
+
+    let mut baseline = Vec::new();
+    let mut with_agent = Vec::new();
+    for round in 0..args.rounds {
+        step(&format!("round {}/{}", round + 1, args.rounds));
+        let agent_first = round % 2 == 1;
+        if !agent_first {
+            baseline.push(workload(args.workload, args.iterations)?);
+        }
+        with_agent.push(run_with_agent(&bin, &args)?);
+        if agent_first {
+            baseline.push(workload(args.workload, args.iterations)?);
+        }
+        let b = baseline.last().unwrap();
+        let a = with_agent.last().unwrap();
+        eprintln!(
+            "baseline {:.3}s, with agent {:.3}s (agent cpu {:.3}s, records {}, lost {})",
+            b.as_secs_f64(),
+            a.wall.as_secs_f64(),
+            a.cpu.as_secs_f64(),
+            a.records,
+            a.lost
+        );
+    }
+    let base_median = median(baseline.clone());
+    let agent_median = median(with_agent.iter().map(|a| a.wall).collect());
+    let cpu_median = median(with_agent.iter().map(|a| a.cpu).collect());
+    let lost: u64 = with_agent.iter().map(|a| a.lost).sum();
+    let records: Vec<u64> = with_agent.iter().map(|a| a.records).collect();
+    println!(
+        "| workload | iterations | rounds | baseline median | with agent median | ratio | agent CPU (median) | records per run | lost |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| {:?} | {} | {} | {:.3} s | {:.3} s | {:.3} | {:.3} s | {} | {} |",
+        args.workload,
+        args.iterations,
+        args.rounds,
+        base_median.as_secs_f64(),
+        agent_median.as_secs_f64(),
+        agent_median.as_secs_f64() / base_median.as_secs_f64(),
+        cpu_median.as_secs_f64(),
+        records
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join("/"),
+        lost
+    );
+    Ok(())
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+fn workload(kind: Workload, iterations: u32) -> Result<Duration> {
+    let start = Instant::now();
+    match kind {
+        Workload::Exec => {
+            for _ in 0..iterations {
+                let status = Command::new("/bin/true")
+                    .status()
+                    .context("fork+exec of /bin/true")?;
+                if !status.success() {
+                    bail!("/bin/true failed: {status}");
+                }
+            }
+        }
+    }
+    Ok(start.elapsed())
+}
+
+fn run_with_agent(bin: &std::path::Path, args: &BenchArgs) -> Result<AgentRun> {
+    let mut agent = Command::new(bin)
+        .arg("run")
+        .args(&args.agent_args)
+        .env("SENSOR_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start the agent")?;
+    let (tx, rx) = mpsc::channel::<String>();
+    let stderr = agent.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut log = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let ready = line.contains("ready");
+                log.push(line);
+                if ready {
+                    break;
+                }
+            }
+            Err(_) if Instant::now() > deadline => {
+                let _ = agent.kill();
+                bail!("the agent was not ready within 60 s:\n{}", log.join("\n"));
+            }
+            Err(_) => {
+                if let Ok(Some(status)) = agent.try_wait() {
+                    bail!("the agent exited with {status}:\n{}", log.join("\n"));
+                }
+            }
+        }
+    }
+    // CPU spent loading (BTF parsing, verification) is not the workload's cost.
+    let cpu_at_ready = proc_cpu(agent.id())?;
+    let wall = workload(args.workload, args.iterations)?;
+    let cpu = stop_and_measure(&mut agent)?.saturating_sub(cpu_at_ready);
+    drop(rx.recv_timeout(Duration::from_millis(1)));
+    let _ = reader.join();
+    let log: Vec<String> = log.into_iter().chain(rx.try_iter()).collect();
+    let stopped = log
+        .iter()
+        .find(|l| l.contains("stopped"))
+        .with_context(|| format!("the agent did not log its totals:\n{}", log.join("\n")))?;
+    Ok(AgentRun {
+        wall,
+        cpu,
+        records: field(stopped, "records"),
+        lost: field(stopped, "lost_in_kernel"),
+    })
+}
+
+/// `name=value` from a log line.
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// User+system CPU time of a running process, from /proc/PID/stat.
+fn proc_cpu(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised comm; utime and stime are the 14th and 15th overall.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+/// SIGTERM, then wait4 for the agent's user+system CPU time.
+fn stop_and_measure(agent: &mut Child) -> Result<Duration> {
+    let pid = agent.id() as i32;
+    // SAFETY: signalling and reaping our own child by pid.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+        let mut status = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::wait4(pid, &mut status, 0, &mut usage) != pid {
+            bail!(
+                "wait4 on the agent failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let tv = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        Ok(tv(usage.ru_utime) + tv(usage.ru_stime))
+    }
+}
