@@ -8,11 +8,15 @@ use std::{mem::size_of, net::IpAddr};
 
 use pbjson_types::Timestamp;
 use sensor_common::{
-    ExecFailedRecord, ExecRecord, ExitRecord, FdInfo as WireFd, ForkRecord, Header, exec_flags,
-    fd_kind, kind,
+    BpfRecord, DupRecord, ExecFailedRecord, ExecRecord, ExitRecord, FdInfo as WireFd, FileRecord,
+    ForkRecord, Header, MemfdRecord, ModuleRecord, NetRecord, PtraceRecord, SignalRecord,
+    SocketRecord, VmWriteRecord, dup_call, exec_flags, fd_kind, file_op, kind,
 };
 use sensor_proto::v1::{
-    Event, ExecEvent, ExecFailedEvent, ExitEvent, FdInfo, FdKind, ForkEvent, SocketInfo, event,
+    AcceptEvent, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent,
+    ExecFailedEvent, ExitEvent, FdInfo, FdKind, FileEvent, FileOp, ForkEvent, ListenEvent,
+    MemfdCreateEvent, ModuleLoadEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent,
+    SignalEvent, SocketEvent, SocketInfo, event,
 };
 
 /// Magic number of tmpfs/shmem superblocks, where memfds live.
@@ -34,6 +38,14 @@ pub enum DecodeError {
         claimed: usize,
         available: usize,
     },
+}
+
+/// What decoding needs to know besides the record: the clock, and who the agent is.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodeContext {
+    pub clock: BootClock,
+    /// The agent's pid, to mark signals, ptrace and memory writes aimed at it.
+    pub agent_pid: u32,
 }
 
 /// Converts the kernel's boot-based clock to wall-clock time.
@@ -160,8 +172,10 @@ fn header_event(hdr: &Header, clock: &BootClock) -> Event {
     }
 }
 
-/// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Event, DecodeError> {
+/// Decodes one ring-buffer record. `Ok(None)` is a record that is deliberately not an
+/// event (a write-open under /proc that is not a process's memory).
+pub fn decode(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<Event>, DecodeError> {
+    let clock = &ctx.clock;
     let hdr: Header = read_struct(bytes, "header")?;
     let mut ev = header_event(&hdr, clock);
     ev.kind = Some(match hdr.kind {
@@ -188,9 +202,293 @@ pub fn decode(bytes: &[u8], clock: &BootClock) -> Result<Event, DecodeError> {
                 start_boot_ns: r.start_boot_ns,
             })
         }
+        kind::CONNECT | kind::ACCEPT | kind::BIND | kind::LISTEN => decode_net(hdr.kind, bytes)?,
+        kind::SOCKET => {
+            let r: SocketRecord = read_struct(bytes, "socket record")?;
+            event::Kind::Socket(SocketEvent {
+                family: family_name(r.family as u16),
+                r#type: socket_type_name(r.sock_type as u8),
+                protocol: r.protocol,
+                fd: r.result.max(-1),
+                error: error_of(r.result),
+            })
+        }
+        kind::DUP => {
+            let r: DupRecord = read_struct(bytes, "dup record")?;
+            event::Kind::Dup(DupEvent {
+                call: match r.call {
+                    dup_call::DUP => "dup",
+                    dup_call::DUP2 => "dup2",
+                    dup_call::DUP3 => "dup3",
+                    _ => "fcntl",
+                }
+                .into(),
+                oldfd: r.oldfd,
+                newfd: r.newfd,
+                result: r.result,
+                error: error_of(r.result),
+                file: Some(fd_info(r.result.max(0) as u32, &r.file)),
+            })
+        }
+        kind::MEMFD_CREATE => {
+            let r: MemfdRecord = read_struct(bytes, "memfd record")?;
+            let mut rest = &bytes[size_of::<MemfdRecord>()..];
+            let name = take(&mut rest, usize::from(r.name_len), "memfd name")?;
+            event::Kind::MemfdCreate(MemfdCreateEvent {
+                name: lossy(name),
+                flags: r.flags,
+                flag_names: memfd_flag_names(r.flags),
+            })
+        }
+        kind::PTRACE => {
+            let r: PtraceRecord = read_struct(bytes, "ptrace record")?;
+            event::Kind::Ptrace(PtraceEvent {
+                request: ptrace_request_name(r.request).into(),
+                request_code: r.request,
+                target_pid: r.target as u32,
+                addr: r.addr,
+                result: r.result,
+                error: error_of(r.result),
+                target_is_agent: ctx.agent_pid != 0 && r.target as u32 == ctx.agent_pid,
+            })
+        }
+        kind::VM_WRITE => {
+            let r: VmWriteRecord = read_struct(bytes, "process_vm_writev record")?;
+            event::Kind::ProcessVmWrite(ProcessVmWriteEvent {
+                target_pid: r.target as u32,
+                bytes: r.result,
+                error: if r.result < 0 {
+                    errno_name((-r.result) as i32).into()
+                } else {
+                    String::new()
+                },
+                local_iovecs: r.local_iovecs,
+                remote_iovecs: r.remote_iovecs,
+                target_is_agent: ctx.agent_pid != 0 && r.target as u32 == ctx.agent_pid,
+            })
+        }
+        kind::FILE => match decode_file(bytes, ctx)? {
+            Some(kind) => kind,
+            None => return Ok(None),
+        },
+        kind::MODULE_LOAD => {
+            let r: ModuleRecord = read_struct(bytes, "module record")?;
+            event::Kind::ModuleLoad(ModuleLoadEvent {
+                call: if r.call == 0 {
+                    "init_module"
+                } else {
+                    "finit_module"
+                }
+                .into(),
+                fd: r.fd,
+            })
+        }
+        kind::BPF_LOAD => {
+            let r: BpfRecord = read_struct(bytes, "bpf record")?;
+            event::Kind::BpfLoad(BpfLoadEvent {
+                prog_type: r.prog_type,
+                prog_name: cstr(&r.name),
+                result: r.result,
+                error: error_of(r.result),
+            })
+        }
+        kind::SIGNAL => {
+            let r: SignalRecord = read_struct(bytes, "signal record")?;
+            event::Kind::Signal(SignalEvent {
+                signal: r.signal,
+                signal_name: signal_name(r.signal).into(),
+                target_pid: r.target_pid,
+                target_tid: r.target_tid,
+                result: r.result,
+            })
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     });
-    Ok(ev)
+    Ok(Some(ev))
+}
+
+/// The errno name of a negative syscall result, empty for a success.
+fn error_of(result: i32) -> String {
+    if result < 0 {
+        errno_name(-result).into()
+    } else {
+        String::new()
+    }
+}
+
+fn decode_net(kind: u16, bytes: &[u8]) -> Result<event::Kind, DecodeError> {
+    let r: NetRecord = read_struct(bytes, "network record")?;
+    let mut rest = &bytes[size_of::<NetRecord>()..];
+    let raw_path = take(&mut rest, usize::from(r.unix_path_len), "unix socket path")?;
+    let unix_path = unix_path(raw_path);
+    let socket = Some(socket_info(&r.sock));
+    let error = error_of(r.result);
+    Ok(match kind {
+        kind::CONNECT => event::Kind::Connect(ConnectEvent {
+            fd: r.fd,
+            socket,
+            result: r.result,
+            in_progress: r.result == -libc::EINPROGRESS,
+            error,
+            unix_path,
+        }),
+        kind::ACCEPT => event::Kind::Accept(AcceptEvent { fd: r.fd, socket }),
+        kind::BIND => event::Kind::Bind(BindEvent {
+            fd: r.fd,
+            socket,
+            result: r.result,
+            error,
+            unix_path,
+        }),
+        _ => event::Kind::Listen(ListenEvent {
+            fd: r.fd,
+            socket,
+            backlog: r.backlog,
+            result: r.result,
+            error,
+        }),
+    })
+}
+
+/// A `sun_path`: up to the first NUL; an abstract name (leading NUL) as `@name`.
+fn unix_path(raw: &[u8]) -> String {
+    match raw.split_first() {
+        None => String::new(),
+        Some((0, name)) => {
+            let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+            format!("@{}", String::from_utf8_lossy(&name[..end]))
+        }
+        Some(_) => cstr(raw),
+    }
+}
+
+/// `/proc/PID/mem` (or `/proc/self/mem`, `/proc/PID/task/TID/mem`): the target pid.
+fn proc_mem_target(path: &str, writer: u32) -> Option<u32> {
+    let rest = path.strip_prefix("/proc/")?.strip_suffix("/mem")?;
+    let first = rest.split('/').next()?;
+    let pid = match first {
+        "self" | "thread-self" => writer,
+        digits => digits.parse().ok()?,
+    };
+    // Anything between the pid and "/mem" must be "task/TID".
+    let middle = rest[first.len()..].trim_start_matches('/');
+    let ok = middle.is_empty()
+        || middle
+            .strip_prefix("task/")
+            .is_some_and(|tid| tid.bytes().all(|b| b.is_ascii_digit()) && !tid.is_empty());
+    ok.then_some(pid)
+}
+
+fn decode_file(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<event::Kind>, DecodeError> {
+    let r: FileRecord = read_struct(bytes, "file record")?;
+    let hdr: Header = read_struct(bytes, "header")?;
+    let mut rest = &bytes[size_of::<FileRecord>()..];
+    let path = lossy(take(&mut rest, usize::from(r.path_len), "file path")?);
+    let other = lossy(take(
+        &mut rest,
+        usize::from(r.other_len),
+        "other file path",
+    )?);
+    if path.starts_with("/proc/") {
+        // The /proc rule only exists to catch writes into a process's memory.
+        return Ok(proc_mem_target(&path, hdr.pid).map(|target| {
+            event::Kind::ProcMemWrite(ProcMemWriteEvent {
+                target_pid: target,
+                path,
+                result: r.result,
+                error: error_of(r.result),
+                target_is_agent: ctx.agent_pid != 0 && target == ctx.agent_pid,
+            })
+        }));
+    }
+    let op = match r.op {
+        file_op::OPEN_WRITE => FileOp::OpenWrite,
+        file_op::CREATE => FileOp::Create,
+        file_op::TRUNCATE => FileOp::Truncate,
+        file_op::CREATE_EXEC => FileOp::CreateExec,
+        file_op::RENAME => FileOp::Rename,
+        file_op::UNLINK => FileOp::Unlink,
+        file_op::CHMOD_EXEC => FileOp::ChmodExec,
+        file_op::UTIMES => FileOp::Utimes,
+        file_op::LINK => FileOp::Link,
+        _ => FileOp::Unspecified,
+    };
+    Ok(Some(event::Kind::File(FileEvent {
+        op: op as i32,
+        path,
+        path_truncated: r.truncated & 1 != 0,
+        other_path: other,
+        path_is_source: r.path_is_source != 0,
+        flags: r.flags,
+        mode: r.mode,
+        result: r.result,
+        error: error_of(r.result),
+    })))
+}
+
+fn memfd_flag_names(flags: u32) -> Vec<String> {
+    const NAMES: [(u32, &str); 5] = [
+        (0x1, "MFD_CLOEXEC"),
+        (0x2, "MFD_ALLOW_SEALING"),
+        (0x4, "MFD_HUGETLB"),
+        (0x8, "MFD_NOEXEC_SEAL"),
+        (0x10, "MFD_EXEC"),
+    ];
+    NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect()
+}
+
+fn ptrace_request_name(request: i64) -> &'static str {
+    match request {
+        4 => "PTRACE_POKETEXT",
+        5 => "PTRACE_POKEDATA",
+        6 => "PTRACE_POKEUSER",
+        13 => "PTRACE_SETREGS",
+        15 => "PTRACE_SETFPREGS",
+        16 => "PTRACE_ATTACH",
+        0x4205 => "PTRACE_SETREGSET",
+        0x4206 => "PTRACE_SEIZE",
+        _ => "PTRACE_OTHER",
+    }
+}
+
+pub fn signal_name(signal: i32) -> &'static str {
+    match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGURG => "SIGURG",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGWINCH => "SIGWINCH",
+        libc::SIGIO => "SIGIO",
+        libc::SIGPWR => "SIGPWR",
+        libc::SIGSYS => "SIGSYS",
+        _ => "SIGRT",
+    }
 }
 
 fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError> {
@@ -377,6 +675,10 @@ pub fn errno_name(errno: i32) -> &'static str {
 mod tests {
     use super::*;
 
+    fn decode_one(bytes: &[u8]) -> Result<Event, DecodeError> {
+        decode(bytes, &DecodeContext::default()).map(|e| e.expect("an event, not a skipped record"))
+    }
+
     fn bytes_of<T>(value: &T) -> Vec<u8> {
         // SAFETY: test helper over plain repr(C) structs.
         unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
@@ -406,7 +708,7 @@ mod tests {
         data.extend_from_slice(b"dash\0bin\0usr\0");
         data.extend_from_slice(b"tmp\0");
         let bytes = exec_record(&data, 9, 7, 13, 4);
-        let ev = decode(&bytes, &BootClock::default()).unwrap();
+        let ev = decode_one(&bytes).unwrap();
         assert_eq!(ev.pid, 42);
         assert_eq!(ev.comm, "java");
         let Some(event::Kind::Exec(exec)) = ev.kind else {
@@ -423,7 +725,7 @@ mod tests {
     #[test]
     fn overrunning_lengths_are_an_error_not_a_panic() {
         let bytes = exec_record(b"sh\0", 3, 500, 0, 0);
-        let err = decode(&bytes, &BootClock::default()).unwrap_err();
+        let err = decode_one(&bytes).unwrap_err();
         assert_eq!(
             err,
             DecodeError::Overrun {
@@ -437,7 +739,7 @@ mod tests {
     #[test]
     fn short_and_unknown_records_are_errors() {
         assert!(matches!(
-            decode(&[1, 2, 3], &BootClock::default()),
+            decode(&[1, 2, 3], &DecodeContext::default()),
             Err(DecodeError::Short { .. })
         ));
         let hdr = Header {
@@ -445,7 +747,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            decode(&bytes_of(&hdr), &BootClock::default()),
+            decode_one(&bytes_of(&hdr)),
             Err(DecodeError::UnknownKind(999))
         );
         let hdr = Header {
@@ -453,7 +755,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            decode(&bytes_of(&hdr), &BootClock::default()),
+            decode_one(&bytes_of(&hdr)),
             Err(DecodeError::Short {
                 what: "exec record",
                 ..
@@ -470,8 +772,7 @@ mod tests {
         r.exec_flags = exec_flags::EXE_UNLINKED | exec_flags::EXE_OUTSIDE_ROOT;
         let mut bytes = bytes_of(&r);
         bytes.extend_from_slice(b"memfd:kworker\0");
-        let Some(event::Kind::Exec(exec)) = decode(&bytes, &BootClock::default()).unwrap().kind
-        else {
+        let Some(event::Kind::Exec(exec)) = decode_one(&bytes).unwrap().kind else {
             panic!()
         };
         assert_eq!(exec.exe, "/memfd:kworker");
@@ -482,8 +783,7 @@ mod tests {
         r.exe_fs_magic = 0xEF53;
         let mut bytes = bytes_of(&r);
         bytes.extend_from_slice(b"memfd:kworker\0");
-        let Some(event::Kind::Exec(exec)) = decode(&bytes, &BootClock::default()).unwrap().kind
-        else {
+        let Some(event::Kind::Exec(exec)) = decode_one(&bytes).unwrap().kind else {
             panic!()
         };
         assert!(!exec.exe_memfd);
@@ -499,16 +799,12 @@ mod tests {
             exit_code: 3 << 8,
             ..Default::default()
         };
-        let Some(event::Kind::Exit(exit)) =
-            decode(&bytes_of(&r), &BootClock::default()).unwrap().kind
-        else {
+        let Some(event::Kind::Exit(exit)) = decode_one(&bytes_of(&r)).unwrap().kind else {
             panic!()
         };
         assert_eq!((exit.exit_code, exit.signal), (3, 0));
         let r = ExitRecord { exit_code: 9, ..r };
-        let Some(event::Kind::Exit(exit)) =
-            decode(&bytes_of(&r), &BootClock::default()).unwrap().kind
-        else {
+        let Some(event::Kind::Exit(exit)) = decode_one(&bytes_of(&r)).unwrap().kind else {
             panic!()
         };
         assert_eq!((exit.exit_code, exit.signal), (0, 9));
@@ -521,5 +817,27 @@ mod tests {
         };
         let t = clock.wall(1_500_000_000);
         assert_eq!((t.seconds, t.nanos), (1_700_000_001, 500_000_000));
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn proc_mem_targets() {
+        assert_eq!(proc_mem_target("/proc/123/mem", 9), Some(123));
+        assert_eq!(proc_mem_target("/proc/self/mem", 9), Some(9));
+        assert_eq!(proc_mem_target("/proc/12/task/13/mem", 9), Some(12));
+        assert_eq!(proc_mem_target("/proc/12/oom_score_adj", 9), None);
+        assert_eq!(proc_mem_target("/proc/sys/kernel/mem", 9), None);
+        assert_eq!(proc_mem_target("/proc/12/task//mem", 9), None);
+    }
+
+    #[test]
+    fn unix_paths() {
+        assert_eq!(unix_path(b"/run/x.sock\0\0"), "/run/x.sock");
+        assert_eq!(unix_path(b"\0abstract\0"), "@abstract");
+        assert_eq!(unix_path(b""), "");
     }
 }

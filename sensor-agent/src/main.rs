@@ -1,7 +1,10 @@
 //! `sensor-agent`: the command line. Logic lives in the library; see `lib.rs`.
 
 use clap::{Parser, Subcommand};
-use sensor_agent::{probes::LoadOptions, run};
+use sensor_agent::{
+    probes::{LoadOptions, watch},
+    run,
+};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -29,6 +32,10 @@ struct RunArgs {
     /// Size of the kernel-to-agent ring buffer in MiB (a power of two).
     #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
     ring_mib: u32,
+    /// Also report file activity under this absolute path prefix (repeatable), besides
+    /// the default watch list.
+    #[arg(long = "watch", value_name = "PATH")]
+    watch: Vec<String>,
     /// Do not attach this optional probe (repeatable); to measure what each costs.
     #[arg(long = "skip-probe", value_name = "PROBE")]
     skip_probes: Vec<String>,
@@ -55,15 +62,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => runtime().and_then(|rt| {
-            rt.block_on(run::run(run::RunOptions {
-                print_events: args.events,
-                load: LoadOptions {
-                    ring_bytes: args.ring_mib * 1024 * 1024,
-                    skip: args.skip_probes,
-                },
-            }))
-        }),
+        Command::Run(args) => run_command(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -72,6 +71,21 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn run_command(args: RunArgs) -> anyhow::Result<()> {
+    let mut load = LoadOptions {
+        ring_bytes: args.ring_mib * 1024 * 1024,
+        skip: args.skip_probes,
+        ..LoadOptions::default()
+    };
+    for prefix in &args.watch {
+        load.watch.push(watch::rule_for(prefix)?);
+    }
+    runtime()?.block_on(run::run(run::RunOptions {
+        print_events: args.events,
+        load,
+    }))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -7,7 +7,7 @@ use sensor_proto::v1::Event;
 use tracing::warn;
 
 use crate::{
-    decode::{self, BootClock},
+    decode::{self, DecodeContext},
     output::Sink,
     proctable::ProcessTable,
 };
@@ -25,17 +25,17 @@ pub struct Pipeline<S: Sink> {
     pub sink: S,
     /// Print every event (`--events`).
     pub print_events: bool,
-    pub clock: BootClock,
+    pub decode: DecodeContext,
     pub stats: PipelineStats,
 }
 
 impl<S: Sink> Pipeline<S> {
-    pub fn new(table: ProcessTable, sink: S, print_events: bool, clock: BootClock) -> Self {
+    pub fn new(table: ProcessTable, sink: S, print_events: bool, decode: DecodeContext) -> Self {
         Self {
             table,
             sink,
             print_events,
-            clock,
+            decode,
             stats: PipelineStats::default(),
         }
     }
@@ -43,8 +43,9 @@ impl<S: Sink> Pipeline<S> {
     /// One raw record from the kernel.
     pub fn handle_record(&mut self, bytes: &[u8]) {
         self.stats.records += 1;
-        match decode::decode(bytes, &self.clock) {
-            Ok(event) => self.handle_event(event),
+        match decode::decode(bytes, &self.decode) {
+            Ok(Some(event)) => self.handle_event(event),
+            Ok(None) => {}
             Err(err) => {
                 self.stats.decode_errors += 1;
                 // A decode error means the agent and its probes disagree: loud, but bounded.

@@ -11,7 +11,7 @@ use tokio::{
 use tracing::{info, warn};
 
 use crate::{
-    decode::BootClock,
+    decode::{BootClock, DecodeContext},
     output::{Sink, json::JsonLines},
     pipeline::Pipeline,
     probes::{LoadOptions, Probes},
@@ -43,7 +43,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         table,
         JsonLines::new(stdout),
         options.print_events,
-        BootClock::now(),
+        DecodeContext {
+            clock: BootClock::now(),
+            agent_pid: std::process::id(),
+        },
     );
     info!(
         probes = probes.attached.len(),
@@ -56,7 +59,10 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
 async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyhow::Result<()> {
     let Probes {
-        ring, ebpf, lost, ..
+        ring,
+        mut ebpf,
+        lost,
+        ..
     } = probes;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
     // as the AsyncFd owns the ring buffer.
@@ -91,7 +97,7 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
                 }
             }
             _ = housekeeping.tick() => {
-                pipeline.clock = BootClock::now();
+                pipeline.decode.clock = BootClock::now();
                 report_losses(&lost, &mut last_lost);
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -105,7 +111,7 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
     }
     pipeline.flush();
     report_losses(&lost, &mut last_lost);
-    drop(ebpf);
+    Probes::detach(&mut ebpf);
     let stats = pipeline.stats;
     let lost_total: u64 = last_lost.iter().sum();
     info!(

@@ -36,8 +36,21 @@ pub mod kind {
     pub const EXEC_FAILED: u16 = 2;
     pub const FORK: u16 = 3;
     pub const EXIT: u16 = 4;
+    pub const CONNECT: u16 = 5;
+    pub const ACCEPT: u16 = 6;
+    pub const BIND: u16 = 7;
+    pub const LISTEN: u16 = 8;
+    pub const SOCKET: u16 = 9;
+    pub const DUP: u16 = 10;
+    pub const MEMFD_CREATE: u16 = 11;
+    pub const PTRACE: u16 = 12;
+    pub const VM_WRITE: u16 = 13;
+    pub const FILE: u16 = 14;
+    pub const MODULE_LOAD: u16 = 15;
+    pub const BPF_LOAD: u16 = 16;
+    pub const SIGNAL: u16 = 17;
     /// One past the highest kind; sizes the loss counters.
-    pub const COUNT: u16 = 5;
+    pub const COUNT: u16 = 18;
 
     pub const fn name(kind: u16) -> &'static str {
         match kind {
@@ -45,6 +58,19 @@ pub mod kind {
             EXEC_FAILED => "exec_failed",
             FORK => "fork",
             EXIT => "exit",
+            CONNECT => "connect",
+            ACCEPT => "accept",
+            BIND => "bind",
+            LISTEN => "listen",
+            SOCKET => "socket",
+            DUP => "dup",
+            MEMFD_CREATE => "memfd_create",
+            PTRACE => "ptrace",
+            VM_WRITE => "process_vm_writev",
+            FILE => "file",
+            MODULE_LOAD => "module_load",
+            BPF_LOAD => "bpf_load",
+            SIGNAL => "signal",
             _ => "unknown",
         }
     }
@@ -199,20 +225,212 @@ pub struct ExitRecord {
     pub start_boot_ns: u64,
 }
 
+/// A `connect`, `accept`/`accept4`, `bind` or `listen` (kind in the header).
+///
+/// Data after the struct: the unix socket path (`unix_path_len` bytes) for AF_UNIX.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NetRecord {
+    pub hdr: Header,
+    /// The socket's descriptor (for accept, the listening one).
+    pub fd: i32,
+    /// Syscall result: 0, the accepted descriptor, or a negative errno.
+    pub result: i32,
+    /// `listen` backlog.
+    pub backlog: i32,
+    pub unix_path_len: u16,
+    pub _pad: u16,
+    /// Family, type, local and remote endpoint. For connect the remote endpoint is the
+    /// address asked for; for bind the local one is.
+    pub sock: FdInfo,
+}
+
+/// A socket was created.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketRecord {
+    pub hdr: Header,
+    pub family: u32,
+    /// Socket type without the SOCK_NONBLOCK/SOCK_CLOEXEC flags.
+    pub sock_type: u32,
+    pub protocol: i32,
+    /// The new descriptor or a negative errno.
+    pub result: i32,
+}
+
+/// Which call duplicated a descriptor.
+pub mod dup_call {
+    pub const DUP: u32 = 0;
+    pub const DUP2: u32 = 1;
+    pub const DUP3: u32 = 2;
+    pub const FCNTL: u32 = 3;
+}
+
+/// A descriptor was duplicated onto fd 0, 1 or 2.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DupRecord {
+    pub hdr: Header,
+    /// One of [`dup_call`].
+    pub call: u32,
+    pub oldfd: i32,
+    /// The requested target (dup2/dup3), or the minimum (fcntl), or -1 (dup).
+    pub newfd: i32,
+    /// The descriptor obtained, or a negative errno.
+    pub result: i32,
+    /// What the duplicated descriptor refers to.
+    pub file: FdInfo,
+}
+
+/// `memfd_create` was called.
+///
+/// Data after the struct: the name (`name_len` bytes, no NUL).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemfdRecord {
+    pub hdr: Header,
+    pub flags: u32,
+    pub name_len: u16,
+    pub _pad: u16,
+}
+
+/// A `ptrace` request that can inject or take control (ATTACH, SEIZE, POKE*, SET*REGS*).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PtraceRecord {
+    pub hdr: Header,
+    pub request: i64,
+    pub target: i32,
+    pub result: i32,
+    pub addr: u64,
+}
+
+/// `process_vm_writev` into another process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VmWriteRecord {
+    pub hdr: Header,
+    pub target: i32,
+    pub _pad: i32,
+    /// Bytes written, or a negative errno.
+    pub result: i64,
+    pub local_iovecs: u64,
+    pub remote_iovecs: u64,
+}
+
+/// File operations reported in watched places (`FileRecord::op`), and the bits of a watch
+/// rule saying which of them it wants (`1 << op`).
+pub mod file_op {
+    /// Opened for writing (or appending) an existing file.
+    pub const OPEN_WRITE: u16 = 0;
+    /// Opened with O_CREAT.
+    pub const CREATE: u16 = 1;
+    /// Opened with O_TRUNC, or truncate/ftruncate.
+    pub const TRUNCATE: u16 = 2;
+    /// Created with an executable mode.
+    pub const CREATE_EXEC: u16 = 3;
+    /// Renamed onto (or away from) a watched path.
+    pub const RENAME: u16 = 4;
+    pub const UNLINK: u16 = 5;
+    /// chmod/fchmod/fchmodat with an execute bit in the new mode.
+    pub const CHMOD_EXEC: u16 = 6;
+    /// Access or modification times set (utimensat, utimes, futimesat, utime).
+    pub const UTIMES: u16 = 7;
+    /// A hard or symbolic link created at a watched path.
+    pub const LINK: u16 = 8;
+    pub const COUNT: u16 = 9;
+
+    pub const fn bit(op: u16) -> u32 {
+        1 << op
+    }
+    /// Every operation.
+    pub const ALL: u32 = (1 << COUNT) - 1;
+}
+
+/// A file operation on a watched path.
+///
+/// Data after the struct: the absolute path (`path_len` bytes), then for a rename the
+/// other path (`other_len` bytes): the old name when the new one is watched, or the new
+/// name when the old one is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FileRecord {
+    pub hdr: Header,
+    /// One of [`file_op`].
+    pub op: u16,
+    /// 1 when `path` is the source of a rename (a watched file moved away).
+    pub path_is_source: u16,
+    /// `open` flags, `unlinkat` flags, or `renameat2` flags.
+    pub flags: u32,
+    /// Mode given to open (O_CREAT) or chmod.
+    pub mode: u32,
+    pub result: i32,
+    pub path_len: u16,
+    pub other_len: u16,
+    /// Bit 0: `path` was cut; bit 1: `other` was cut.
+    pub truncated: u32,
+}
+
+/// A kernel module load was attempted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ModuleRecord {
+    pub hdr: Header,
+    /// 0: init_module, 1: finit_module.
+    pub call: u32,
+    /// finit_module's descriptor.
+    pub fd: i32,
+}
+
+/// A BPF program was loaded (`bpf(BPF_PROG_LOAD)`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BpfRecord {
+    pub hdr: Header,
+    pub prog_type: u32,
+    /// The program descriptor, or a negative errno.
+    pub result: i32,
+    pub name: [u8; 16],
+}
+
+/// A signal aimed at the agent (`signal_generate`); the header names the sender.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SignalRecord {
+    pub hdr: Header,
+    pub signal: i32,
+    pub target_pid: u32,
+    pub target_tid: u32,
+    /// `TRACE_SIGNAL_*` result: 0 delivered, 1 ignored, 2 already pending...
+    pub result: i32,
+}
+
+/// A watched path prefix: the LPM trie key (bit length and bytes).
+pub const WATCH_KEY_BYTES: usize = 256;
+
+/// A watched path suffix (for names that can be anywhere, like `authorized_keys`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchSuffix {
+    /// Bytes used at the end of `bytes` (0 disables the slot).
+    pub len: u32,
+    /// Operations wanted (`file_op::bit`).
+    pub ops: u32,
+    /// The suffix, right-aligned, zeros before it.
+    pub bytes: [u8; 16],
+    /// 0xff where `bytes` holds the suffix, 0 elsewhere.
+    pub mask: [u8; 16],
+}
+
+/// Slots for watched suffixes.
+pub const MAX_WATCH_SUFFIXES: usize = 4;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, `repr(C)`, no padding-dependent invariants.
     unsafe impl aya::Pod for super::KernelLayout {}
-}
-
-/// Sizes the agent checks against what the probes declare.
-pub const fn record_sizes() -> [(u16, usize); 4] {
-    [
-        (kind::EXEC, core::mem::size_of::<ExecRecord>()),
-        (kind::EXEC_FAILED, core::mem::size_of::<ExecFailedRecord>()),
-        (kind::FORK, core::mem::size_of::<ForkRecord>()),
-        (kind::EXIT, core::mem::size_of::<ExitRecord>()),
-    ]
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WatchSuffix {}
 }
 
 const _: () = assert!(core::mem::size_of::<ExecRecord>() < MAX_RECORD_HEADER);

@@ -8,14 +8,15 @@ use core::ffi::c_void;
 use aya_ebpf::helpers::{
     bpf_probe_read_kernel,
     generated::{
-        bpf_loop, bpf_probe_read_kernel_str, bpf_probe_read_user, bpf_probe_read_user_str,
+        bpf_loop, bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_kernel_str,
+        bpf_probe_read_user, bpf_probe_read_user_str,
     },
 };
 use sensor_common::{
     DATA_OFFSET_LIMIT, FdInfo, KernelLayout, MAX_COMPONENT, MAX_DEPTH, MAX_RECORD_HEADER, fd_kind,
 };
 
-use crate::maps::{SCRATCH, WALK};
+use crate::maps::{PATHBUF, SCRATCH, WALK};
 
 /// Filled in by the agent before loading (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
@@ -120,7 +121,7 @@ pub fn read<T: Copy>(base: KPtr, offset: usize) -> Result<T, i64> {
 pub fn read_into(dst: *mut u8, len: u32, base: KPtr, offset: usize) -> bool {
     // SAFETY: the helper validates the source and zero-fills `dst` on failure.
     unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+        probe_read_kernel_raw(
             dst as *mut c_void,
             len,
             base.wrapping_add(offset) as *const c_void,
@@ -196,9 +197,10 @@ pub struct WalkState {
     mount: u64,
     root_dentry: u64,
     root_mnt: u64,
-    /// Offset of the data area in the scratch buffer.
+    /// Offset of the data area in the scratch buffer (forward walks).
     base: u64,
-    /// Offset in the data area after the last component written.
+    /// Forward: offset after the last component written. Backward: offset of the first
+    /// byte written in the PATHBUF area.
     end: u64,
     /// `WALK_*` bits.
     flags: u64,
@@ -206,6 +208,14 @@ pub struct WalkState {
 
 const WALK_DONE: u64 = 1;
 const WALK_OUTSIDE_ROOT: u64 = 2;
+/// Write `/name` pieces right to left into PATHBUF instead of NUL-terminated names left
+/// to right into SCRATCH.
+const WALK_BACKWARDS: u64 = 4;
+
+/// Size of the PATHBUF area a path is assembled in (a power of two).
+pub const PATH_AREA: usize = 2048;
+/// Longest name component copied by a backward walk (NAME_MAX).
+const NAME_MAX: usize = 255;
 
 /// Writes the components of `path`, leaf first, each NUL-terminated, into the scratch
 /// buffer's data area (which starts `base` bytes into it) from offset `start`. Mount points
@@ -215,6 +225,18 @@ const WALK_OUTSIDE_ROOT: u64 = 2;
 /// iteration of every path in a program.
 #[inline(always)]
 pub fn walk_path(base: usize, start: usize, path: Path, root: Path) -> Walk {
+    run_walk(path, root, base, start, 0)
+}
+
+/// Writes `path` as a string, `/a/b/c`, right to left into the PATHBUF area so that it
+/// ends at `end`. Returns the walk with `end` set to where the string starts.
+#[inline(always)]
+pub fn walk_path_backwards(end: usize, path: Path, root: Path) -> Walk {
+    run_walk(path, root, 0, end, WALK_BACKWARDS)
+}
+
+#[inline(always)]
+fn run_walk(path: Path, root: Path, base: usize, start: usize, mode: u64) -> Walk {
     let unfinished = Walk {
         end: start,
         truncated: true,
@@ -232,7 +254,7 @@ pub fn walk_path(base: usize, start: usize, path: Path, root: Path) -> Walk {
     state.root_mnt = root.mnt as u64;
     state.base = base as u64;
     state.end = start as u64;
-    state.flags = 0;
+    state.flags = mode;
     // SAFETY: the callback finds its state in the WALK map; no context pointer is passed.
     unsafe {
         bpf_loop(
@@ -249,13 +271,13 @@ pub fn walk_path(base: usize, start: usize, path: Path, root: Path) -> Walk {
     }
 }
 
-/// One step of `walk_path`: returns 1 to stop the loop, 0 to go on.
+/// One step of a walk: returns 1 to stop the loop, 0 to go on.
 #[inline(never)]
 extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Some(s) = WALK.get_ptr_mut(0) else {
         return 1;
     };
-    // SAFETY: this CPU's slot, filled in by walk_path.
+    // SAFETY: this CPU's slot, filled in by run_walk.
     let s = unsafe { &mut *s };
     let dentry = s.dentry as KPtr;
     let vfsmnt = s.vfsmnt as KPtr;
@@ -289,20 +311,13 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     let Ok(name) = read_ptr(dentry, off!(dentry_d_name) + off!(qstr_name)) else {
         return 1;
     };
-    let end = s.end as usize;
-    if end >= DATA_OFFSET_LIMIT - MAX_COMPONENT {
-        return 1;
-    }
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 1;
+    let written = if s.flags & WALK_BACKWARDS != 0 {
+        write_name_backwards(s, dentry, name)
+    } else {
+        write_name_forward(s, name)
     };
-    // Record headers are well under 4 KiB (asserted in sensor-common); the mask tells the
-    // verifier so.
-    let base = (s.base as usize) & (MAX_RECORD_HEADER - 1);
-    let dst = (scratch as *mut u8).wrapping_add(base + (end & (DATA_OFFSET_LIMIT - 1)));
-    match read_kernel_str(dst, MAX_COMPONENT as u32, name) {
-        Ok(n) if n > 0 => s.end = (end + n) as u64,
-        _ => return 1,
+    if !written {
+        return 1;
     }
     if dentry == parent {
         // A pseudo file (memfd, anonymous inode) has no parent to climb to.
@@ -311,6 +326,67 @@ extern "C" fn walk_step(_index: u64, _ctx: *mut c_void) -> i64 {
     }
     s.dentry = parent as u64;
     0
+}
+
+/// Appends `name` and its NUL at `s.end` in the scratch data area.
+#[inline(always)]
+fn write_name_forward(s: &mut WalkState, name: KPtr) -> bool {
+    let end = s.end as usize;
+    if end >= DATA_OFFSET_LIMIT - MAX_COMPONENT {
+        return false;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // Record headers are well under 4 KiB (asserted in sensor-common); the mask tells the
+    // verifier so.
+    let base = (s.base as usize) & (MAX_RECORD_HEADER - 1);
+    let dst = (scratch as *mut u8).wrapping_add(base + (end & (DATA_OFFSET_LIMIT - 1)));
+    match read_kernel_str(dst, MAX_COMPONENT as u32, name) {
+        Ok(n) if n > 0 => {
+            s.end = (end + n) as u64;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Prepends `/name` before `s.end` in the PATHBUF area.
+#[inline(always)]
+fn write_name_backwards(s: &mut WalkState, dentry: KPtr, name: KPtr) -> bool {
+    let Some(buf) = PATHBUF.get_ptr_mut(0) else {
+        return false;
+    };
+    let len = read::<u32>(dentry, off!(dentry_d_name) + off!(qstr_len)).unwrap_or(0) as usize;
+    let len = len & NAME_MAX;
+    let pos = s.end as usize;
+    if pos <= len + 1 {
+        return false;
+    }
+    let pos = (pos - len) & (PATH_AREA - 1);
+    // SAFETY: this CPU's buffer; pos < PATH_AREA and len <= NAME_MAX fit in its slack.
+    unsafe {
+        let area = (*buf).area.as_mut_ptr();
+        probe_read_kernel_raw(
+            area.wrapping_add(pos) as *mut c_void,
+            len as u32,
+            name as *const c_void,
+        );
+        let pos = (pos - 1) & (PATH_AREA - 1);
+        *area.wrapping_add(pos) = b'/';
+        s.end = pos as u64;
+    }
+    true
+}
+
+/// A path being assembled for the file probes: the LPM key first, then the work area.
+#[repr(C)]
+pub struct PathBuf {
+    /// The LPM key: bit length, then the first bytes of the path.
+    pub key: aya_ebpf::maps::lpm_trie::Key<[u8; sensor_common::WATCH_KEY_BYTES]>,
+    pub _pad: [u8; 4],
+    /// Slack after the area lets a masked offset plus a name stay in bounds.
+    pub area: [u8; PATH_AREA + NAME_MAX + 1],
 }
 
 const S_IFMT: u16 = 0o170000;

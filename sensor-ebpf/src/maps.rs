@@ -22,10 +22,19 @@ pub static SCRATCH: PerCpuArray<[u8; SCRATCH_SIZE]> = PerCpuArray::with_max_entr
 #[map]
 pub static WALK: PerCpuArray<crate::kernel::WalkState> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU space where the file probes assemble a path (see `kernel::PathBuf`).
+#[map]
+pub static PATHBUF: PerCpuArray<crate::kernel::PathBuf> = PerCpuArray::with_max_entries(1, 0);
+
 /// Arguments of an `execve`/`execveat` in flight, keyed by pid_tgid, kept until the syscall
 /// returns so that a failure can be reported with its filename.
 #[map]
 pub static EXEC_ARGS: LruHashMap<u64, ExecArgs> = LruHashMap::with_max_entries(16384, 0);
+
+/// Syscall arguments between entry and exit (see `syscalls.rs`), keyed by pid_tgid.
+#[map]
+pub static PENDING: LruHashMap<u64, crate::syscalls::Pending> =
+    LruHashMap::with_max_entries(16384, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -1,17 +1,12 @@
 //! Process lifecycle: exec (successful and failed), fork/clone and exit.
 
-use core::ffi::c_void;
-
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_boot_ns},
-    },
+    helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, tracepoint},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use sensor_common::{
-    DATA_OFFSET_LIMIT, ExecFailedRecord, ExecRecord, ExitRecord, ForkRecord, Header, MAX_ARGS,
+    DATA_OFFSET_LIMIT, ExecFailedRecord, ExecRecord, ExitRecord, ForkRecord, MAX_ARGS,
     MAX_FILENAME, TASK_COMM_LEN, exec_flags, kind,
 };
 
@@ -21,27 +16,8 @@ use crate::{
         read_path, read_ptr, read_user, read_user_str, task_fd_file, walk_path,
     },
     maps::{EVENTS, EXEC_ARGS, ExecArgs, SCRATCH, count_lost, submit_scratch, wakeup_flags},
+    syscalls::fill_header,
 };
-
-/// Fills `hdr` in place for the current task (no stack copy of the struct).
-#[inline(always)]
-fn fill_header(hdr: &mut Header, kind: u16, size: usize) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    hdr.kind = kind;
-    hdr.flags = 0;
-    hdr.size = size as u32;
-    // SAFETY: helpers without arguments, and one writing 16 bytes into `hdr.comm`.
-    unsafe {
-        hdr.boot_ns = bpf_ktime_get_boot_ns();
-        hdr.cgroup_id = bpf_get_current_cgroup_id();
-        bpf_get_current_comm(hdr.comm.as_mut_ptr() as *mut c_void, TASK_COMM_LEN as u32);
-    }
-    hdr.pid = (pid_tgid >> 32) as u32;
-    hdr.tid = pid_tgid as u32;
-    hdr.uid = uid_gid as u32;
-    hdr.gid = (uid_gid >> 32) as u32;
-}
 
 #[inline(always)]
 fn is_agent() -> bool {
@@ -73,6 +49,11 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     fill_header(&mut r.hdr, kind::EXEC, 0);
     r.old_tid = old_tid as u32;
     r.exec_flags = 0;
+    // The entry probe of execveat left its flag (keyed by the thread that called exec).
+    // SAFETY: a copy of the map value is taken.
+    if let Some(args) = unsafe { EXEC_ARGS.get(&bpf_get_current_pid_tgid()) } {
+        r.exec_flags = args.flags & exec_flags::EXECVEAT;
+    }
 
     let parent = read_ptr(task, off!(task_real_parent))?;
     r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);

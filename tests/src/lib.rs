@@ -252,3 +252,11 @@ pub fn argv(event: &Value) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// `java Reenact.java ARGS...`: the JVM re-enactments in `tests/java`.
+pub fn java_reenact(args: &[&str]) -> Command {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("java/Reenact.java");
+    let mut cmd = Command::new("java");
+    cmd.arg(source).args(args);
+    cmd
+}

