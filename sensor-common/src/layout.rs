@@ -26,6 +26,9 @@ pub struct KernelLayout {
     /// `signal_struct.live`: threads of the process still running.
     pub signal_live: u16,
     pub bprm_filename: u16,
+    /// `linux_binprm.fdpath`, set when execveat ran a descriptor; 0 when the kernel has no
+    /// such field.
+    pub bprm_fdpath: u16,
 
     pub mm_arg_start: u16,
     pub mm_arg_end: u16,
@@ -82,5 +85,9 @@ pub struct KernelLayout {
     pub sk_v6_daddr: u16,
     pub sk_v6_rcv_saddr: u16,
 
+    /// Offsets in `struct pt_regs` of the six syscall arguments as they stand at syscall
+    /// exit (x86_64: di, si, dx, r10, r8, r9), and of the syscall number (orig_ax).
+    pub regs_args: [u16; 6],
+    pub regs_nr: u16,
     pub _pad: u16,
 }

@@ -405,6 +405,57 @@ pub struct SignalRecord {
     pub result: i32,
 }
 
+/// The syscalls the exit dispatcher hands to a handler. The agent maps this
+/// architecture's syscall numbers to these slots (`SLOTS` map); the probes only know slots.
+pub mod slot {
+    pub const NONE: u32 = 0;
+    pub const EXECVE: u32 = 1;
+    pub const EXECVEAT: u32 = 2;
+    pub const CONNECT: u32 = 3;
+    pub const ACCEPT: u32 = 4;
+    pub const ACCEPT4: u32 = 5;
+    pub const BIND: u32 = 6;
+    pub const LISTEN: u32 = 7;
+    pub const SOCKET: u32 = 8;
+    pub const DUP: u32 = 9;
+    pub const DUP2: u32 = 10;
+    pub const DUP3: u32 = 11;
+    pub const FCNTL: u32 = 12;
+    pub const MEMFD_CREATE: u32 = 13;
+    pub const PTRACE: u32 = 14;
+    pub const PROCESS_VM_WRITEV: u32 = 15;
+    pub const OPENAT: u32 = 16;
+    pub const OPEN: u32 = 17;
+    pub const CREAT: u32 = 18;
+    pub const OPENAT2: u32 = 19;
+    pub const RENAMEAT2: u32 = 20;
+    pub const RENAMEAT: u32 = 21;
+    pub const RENAME: u32 = 22;
+    pub const UNLINKAT: u32 = 23;
+    pub const UNLINK: u32 = 24;
+    pub const FCHMODAT: u32 = 25;
+    pub const FCHMODAT2: u32 = 26;
+    pub const CHMOD: u32 = 27;
+    pub const FCHMOD: u32 = 28;
+    pub const UTIMENSAT: u32 = 29;
+    pub const UTIMES: u32 = 30;
+    pub const FUTIMESAT: u32 = 31;
+    pub const UTIME: u32 = 32;
+    pub const TRUNCATE: u32 = 33;
+    pub const FTRUNCATE: u32 = 34;
+    pub const LINKAT: u32 = 35;
+    pub const LINK: u32 = 36;
+    pub const SYMLINKAT: u32 = 37;
+    pub const INIT_MODULE: u32 = 38;
+    pub const FINIT_MODULE: u32 = 39;
+    pub const BPF: u32 = 40;
+    /// One past the highest slot; sizes the handler table.
+    pub const COUNT: u32 = 41;
+}
+
+/// Syscall numbers the dispatcher looks up (`SLOTS` map size).
+pub const MAX_SYSCALL_NR: u32 = 1024;
+
 /// A watched path prefix: the LPM trie key (bit length and bytes).
 pub const WATCH_KEY_BYTES: usize = 256;
 

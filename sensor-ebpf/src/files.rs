@@ -10,10 +10,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel},
     macros::map,
     maps::LpmTrie,
-    programs::TracePointContext,
 };
 use core::ffi::c_void;
-use sensor_common::{FileRecord, MAX_WATCH_SUFFIXES, WATCH_KEY_BYTES, WatchSuffix, file_op, kind};
+use sensor_common::{
+    FileRecord, MAX_WATCH_SUFFIXES, WATCH_KEY_BYTES, WatchSuffix, file_op, kind, slot,
+};
 
 use crate::{
     kernel::{
@@ -21,7 +22,7 @@ use crate::{
         walk_path_backwards,
     },
     maps::{PATHBUF, SCRATCH, submit_scratch},
-    syscalls::{args, fill_header, remember, ret, syscall_tp, take},
+    syscalls::{Syscall, fill_header, handler},
 };
 
 /// Watched path prefixes: key = path bytes, value = `file_op` bits wanted.
@@ -185,18 +186,17 @@ fn wanted(built: &Built) -> u32 {
     ops
 }
 
-/// Does a watch rule want `bits` on `source`?
+/// Builds `source` and returns it when a watch rule wants any of `bits` on it.
 #[inline(always)]
-fn watched(source: Source, bits: u32) -> bool {
-    bits != 0 && build(source).is_some_and(|built| wanted(&built) & bits != 0)
+fn watched(source: Source, bits: u32) -> Option<Built> {
+    if bits == 0 {
+        return None;
+    }
+    let built = build(source)?;
+    (wanted(&built) & bits != 0).then_some(built)
 }
 
-/// Tags of pending file syscalls: the record kind in the high bits, the syscall below.
-const fn tag(call: u64) -> u64 {
-    ((kind::FILE as u64) << 8) | call
-}
-
-/// Copies a built path into the record's data at `at`; returns the bytes copied.
+/// Copies a built path into the record's data at `dst`; returns the bytes copied.
 #[inline(always)]
 fn copy_path(built: &Built, dst: *mut u8) -> usize {
     let Some(buf) = PATHBUF.get_ptr_mut(0) else {
@@ -218,14 +218,15 @@ fn copy_path(built: &Built, dst: *mut u8) -> usize {
     len
 }
 
-/// Builds and submits a FileRecord for `path` (and `other`, for renames).
+/// Submits a FileRecord for `path` (already built and matched) and, for renames, the
+/// other name, built after the first is copied out.
 #[inline(always)]
 fn emit(
+    sc: &Syscall,
     op: u16,
     flags: u64,
     mode: u64,
-    result: i64,
-    path: Source,
+    path: &Built,
     other: Option<Source>,
     path_is_source: bool,
 ) {
@@ -240,14 +241,10 @@ fn emit(
     r.path_is_source = path_is_source as u16;
     r.flags = flags as u32;
     r.mode = mode as u32;
-    r.result = result as i32;
-    r.truncated = 0;
-    r.path_len = 0;
+    r.result = sc.ret as i32;
+    r.truncated = path.truncated as u32;
+    r.path_len = copy_path(path, data) as u16;
     r.other_len = 0;
-    if let Some(built) = build(path) {
-        r.path_len = copy_path(&built, data) as u16;
-        r.truncated |= built.truncated as u32;
-    }
     if let Some(other) = other
         && let Some(built) = build(other)
     {
@@ -293,212 +290,6 @@ fn open_op(bits: u32) -> u16 {
     }
 }
 
-// Syscall numbers are only tags here; any distinct values do.
-const OPENAT: u64 = 1;
-const OPEN: u64 = 2;
-const CREAT: u64 = 3;
-const OPENAT2: u64 = 4;
-const RENAMEAT2: u64 = 5;
-const RENAMEAT: u64 = 6;
-const RENAME: u64 = 7;
-const UNLINKAT: u64 = 8;
-const UNLINK: u64 = 9;
-const FCHMODAT: u64 = 10;
-const FCHMODAT2: u64 = 11;
-const CHMOD: u64 = 12;
-const FCHMOD: u64 = 13;
-const UTIMENSAT: u64 = 14;
-const UTIMES: u64 = 15;
-const FUTIMESAT: u64 = 16;
-const UTIME: u64 = 17;
-const TRUNCATE: u64 = 18;
-const FTRUNCATE: u64 = 19;
-const LINKAT: u64 = 20;
-const LINK: u64 = 21;
-const SYMLINKAT: u64 = 22;
-
-/// Remembers the arguments of an open that a rule wants.
-#[inline(always)]
-fn open_enter(call: u64, a: [u64; 6], dirfd: i64, path: u64, flags: u64, mode: u64) {
-    let bits = open_bits(flags, mode);
-    if watched(Source::User { dirfd, path }, bits) {
-        let mut a = a;
-        // Normalised: dirfd, path, flags, mode.
-        a[0] = dirfd as u64;
-        a[1] = path;
-        a[2] = flags;
-        a[3] = mode;
-        remember(tag(call), a);
-    }
-}
-
-#[inline(always)]
-fn open_exit(ctx: &TracePointContext, call: u64) {
-    if let Some(a) = take(tag(call)) {
-        let op = open_op(open_bits(a[2], a[3]));
-        let source = Source::User {
-            dirfd: a[0] as i64,
-            path: a[1],
-        };
-        emit(op, a[2], a[3], ret(ctx), source, None, false);
-    }
-}
-
-syscall_tp!(sys_enter_openat, "sys_enter_openat", |ctx| {
-    let a = args(ctx);
-    open_enter(OPENAT, a, a[0] as i32 as i64, a[1], a[2], a[3]);
-});
-syscall_tp!(sys_exit_openat, "sys_exit_openat", |ctx| open_exit(
-    ctx, OPENAT
-));
-
-syscall_tp!(sys_enter_open, "sys_enter_open", |ctx| {
-    let a = args(ctx);
-    open_enter(OPEN, a, AT_FDCWD, a[0], a[1], a[2]);
-});
-syscall_tp!(sys_exit_open, "sys_exit_open", |ctx| open_exit(ctx, OPEN));
-
-syscall_tp!(sys_enter_creat, "sys_enter_creat", |ctx| {
-    let a = args(ctx);
-    open_enter(CREAT, a, AT_FDCWD, a[0], O_CREAT | O_WRONLY | O_TRUNC, a[1]);
-});
-syscall_tp!(sys_exit_creat, "sys_exit_creat", |ctx| open_exit(
-    ctx, CREAT
-));
-
-syscall_tp!(sys_enter_openat2, "sys_enter_openat2", |ctx| {
-    let a = args(ctx);
-    // struct open_how { u64 flags; u64 mode; u64 resolve; }
-    let mut how = [0u8; 16];
-    if read_user(how.as_mut_ptr(), 16, a[2] as KPtr).is_ok() {
-        let flags = u64::from_ne_bytes([
-            how[0], how[1], how[2], how[3], how[4], how[5], how[6], how[7],
-        ]);
-        let mode = u64::from_ne_bytes([
-            how[8], how[9], how[10], how[11], how[12], how[13], how[14], how[15],
-        ]);
-        open_enter(OPENAT2, a, a[0] as i32 as i64, a[1], flags, mode);
-    }
-});
-syscall_tp!(sys_exit_openat2, "sys_exit_openat2", |ctx| open_exit(
-    ctx, OPENAT2
-));
-
-/// Renames: the new name watched (something moved onto a watched path), or the old one
-/// (a watched file moved away, as `sed -i` and log cleaners do).
-#[inline(always)]
-fn rename_enter(call: u64, olddir: i64, old: u64, newdir: i64, new: u64, flags: u64) {
-    let bit = file_op::bit(file_op::RENAME);
-    let onto = watched(
-        Source::User {
-            dirfd: newdir,
-            path: new,
-        },
-        bit,
-    );
-    if onto
-        || watched(
-            Source::User {
-                dirfd: olddir,
-                path: old,
-            },
-            bit,
-        )
-    {
-        remember(
-            tag(call),
-            [
-                olddir as u64,
-                old,
-                newdir as u64,
-                new,
-                flags,
-                (!onto) as u64,
-            ],
-        );
-    }
-}
-
-#[inline(always)]
-fn rename_exit(ctx: &TracePointContext, call: u64) {
-    if let Some(a) = take(tag(call)) {
-        let old = Source::User {
-            dirfd: a[0] as i64,
-            path: a[1],
-        };
-        let new = Source::User {
-            dirfd: a[2] as i64,
-            path: a[3],
-        };
-        let away = a[5] != 0;
-        let (path, other) = if away { (old, new) } else { (new, old) };
-        emit(file_op::RENAME, a[4], 0, ret(ctx), path, Some(other), away);
-    }
-}
-
-syscall_tp!(sys_enter_renameat2, "sys_enter_renameat2", |ctx| {
-    let a = args(ctx);
-    rename_enter(
-        RENAMEAT2,
-        a[0] as i32 as i64,
-        a[1],
-        a[2] as i32 as i64,
-        a[3],
-        a[4],
-    );
-});
-syscall_tp!(sys_exit_renameat2, "sys_exit_renameat2", |ctx| rename_exit(
-    ctx, RENAMEAT2
-));
-syscall_tp!(sys_enter_renameat, "sys_enter_renameat", |ctx| {
-    let a = args(ctx);
-    rename_enter(
-        RENAMEAT,
-        a[0] as i32 as i64,
-        a[1],
-        a[2] as i32 as i64,
-        a[3],
-        0,
-    );
-});
-syscall_tp!(sys_exit_renameat, "sys_exit_renameat", |ctx| rename_exit(
-    ctx, RENAMEAT
-));
-syscall_tp!(sys_enter_rename, "sys_enter_rename", |ctx| {
-    let a = args(ctx);
-    rename_enter(RENAME, AT_FDCWD, a[0], AT_FDCWD, a[1], 0);
-});
-syscall_tp!(sys_exit_rename, "sys_exit_rename", |ctx| rename_exit(
-    ctx, RENAME
-));
-
-/// Operations on one path: remember (dirfd-or-fd, path, flags, mode, op, is_fd).
-#[inline(always)]
-fn path_enter(call: u64, op: u16, source: Source, flags: u64, mode: u64) {
-    if watched(source, file_op::bit(op)) {
-        let (a0, a1, is_fd) = match source {
-            Source::User { dirfd, path } => (dirfd as u64, path, 0),
-            Source::Fd(fd) => (fd as u64, 0, 1),
-        };
-        remember(tag(call), [a0, a1, flags, mode, op as u64, is_fd]);
-    }
-}
-
-#[inline(always)]
-fn path_exit(ctx: &TracePointContext, call: u64) {
-    if let Some(a) = take(tag(call)) {
-        let source = if a[5] != 0 {
-            Source::Fd(a[0] as i64)
-        } else {
-            Source::User {
-                dirfd: a[0] as i64,
-                path: a[1],
-            }
-        };
-        emit(a[4] as u16, a[2], a[3], ret(ctx), source, None, false);
-    }
-}
-
 fn user(dirfd: u64, path: u64) -> Source {
     Source::User {
         dirfd: dirfd as i32 as i64,
@@ -513,125 +304,73 @@ fn cwd(path: u64) -> Source {
     }
 }
 
-syscall_tp!(sys_enter_unlinkat, "sys_enter_unlinkat", |ctx| {
-    let a = args(ctx);
-    path_enter(UNLINKAT, file_op::UNLINK, user(a[0], a[1]), a[2], 0);
-});
-syscall_tp!(sys_exit_unlinkat, "sys_exit_unlinkat", |ctx| path_exit(
-    ctx, UNLINKAT
-));
-syscall_tp!(sys_enter_unlink, "sys_enter_unlink", |ctx| {
-    path_enter(UNLINK, file_op::UNLINK, cwd(args(ctx)[0]), 0, 0);
-});
-syscall_tp!(sys_exit_unlink, "sys_exit_unlink", |ctx| path_exit(
-    ctx, UNLINK
-));
-
-/// chmod matters here when the new mode makes the file executable.
-#[inline(always)]
-fn chmod_enter(call: u64, source: Source, mode: u64) {
-    if mode & S_IXUGO != 0 {
-        path_enter(call, file_op::CHMOD_EXEC, source, 0, mode);
-    }
+fn fd(fd: u64) -> Source {
+    Source::Fd(fd as i32 as i64)
 }
 
-syscall_tp!(sys_enter_fchmodat, "sys_enter_fchmodat", |ctx| {
-    let a = args(ctx);
-    chmod_enter(FCHMODAT, user(a[0], a[1]), a[2]);
-});
-syscall_tp!(sys_exit_fchmodat, "sys_exit_fchmodat", |ctx| path_exit(
-    ctx, FCHMODAT
-));
-syscall_tp!(sys_enter_fchmodat2, "sys_enter_fchmodat2", |ctx| {
-    let a = args(ctx);
-    chmod_enter(FCHMODAT2, user(a[0], a[1]), a[2]);
-});
-syscall_tp!(sys_exit_fchmodat2, "sys_exit_fchmodat2", |ctx| path_exit(
-    ctx, FCHMODAT2
-));
-syscall_tp!(sys_enter_chmod, "sys_enter_chmod", |ctx| {
-    let a = args(ctx);
-    chmod_enter(CHMOD, cwd(a[0]), a[1]);
-});
-syscall_tp!(sys_exit_chmod, "sys_exit_chmod", |ctx| path_exit(
-    ctx, CHMOD
-));
-syscall_tp!(sys_enter_fchmod, "sys_enter_fchmod", |ctx| {
-    let a = args(ctx);
-    chmod_enter(FCHMOD, Source::Fd(a[0] as i32 as i64), a[1]);
-});
-syscall_tp!(sys_exit_fchmod, "sys_exit_fchmod", |ctx| path_exit(
-    ctx, FCHMOD
-));
-
-syscall_tp!(sys_enter_utimensat, "sys_enter_utimensat", |ctx| {
-    let a = args(ctx);
-    // A null filename sets the times of the file open at dirfd (futimens).
-    let source = if a[1] == 0 {
-        Source::Fd(a[0] as i32 as i64)
-    } else {
-        user(a[0], a[1])
+handler!(open_files, |sc| {
+    let a = sc.args;
+    let (source, flags, mode) = match sc.slot {
+        slot::OPENAT => (user(a[0], a[1]), a[2], a[3]),
+        slot::OPEN => (cwd(a[0]), a[1], a[2]),
+        slot::CREAT => (cwd(a[0]), O_CREAT | O_WRONLY | O_TRUNC, a[1]),
+        slot::OPENAT2 => {
+            // struct open_how { u64 flags; u64 mode; u64 resolve; }
+            let mut how = [0u64; 2];
+            if read_user(how.as_mut_ptr() as *mut u8, 16, a[2] as KPtr).is_err() {
+                return;
+            }
+            (user(a[0], a[1]), how[0], how[1])
+        }
+        _ => return,
     };
-    path_enter(UTIMENSAT, file_op::UTIMES, source, a[3], 0);
+    // Most opens are read-only: they end here.
+    let bits = open_bits(flags, mode);
+    if let Some(path) = watched(source, bits) {
+        emit(sc, open_op(bits), flags, mode, &path, None, false);
+    }
 });
-syscall_tp!(sys_exit_utimensat, "sys_exit_utimensat", |ctx| path_exit(
-    ctx, UTIMENSAT
-));
-syscall_tp!(sys_enter_utimes, "sys_enter_utimes", |ctx| {
-    path_enter(UTIMES, file_op::UTIMES, cwd(args(ctx)[0]), 0, 0);
-});
-syscall_tp!(sys_exit_utimes, "sys_exit_utimes", |ctx| path_exit(
-    ctx, UTIMES
-));
-syscall_tp!(sys_enter_futimesat, "sys_enter_futimesat", |ctx| {
-    let a = args(ctx);
-    path_enter(FUTIMESAT, file_op::UTIMES, user(a[0], a[1]), 0, 0);
-});
-syscall_tp!(sys_exit_futimesat, "sys_exit_futimesat", |ctx| path_exit(
-    ctx, FUTIMESAT
-));
-syscall_tp!(sys_enter_utime, "sys_enter_utime", |ctx| {
-    path_enter(UTIME, file_op::UTIMES, cwd(args(ctx)[0]), 0, 0);
-});
-syscall_tp!(sys_exit_utime, "sys_exit_utime", |ctx| path_exit(
-    ctx, UTIME
-));
 
-syscall_tp!(sys_enter_truncate, "sys_enter_truncate", |ctx| {
-    path_enter(TRUNCATE, file_op::TRUNCATE, cwd(args(ctx)[0]), 0, 0);
+handler!(path_files, |sc| {
+    let a = sc.args;
+    // (op, path, flags, mode) of the one-path operations; renames apart.
+    let (op, source, flags, mode) = match sc.slot {
+        slot::RENAMEAT2 => return rename(sc, user(a[0], a[1]), user(a[2], a[3]), a[4]),
+        slot::RENAMEAT => return rename(sc, user(a[0], a[1]), user(a[2], a[3]), 0),
+        slot::RENAME => return rename(sc, cwd(a[0]), cwd(a[1]), 0),
+        slot::UNLINKAT => (file_op::UNLINK, user(a[0], a[1]), a[2], 0),
+        slot::UNLINK => (file_op::UNLINK, cwd(a[0]), 0, 0),
+        // chmod matters here when the new mode makes the file executable.
+        slot::FCHMODAT | slot::FCHMODAT2 if a[2] & S_IXUGO != 0 => {
+            (file_op::CHMOD_EXEC, user(a[0], a[1]), 0, a[2])
+        }
+        slot::CHMOD if a[1] & S_IXUGO != 0 => (file_op::CHMOD_EXEC, cwd(a[0]), 0, a[1]),
+        slot::FCHMOD if a[1] & S_IXUGO != 0 => (file_op::CHMOD_EXEC, fd(a[0]), 0, a[1]),
+        // A null filename sets the times of the file open at dirfd (futimens).
+        slot::UTIMENSAT if a[1] == 0 => (file_op::UTIMES, fd(a[0]), a[3], 0),
+        slot::UTIMENSAT => (file_op::UTIMES, user(a[0], a[1]), a[3], 0),
+        slot::UTIMES | slot::UTIME => (file_op::UTIMES, cwd(a[0]), 0, 0),
+        slot::FUTIMESAT => (file_op::UTIMES, user(a[0], a[1]), 0, 0),
+        slot::TRUNCATE => (file_op::TRUNCATE, cwd(a[0]), 0, 0),
+        slot::FTRUNCATE => (file_op::TRUNCATE, fd(a[0]), 0, 0),
+        slot::LINKAT => (file_op::LINK, user(a[2], a[3]), a[4], 0),
+        slot::LINK => (file_op::LINK, cwd(a[1]), 0, 0),
+        slot::SYMLINKAT => (file_op::LINK, user(a[1], a[2]), 0, 0),
+        _ => return,
+    };
+    if let Some(path) = watched(source, file_op::bit(op)) {
+        emit(sc, op, flags, mode, &path, None, false);
+    }
 });
-syscall_tp!(sys_exit_truncate, "sys_exit_truncate", |ctx| path_exit(
-    ctx, TRUNCATE
-));
-syscall_tp!(sys_enter_ftruncate, "sys_enter_ftruncate", |ctx| {
-    let a = args(ctx);
-    path_enter(
-        FTRUNCATE,
-        file_op::TRUNCATE,
-        Source::Fd(a[0] as i32 as i64),
-        0,
-        0,
-    );
-});
-syscall_tp!(sys_exit_ftruncate, "sys_exit_ftruncate", |ctx| path_exit(
-    ctx, FTRUNCATE
-));
 
-syscall_tp!(sys_enter_linkat, "sys_enter_linkat", |ctx| {
-    let a = args(ctx);
-    path_enter(LINKAT, file_op::LINK, user(a[2], a[3]), a[4], 0);
-});
-syscall_tp!(sys_exit_linkat, "sys_exit_linkat", |ctx| path_exit(
-    ctx, LINKAT
-));
-syscall_tp!(sys_enter_link, "sys_enter_link", |ctx| {
-    path_enter(LINK, file_op::LINK, cwd(args(ctx)[1]), 0, 0);
-});
-syscall_tp!(sys_exit_link, "sys_exit_link", |ctx| path_exit(ctx, LINK));
-syscall_tp!(sys_enter_symlinkat, "sys_enter_symlinkat", |ctx| {
-    let a = args(ctx);
-    path_enter(SYMLINKAT, file_op::LINK, user(a[1], a[2]), 0, 0);
-});
-syscall_tp!(sys_exit_symlinkat, "sys_exit_symlinkat", |ctx| path_exit(
-    ctx, SYMLINKAT
-));
+/// Renames: the new name watched (something moved onto a watched path), or the old one
+/// (a watched file moved away, as `sed -i` and log cleaners do).
+#[inline(always)]
+fn rename(sc: &Syscall, old: Source, new: Source, flags: u64) {
+    let bit = file_op::bit(file_op::RENAME);
+    if let Some(path) = watched(new, bit) {
+        emit(sc, file_op::RENAME, flags, 0, &path, Some(old), false);
+    } else if let Some(path) = watched(old, bit) {
+        emit(sc, file_op::RENAME, flags, 0, &path, Some(new), true);
+    }
+}

@@ -1,19 +1,27 @@
 //! Code injection signals: memfd_create (fileless payloads), ptrace requests that write
 //! or take control, and process_vm_writev into another process.
 
-use sensor_common::{MemfdRecord, PtraceRecord, VmWriteRecord, kind};
+use sensor_common::{MemfdRecord, PtraceRecord, VmWriteRecord, kind, slot};
 
 use crate::{
     kernel::{KPtr, read_user_str},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
-    syscalls::{args, fill_header, remember, ret, syscall_tp, take},
+    syscalls::{Syscall, fill_header, handler},
 };
 
 /// `MFD_NAME_MAX_LEN` plus the NUL.
 const MEMFD_NAME_MAX: u32 = 250;
 
-syscall_tp!(sys_enter_memfd_create, "sys_enter_memfd_create", |ctx| {
-    let a = args(ctx);
+handler!(inject, |sc| match sc.slot {
+    slot::MEMFD_CREATE => memfd_create(sc),
+    slot::PTRACE => ptrace(sc),
+    slot::PROCESS_VM_WRITEV => vm_write(sc),
+    _ => {}
+});
+
+#[inline(always)]
+fn memfd_create(sc: &Syscall) {
+    let a = sc.args;
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -29,7 +37,7 @@ syscall_tp!(sys_enter_memfd_create, "sys_enter_memfd_create", |ctx| {
     let size = core::mem::size_of::<MemfdRecord>() + n;
     r.hdr.size = size as u32;
     submit_scratch(scratch, size, kind::MEMFD_CREATE);
-});
+}
 
 const PTRACE_POKETEXT: u64 = 4;
 const PTRACE_POKEDATA: u64 = 5;
@@ -40,9 +48,10 @@ const PTRACE_ATTACH: u64 = 16;
 const PTRACE_SETREGSET: u64 = 0x4205;
 const PTRACE_SEIZE: u64 = 0x4206;
 
-syscall_tp!(sys_enter_ptrace, "sys_enter_ptrace", |ctx| {
-    let a = args(ctx);
-    if matches!(
+#[inline(always)]
+fn ptrace(sc: &Syscall) {
+    let a = sc.args;
+    if !matches!(
         a[0],
         PTRACE_POKETEXT
             | PTRACE_POKEDATA
@@ -53,13 +62,8 @@ syscall_tp!(sys_enter_ptrace, "sys_enter_ptrace", |ctx| {
             | PTRACE_SETREGSET
             | PTRACE_SEIZE
     ) {
-        remember(kind::PTRACE as u64, a);
-    }
-});
-syscall_tp!(sys_exit_ptrace, "sys_exit_ptrace", |ctx| {
-    let Some(a) = take(kind::PTRACE as u64) else {
         return;
-    };
+    }
     let Some(mut entry) = EVENTS.reserve::<PtraceRecord>(0) else {
         count_lost(kind::PTRACE);
         return;
@@ -74,38 +78,28 @@ syscall_tp!(sys_exit_ptrace, "sys_exit_ptrace", |ctx| {
     r.request = a[0] as i64;
     r.target = a[1] as i32;
     r.addr = a[2];
-    r.result = ret(ctx) as i32;
+    r.result = sc.ret as i32;
     entry.submit(wakeup_flags());
-});
+}
 
-syscall_tp!(
-    sys_enter_process_vm_writev,
-    "sys_enter_process_vm_writev",
-    |ctx| { remember(kind::VM_WRITE as u64, args(ctx)) }
-);
-syscall_tp!(
-    sys_exit_process_vm_writev,
-    "sys_exit_process_vm_writev",
-    |ctx| {
-        let Some(a) = take(kind::VM_WRITE as u64) else {
-            return;
-        };
-        let Some(mut entry) = EVENTS.reserve::<VmWriteRecord>(0) else {
-            count_lost(kind::VM_WRITE);
-            return;
-        };
-        // SAFETY: every field is written before submit.
-        let r = unsafe { &mut *entry.as_mut_ptr() };
-        fill_header(
-            &mut r.hdr,
-            kind::VM_WRITE,
-            core::mem::size_of::<VmWriteRecord>(),
-        );
-        r.target = a[0] as i32;
-        r._pad = 0;
-        r.result = ret(ctx);
-        r.local_iovecs = a[2];
-        r.remote_iovecs = a[4];
-        entry.submit(wakeup_flags());
-    }
-);
+#[inline(always)]
+fn vm_write(sc: &Syscall) {
+    let a = sc.args;
+    let Some(mut entry) = EVENTS.reserve::<VmWriteRecord>(0) else {
+        count_lost(kind::VM_WRITE);
+        return;
+    };
+    // SAFETY: every field is written before submit.
+    let r = unsafe { &mut *entry.as_mut_ptr() };
+    fill_header(
+        &mut r.hdr,
+        kind::VM_WRITE,
+        core::mem::size_of::<VmWriteRecord>(),
+    );
+    r.target = a[0] as i32;
+    r._pad = 0;
+    r.result = sc.ret;
+    r.local_iovecs = a[2];
+    r.remote_iovecs = a[4];
+    entry.submit(wakeup_flags());
+}

@@ -36,6 +36,7 @@ pub static LAYOUT: KernelLayout = KernelLayout {
     task_signal: 0,
     signal_live: 0,
     bprm_filename: 0,
+    bprm_fdpath: 0,
     mm_arg_start: 0,
     mm_arg_end: 0,
     mm_exe_file: 0,
@@ -77,6 +78,8 @@ pub static LAYOUT: KernelLayout = KernelLayout {
     sk_num: 0,
     sk_v6_daddr: 0,
     sk_v6_rcv_saddr: 0,
+    regs_args: [0; 6],
+    regs_nr: 0,
     _pad: 0,
 };
 
@@ -92,6 +95,13 @@ macro_rules! off {
     };
 }
 pub(crate) use off;
+
+/// Offset in `struct pt_regs` of syscall argument `i` (0-5).
+#[inline(always)]
+pub fn regs_arg(i: usize) -> usize {
+    // SAFETY: read of a read-only global; `i % 6` keeps the index in bounds.
+    unsafe { core::ptr::read_volatile(core::ptr::addr_of!(LAYOUT.regs_args[i % 6])) as usize }
+}
 
 #[inline(always)]
 pub fn layout_ready() -> bool {

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{PerCpuArray, RingBuf},
 };
 use sensor_common::{SCRATCH_SIZE, kind};
 
@@ -25,25 +25,6 @@ pub static WALK: PerCpuArray<crate::kernel::WalkState> = PerCpuArray::with_max_e
 /// Per-CPU space where the file probes assemble a path (see `kernel::PathBuf`).
 #[map]
 pub static PATHBUF: PerCpuArray<crate::kernel::PathBuf> = PerCpuArray::with_max_entries(1, 0);
-
-/// Arguments of an `execve`/`execveat` in flight, keyed by pid_tgid, kept until the syscall
-/// returns so that a failure can be reported with its filename.
-#[map]
-pub static EXEC_ARGS: LruHashMap<u64, ExecArgs> = LruHashMap::with_max_entries(16384, 0);
-
-/// Syscall arguments between entry and exit (see `syscalls.rs`), keyed by pid_tgid.
-#[map]
-pub static PENDING: LruHashMap<u64, crate::syscalls::Pending> =
-    LruHashMap::with_max_entries(16384, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct ExecArgs {
-    pub filename: u64,
-    pub dirfd: i64,
-    pub flags: u32,
-    pub _pad: u32,
-}
 
 /// Bytes waiting in `EVENTS` above which a record wakes the agent up (set by the agent).
 /// Below it records are written without a wake-up and the agent drains the ring on a short

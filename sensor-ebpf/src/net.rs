@@ -1,13 +1,13 @@
 //! Network syscalls: connect (with its result, EINPROGRESS included), accept/accept4,
 //! bind, listen and socket creation, each with the socket's family, type and endpoints.
 
-use aya_ebpf::{helpers::generated::bpf_get_current_task, programs::TracePointContext};
-use sensor_common::{FdInfo, NetRecord, SocketRecord, kind};
+use aya_ebpf::helpers::generated::bpf_get_current_task;
+use sensor_common::{FdInfo, NetRecord, SocketRecord, kind, slot};
 
 use crate::{
     kernel::{KPtr, describe_file, read_user, task_fd_file},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
-    syscalls::{args, fill_header, remember, ret, syscall_tp, take},
+    syscalls::{Syscall, fill_header, handler},
 };
 
 const AF_UNIX: u16 = 1;
@@ -101,69 +101,36 @@ fn submit_net(kind: u16, fd: i32, result: i32, backlog: i32, sockaddr: Option<(u
     submit_scratch(scratch, size, kind);
 }
 
-syscall_tp!(sys_enter_connect, "sys_enter_connect", |ctx| {
-    remember(kind::CONNECT as u64, args(ctx))
-});
-syscall_tp!(sys_exit_connect, "sys_exit_connect", |ctx| {
-    if let Some(a) = take(kind::CONNECT as u64) {
-        submit_net(
+handler!(net, |sc| {
+    let fd = sc.args[0] as i32;
+    let result = sc.ret as i32;
+    match sc.slot {
+        slot::CONNECT => submit_net(
             kind::CONNECT,
-            a[0] as i32,
-            ret(ctx) as i32,
+            fd,
+            result,
             0,
-            Some((a[1], a[2], true)),
-        );
-    }
-});
-
-syscall_tp!(sys_exit_accept, "sys_exit_accept", on_accept);
-syscall_tp!(sys_exit_accept4, "sys_exit_accept4", on_accept);
-
-/// The accepted descriptor carries both ends; the listening one is not needed.
-fn on_accept(ctx: &TracePointContext) {
-    let fd = ret(ctx);
-    if fd >= 0 {
-        submit_net(kind::ACCEPT, fd as i32, fd as i32, 0, None);
-    }
-}
-
-syscall_tp!(sys_enter_bind, "sys_enter_bind", |ctx| {
-    remember(kind::BIND as u64, args(ctx))
-});
-syscall_tp!(sys_exit_bind, "sys_exit_bind", |ctx| {
-    if let Some(a) = take(kind::BIND as u64) {
-        submit_net(
+            Some((sc.args[1], sc.args[2], true)),
+        ),
+        // The accepted descriptor carries both ends; the listening one is not needed.
+        slot::ACCEPT | slot::ACCEPT4 if result >= 0 => {
+            submit_net(kind::ACCEPT, result, result, 0, None)
+        }
+        slot::BIND => submit_net(
             kind::BIND,
-            a[0] as i32,
-            ret(ctx) as i32,
+            fd,
+            result,
             0,
-            Some((a[1], a[2], false)),
-        );
+            Some((sc.args[1], sc.args[2], false)),
+        ),
+        slot::LISTEN => submit_net(kind::LISTEN, fd, result, sc.args[1] as i32, None),
+        slot::SOCKET => submit_socket(sc),
+        _ => {}
     }
 });
 
-syscall_tp!(sys_enter_listen, "sys_enter_listen", |ctx| {
-    remember(kind::LISTEN as u64, args(ctx))
-});
-syscall_tp!(sys_exit_listen, "sys_exit_listen", |ctx| {
-    if let Some(a) = take(kind::LISTEN as u64) {
-        submit_net(
-            kind::LISTEN,
-            a[0] as i32,
-            ret(ctx) as i32,
-            a[1] as i32,
-            None,
-        );
-    }
-});
-
-syscall_tp!(sys_enter_socket, "sys_enter_socket", |ctx| {
-    remember(kind::SOCKET as u64, args(ctx))
-});
-syscall_tp!(sys_exit_socket, "sys_exit_socket", |ctx| {
-    let Some(a) = take(kind::SOCKET as u64) else {
-        return;
-    };
+#[inline(always)]
+fn submit_socket(sc: &Syscall) {
     let Some(mut entry) = EVENTS.reserve::<SocketRecord>(0) else {
         count_lost(kind::SOCKET);
         return;
@@ -175,10 +142,10 @@ syscall_tp!(sys_exit_socket, "sys_exit_socket", |ctx| {
         kind::SOCKET,
         core::mem::size_of::<SocketRecord>(),
     );
-    r.family = a[0] as u32;
+    r.family = sc.args[0] as u32;
     // SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument.
-    r.sock_type = (a[1] as u32) & 0xf;
-    r.protocol = a[2] as i32;
-    r.result = ret(ctx) as i32;
+    r.sock_type = (sc.args[1] as u32) & 0xf;
+    r.protocol = sc.args[2] as i32;
+    r.result = sc.ret as i32;
     entry.submit(wakeup_flags());
-});
+}

@@ -1,13 +1,11 @@
 //! Process lifecycle: exec (successful and failed), fork/clone and exit.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{btf_tracepoint, tracepoint},
-    programs::{BtfTracePointContext, TracePointContext},
+    helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
 use sensor_common::{
     DATA_OFFSET_LIMIT, ExecFailedRecord, ExecRecord, ExitRecord, ForkRecord, MAX_ARGS,
-    MAX_FILENAME, TASK_COMM_LEN, exec_flags, kind,
+    MAX_FILENAME, TASK_COMM_LEN, exec_flags, kind, slot,
 };
 
 use crate::{
@@ -15,8 +13,8 @@ use crate::{
         KPtr, agent_tgid, describe_file, layout_ready, off, read, read_into, read_kernel_str,
         read_path, read_ptr, read_user, read_user_str, task_fd_file, walk_path,
     },
-    maps::{EVENTS, EXEC_ARGS, ExecArgs, SCRATCH, count_lost, submit_scratch, wakeup_flags},
-    syscalls::fill_header,
+    maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
+    syscalls::{fill_header, handler},
 };
 
 #[inline(always)]
@@ -49,10 +47,9 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     fill_header(&mut r.hdr, kind::EXEC, 0);
     r.old_tid = old_tid as u32;
     r.exec_flags = 0;
-    // The entry probe of execveat left its flag (keyed by the thread that called exec).
-    // SAFETY: a copy of the map value is taken.
-    if let Some(args) = unsafe { EXEC_ARGS.get(&bpf_get_current_pid_tgid()) } {
-        r.exec_flags = args.flags & exec_flags::EXECVEAT;
+    // execveat of a descriptor (fexecve) leaves the descriptor's path in bprm->fdpath.
+    if off!(bprm_fdpath) != 0 && read::<u64>(bprm, off!(bprm_fdpath)).unwrap_or(0) != 0 {
+        r.exec_flags = exec_flags::EXECVEAT;
     }
 
     let parent = read_ptr(task, off!(task_real_parent))?;
@@ -150,63 +147,16 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-#[tracepoint(category = "syscalls", name = "sys_enter_execve")]
-pub fn sys_enter_execve(ctx: TracePointContext) -> u32 {
-    if layout_ready() && !is_agent() {
-        // SAFETY: offsets from the tracepoint's format file.
-        let filename = unsafe { ctx.read_at::<u64>(16) }.unwrap_or(0);
-        remember_exec(filename, -100, 0);
-    }
-    0
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_execveat")]
-pub fn sys_enter_execveat(ctx: TracePointContext) -> u32 {
-    if layout_ready() && !is_agent() {
-        // SAFETY: offsets from the tracepoint's format file.
-        let dirfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
-        let filename = unsafe { ctx.read_at::<u64>(24) }.unwrap_or(0);
-        remember_exec(filename, dirfd, exec_flags::EXECVEAT);
-    }
-    0
-}
-
-#[inline(always)]
-fn remember_exec(filename: u64, dirfd: i64, flags: u32) {
-    let args = ExecArgs {
-        filename,
-        dirfd,
-        flags,
-        _pad: 0,
-    };
-    let _ = EXEC_ARGS.insert(&bpf_get_current_pid_tgid(), &args, 0);
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_execve")]
-pub fn sys_exit_execve(ctx: TracePointContext) -> u32 {
-    on_exec_return(&ctx);
-    0
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_execveat")]
-pub fn sys_exit_execveat(ctx: TracePointContext) -> u32 {
-    on_exec_return(&ctx);
-    0
-}
-
-#[inline(always)]
-fn on_exec_return(ctx: &TracePointContext) {
-    let key = bpf_get_current_pid_tgid();
-    // SAFETY: the map value is copied out before the entry is removed.
-    let Some(args) = (unsafe { EXEC_ARGS.get(&key) }).copied() else {
-        return;
-    };
-    let _ = EXEC_ARGS.remove(&key);
-    // SAFETY: offset from the tracepoint's format file.
-    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
-    if ret >= 0 {
+handler!(exec_failed, |sc| {
+    // A successful exec returns 0 in the new program; sched_process_exec reported it.
+    if sc.ret >= 0 {
         return;
     }
+    let (filename, dirfd, flags) = match sc.slot {
+        slot::EXECVE => (sc.args[0], -100, 0),
+        slot::EXECVEAT => (sc.args[1], sc.args[0] as i32, exec_flags::EXECVEAT),
+        _ => return,
+    };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -214,11 +164,11 @@ fn on_exec_return(ctx: &TracePointContext) {
     let r = unsafe { &mut *(scratch as *mut ExecFailedRecord) };
     let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<ExecFailedRecord>());
     fill_header(&mut r.hdr, kind::EXEC_FAILED, 0);
-    r.errno = (-ret) as i32;
-    r.exec_flags = args.flags;
-    r.dirfd = args.dirfd as i32;
+    r.errno = (-sc.ret) as i32;
+    r.exec_flags = flags;
+    r.dirfd = dirfd;
     r._pad = 0;
-    let n = read_user_str(data, MAX_FILENAME as u32, args.filename as KPtr).unwrap_or(0);
+    let n = read_user_str(data, MAX_FILENAME as u32, filename as KPtr).unwrap_or(0);
     let n = if n > 0 { n - 1 } else { 0 };
     if n + 1 >= MAX_FILENAME {
         r.exec_flags |= exec_flags::FILENAME_TRUNCATED;
@@ -227,7 +177,7 @@ fn on_exec_return(ctx: &TracePointContext) {
     let size = core::mem::size_of::<ExecFailedRecord>() + n;
     r.hdr.size = size as u32;
     submit_scratch(scratch, size, kind::EXEC_FAILED);
-}
+});
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {

@@ -2,14 +2,22 @@
 //! agent, and signals aimed at the agent.
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use sensor_common::{BpfRecord, ModuleRecord, SignalRecord, kind};
+use sensor_common::{BpfRecord, ModuleRecord, SignalRecord, kind, slot};
 
 use crate::{
     kernel::{KPtr, agent_tgid, layout_ready, off, read, read_user},
     maps::{EVENTS, count_lost, wakeup_flags},
-    syscalls::{args, fill_header, remember, ret, syscall_tp, take},
+    syscalls::{Syscall, fill_header, handler},
 };
 
+handler!(tamper, |sc| match sc.slot {
+    slot::INIT_MODULE => module_load(0, -1),
+    slot::FINIT_MODULE => module_load(1, sc.args[0] as i32),
+    slot::BPF if sc.args[0] == BPF_PROG_LOAD => bpf_load(sc),
+    _ => {}
+});
+
+#[inline(always)]
 fn module_load(call: u32, fd: i32) {
     let Some(mut entry) = EVENTS.reserve::<ModuleRecord>(0) else {
         count_lost(kind::MODULE_LOAD);
@@ -27,27 +35,13 @@ fn module_load(call: u32, fd: i32) {
     entry.submit(wakeup_flags());
 }
 
-syscall_tp!(sys_enter_init_module, "sys_enter_init_module", |_ctx| {
-    module_load(0, -1)
-});
-syscall_tp!(sys_enter_finit_module, "sys_enter_finit_module", |ctx| {
-    module_load(1, args(ctx)[0] as i32)
-});
-
 const BPF_PROG_LOAD: u64 = 5;
 /// Offset of `prog_name` in the BPF_PROG_LOAD part of `union bpf_attr`.
 const ATTR_PROG_NAME: u64 = 48;
 
-syscall_tp!(sys_enter_bpf, "sys_enter_bpf", |ctx| {
-    let a = args(ctx);
-    if a[0] == BPF_PROG_LOAD {
-        remember(kind::BPF_LOAD as u64, a);
-    }
-});
-syscall_tp!(sys_exit_bpf, "sys_exit_bpf", |ctx| {
-    let Some(a) = take(kind::BPF_LOAD as u64) else {
-        return;
-    };
+#[inline(always)]
+fn bpf_load(sc: &Syscall) {
+    let attr = sc.args[1];
     let Some(mut entry) = EVENTS.reserve::<BpfRecord>(0) else {
         count_lost(kind::BPF_LOAD);
         return;
@@ -60,14 +54,14 @@ syscall_tp!(sys_exit_bpf, "sys_exit_bpf", |ctx| {
         core::mem::size_of::<BpfRecord>(),
     );
     let mut prog_type = [0u8; 4];
-    let _ = read_user(prog_type.as_mut_ptr(), 4, a[1] as KPtr);
+    let _ = read_user(prog_type.as_mut_ptr(), 4, attr as KPtr);
     r.prog_type = u32::from_ne_bytes(prog_type);
-    if read_user(r.name.as_mut_ptr(), 16, (a[1] + ATTR_PROG_NAME) as KPtr).is_err() {
+    if read_user(r.name.as_mut_ptr(), 16, (attr + ATTR_PROG_NAME) as KPtr).is_err() {
         r.name[0] = 0;
     }
-    r.result = ret(ctx) as i32;
+    r.result = sc.ret as i32;
     entry.submit(wakeup_flags());
-});
+}
 
 /// `signal_generate(int sig, struct kernel_siginfo *info, struct task_struct *task,
 /// int type, int result)`: every signal generated; only those aimed at the agent are kept.

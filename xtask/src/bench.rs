@@ -35,6 +35,13 @@ pub struct BenchArgs {
 enum Workload {
     /// fork+exec of /bin/true, waited for one at a time.
     Exec,
+    /// Loopback TCP: connect, accept, close, one cycle at a time.
+    Connect,
+    /// open(O_RDONLY) and close of an existing file: what most opens on a host are.
+    Open,
+    /// open(O_WRONLY|O_CREAT|O_TRUNC) and close of a file by relative path in a directory
+    /// nobody watches: the most the file probes do for an open they do not report.
+    OpenWrite,
 }
 
 /// What one run with the agent cost and delivered.
@@ -110,9 +117,9 @@ fn median(mut values: Vec<Duration>) -> Duration {
 }
 
 fn workload(kind: Workload, iterations: u32) -> Result<Duration> {
-    let start = Instant::now();
     match kind {
         Workload::Exec => {
+            let start = Instant::now();
             for _ in 0..iterations {
                 let status = Command::new("/bin/true")
                     .status()
@@ -121,9 +128,85 @@ fn workload(kind: Workload, iterations: u32) -> Result<Duration> {
                     bail!("/bin/true failed: {status}");
                 }
             }
+            Ok(start.elapsed())
+        }
+        Workload::Connect => connect_storm(iterations),
+        Workload::Open => open_storm(iterations, false),
+        Workload::OpenWrite => open_storm(iterations, true),
+    }
+}
+
+fn connect_storm(iterations: u32) -> Result<Duration> {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        os::fd::AsRawFd,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    // The server answers one byte; the client reads it and resets the connection
+    // (SO_LINGER 0): no socket is left in TIME_WAIT, so runs do not slow each other down
+    // by exhausting ports.
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut rest = [0u8; 1];
+        for _ in 0..iterations {
+            let (mut conn, _) = listener.accept()?;
+            conn.write_all(b"x")?;
+            // Returns on the client's reset.
+            let _ = conn.read(&mut rest);
+        }
+        Ok(())
+    });
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let start = Instant::now();
+    let mut byte = [0u8; 1];
+    for _ in 0..iterations {
+        let mut conn = TcpStream::connect(addr).context("loopback connect")?;
+        conn.read_exact(&mut byte).context("loopback read")?;
+        // SAFETY: valid socket and option buffer.
+        unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            );
         }
     }
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the accepting thread panicked"))??;
     Ok(start.elapsed())
+}
+
+fn open_storm(iterations: u32, write: bool) -> Result<Duration> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir().join(format!("sensor-bench-open-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("bench.txt"), "x")?;
+    let previous = std::env::current_dir()?;
+    std::env::set_current_dir(&dir)?;
+    let start = Instant::now();
+    let result = (|| -> Result<()> {
+        let mut options = std::fs::OpenOptions::new();
+        if write {
+            options.write(true).create(true).truncate(true).mode(0o644);
+        } else {
+            options.read(true);
+        }
+        for _ in 0..iterations {
+            options.open("bench.txt")?;
+        }
+        Ok(())
+    })();
+    let elapsed = start.elapsed();
+    std::env::set_current_dir(previous)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map(|()| elapsed)
 }
 
 fn run_with_agent(bin: &std::path::Path, args: &BenchArgs) -> Result<AgentRun> {

@@ -19,6 +19,8 @@ pub enum LayoutError {
     NoField { strukt: String, field: String },
     #[error("kernel BTF: field {strukt}.{field} is a bitfield, which the probes cannot read")]
     Bitfield { strukt: String, field: String },
+    #[error("syscall argument registers are not known for {0}; the agent supports x86_64")]
+    Arch(&'static str),
     #[error("kernel BTF: offset of {strukt}.{field} ({offset}) does not fit in 16 bits")]
     TooFar {
         strukt: String,
@@ -50,6 +52,7 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         task_signal: r.offset("task_struct", "signal")?,
         signal_live: r.offset("signal_struct", "live")?,
         bprm_filename: r.offset("linux_binprm", "filename")?,
+        bprm_fdpath: r.offset("linux_binprm", "fdpath").unwrap_or(0),
         mm_arg_start: r.offset("mm_struct", "arg_start")?,
         mm_arg_end: r.offset("mm_struct", "arg_end")?,
         mm_exe_file: r.offset("mm_struct", "exe_file")?,
@@ -91,8 +94,34 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         sk_num: r.offset("sock", "__sk_common.skc_num")?,
         sk_v6_daddr: r.offset("sock", "__sk_common.skc_v6_daddr")?,
         sk_v6_rcv_saddr: r.offset("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        regs_args: syscall_arg_offsets(&r)?,
+        regs_nr: r.offset("pt_regs", SYSCALL_NR_REG)?,
         _pad: 0,
     })
+}
+
+/// `struct pt_regs` fields holding the six syscall arguments at syscall exit, and the
+/// syscall number.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_ARG_REGS: [&str; 6] = ["di", "si", "dx", "r10", "r8", "r9"];
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_NR_REG: &str = "orig_ax";
+
+#[cfg(target_arch = "x86_64")]
+fn syscall_arg_offsets(r: &Resolver<'_>) -> Result<[u16; 6], LayoutError> {
+    let mut offsets = [0u16; 6];
+    for (slot, reg) in offsets.iter_mut().zip(SYSCALL_ARG_REGS) {
+        *slot = r.offset("pt_regs", reg)?;
+    }
+    Ok(offsets)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+const SYSCALL_NR_REG: &str = "unsupported";
+
+#[cfg(not(target_arch = "x86_64"))]
+fn syscall_arg_offsets(_: &Resolver<'_>) -> Result<[u16; 6], LayoutError> {
+    Err(LayoutError::Arch(std::env::consts::ARCH))
 }
 
 struct Resolver<'a> {
@@ -196,6 +225,9 @@ mod tests {
         assert_eq!(layout.sk_daddr, 0);
         assert_eq!(layout.sk_rcv_saddr, 4);
         assert_eq!(layout.qstr_len, 4);
+        // x86_64 pt_regs: di is the 15th word, orig_ax the 16th.
+        assert_eq!(layout.regs_args[0], 14 * 8);
+        assert_eq!(layout.regs_nr, 15 * 8);
     }
 
     #[test]

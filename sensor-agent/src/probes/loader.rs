@@ -6,16 +6,16 @@
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{
-        MapData, PerCpuArray, RingBuf,
+        Array, MapData, PerCpuArray, ProgramArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{BtfTracePoint, Program, ProgramError, TracePoint},
+    programs::{BtfTracePoint, Program, ProgramError, RawTracePoint, TracePoint},
 };
 use sensor_common::{KernelLayout, WATCH_KEY_BYTES, kind};
 use tracing::{debug, info, warn};
 
 use super::{
-    layout, preflight,
+    layout, preflight, syscalls,
     watch::{self, WatchError, WatchRule},
 };
 
@@ -28,6 +28,8 @@ pub enum Attach {
     Btf(&'static str),
     /// A classic tracepoint `category/name`.
     Tracepoint(&'static str, &'static str),
+    /// A raw tracepoint (`raw_tp`), by tracepoint name.
+    RawTracepoint(&'static str),
 }
 
 /// One program of the probe object.
@@ -40,16 +42,7 @@ pub struct ProbeSpec {
     pub required: bool,
 }
 
-/// An optional syscall tracepoint whose program has the tracepoint's name.
-const fn syscall(name: &'static str) -> ProbeSpec {
-    ProbeSpec {
-        program: name,
-        attach: Attach::Tracepoint("syscalls", name),
-        required: false,
-    }
-}
-
-/// A required BTF tracepoint whose program has the tracepoint's name.
+/// A BTF tracepoint whose program has the tracepoint's name.
 const fn btf(name: &'static str, required: bool) -> ProbeSpec {
     ProbeSpec {
         program: name,
@@ -58,94 +51,20 @@ const fn btf(name: &'static str, required: bool) -> ProbeSpec {
     }
 }
 
-/// Every program of the probe object, in attach order. The process lifecycle is required:
-/// without it there is no process tree. The rest degrade: a kernel without a syscall
-/// tracepoint (modules compiled out, say) loses what that probe reports, and says so.
+/// Every attached program. The process lifecycle is required: without it there is no
+/// process tree. The rest degrade with a log line saying what the agent no longer sees.
+/// The syscall handlers (`syscalls::HANDLERS`) are not attached: `sys_exit` tail-calls
+/// them.
 pub const PROBES: &[ProbeSpec] = &[
     btf("sched_process_fork", true),
     btf("sched_process_exec", true),
     btf("sched_process_exit", true),
-    syscall("sys_enter_execve"),
-    syscall("sys_exit_execve"),
-    syscall("sys_enter_execveat"),
-    syscall("sys_exit_execveat"),
-    // Network.
-    syscall("sys_enter_connect"),
-    syscall("sys_exit_connect"),
-    syscall("sys_exit_accept"),
-    syscall("sys_exit_accept4"),
-    syscall("sys_enter_bind"),
-    syscall("sys_exit_bind"),
-    syscall("sys_enter_listen"),
-    syscall("sys_exit_listen"),
-    syscall("sys_enter_socket"),
-    syscall("sys_exit_socket"),
-    // Descriptor redirection.
-    syscall("sys_enter_dup"),
-    syscall("sys_exit_dup"),
-    syscall("sys_enter_dup2"),
-    syscall("sys_exit_dup2"),
-    syscall("sys_enter_dup3"),
-    syscall("sys_exit_dup3"),
-    syscall("sys_enter_fcntl"),
-    syscall("sys_exit_fcntl"),
-    // Injection.
-    syscall("sys_enter_memfd_create"),
-    syscall("sys_enter_ptrace"),
-    syscall("sys_exit_ptrace"),
-    syscall("sys_enter_process_vm_writev"),
-    syscall("sys_exit_process_vm_writev"),
-    // Files in watched places.
-    syscall("sys_enter_openat"),
-    syscall("sys_exit_openat"),
-    syscall("sys_enter_open"),
-    syscall("sys_exit_open"),
-    syscall("sys_enter_creat"),
-    syscall("sys_exit_creat"),
-    syscall("sys_enter_openat2"),
-    syscall("sys_exit_openat2"),
-    syscall("sys_enter_renameat2"),
-    syscall("sys_exit_renameat2"),
-    syscall("sys_enter_renameat"),
-    syscall("sys_exit_renameat"),
-    syscall("sys_enter_rename"),
-    syscall("sys_exit_rename"),
-    syscall("sys_enter_unlinkat"),
-    syscall("sys_exit_unlinkat"),
-    syscall("sys_enter_unlink"),
-    syscall("sys_exit_unlink"),
-    syscall("sys_enter_fchmodat"),
-    syscall("sys_exit_fchmodat"),
-    syscall("sys_enter_fchmodat2"),
-    syscall("sys_exit_fchmodat2"),
-    syscall("sys_enter_chmod"),
-    syscall("sys_exit_chmod"),
-    syscall("sys_enter_fchmod"),
-    syscall("sys_exit_fchmod"),
-    syscall("sys_enter_utimensat"),
-    syscall("sys_exit_utimensat"),
-    syscall("sys_enter_utimes"),
-    syscall("sys_exit_utimes"),
-    syscall("sys_enter_futimesat"),
-    syscall("sys_exit_futimesat"),
-    syscall("sys_enter_utime"),
-    syscall("sys_exit_utime"),
-    syscall("sys_enter_truncate"),
-    syscall("sys_exit_truncate"),
-    syscall("sys_enter_ftruncate"),
-    syscall("sys_exit_ftruncate"),
-    syscall("sys_enter_linkat"),
-    syscall("sys_exit_linkat"),
-    syscall("sys_enter_link"),
-    syscall("sys_exit_link"),
-    syscall("sys_enter_symlinkat"),
-    syscall("sys_exit_symlinkat"),
-    // Tampering.
-    syscall("sys_enter_init_module"),
-    syscall("sys_enter_finit_module"),
-    syscall("sys_enter_bpf"),
-    syscall("sys_exit_bpf"),
     btf("signal_generate", false),
+    ProbeSpec {
+        program: "sys_exit",
+        attach: Attach::RawTracepoint("sys_exit"),
+        required: false,
+    },
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +165,8 @@ impl Probes {
         fill_watch(&mut ebpf, &options.watch)?;
         let mut attached = Vec::new();
         let mut unavailable = Vec::new();
+        // Handlers first: once sys_exit is attached it dispatches to them.
+        load_handlers(&mut ebpf, &options.skip, &mut unavailable)?;
         for spec in PROBES {
             if options.skip.iter().any(|s| s == spec.program) {
                 if spec.required {
@@ -281,9 +202,8 @@ impl Probes {
 }
 
 impl Probes {
-    /// Detaches every program, several at a time: each tracepoint detach waits for the
-    /// kernel (about 70 ms here), and one after the other 77 of them took 5.3 s; in
-    /// parallel 2.7 s (the kernel serialises part of it).
+    /// Detaches and unloads every program, several at a time: each tracepoint detach
+    /// waits for the kernel (tens of milliseconds here).
     pub fn detach(ebpf: &mut Ebpf) {
         let mut programs: Vec<&mut Program> = ebpf.programs_mut().map(|(_, p)| p).collect();
         std::thread::scope(|scope| {
@@ -293,6 +213,7 @@ impl Probes {
                         let _ = match program {
                             Program::TracePoint(p) => p.unload(),
                             Program::BtfTracePoint(p) => p.unload(),
+                            Program::RawTracePoint(p) => p.unload(),
                             _ => Ok(()),
                         };
                     }
@@ -319,6 +240,77 @@ impl LossCounters {
             })
             .collect()
     }
+}
+
+/// Loads the syscall handlers, puts them in the dispatcher's table, and maps this
+/// architecture's syscall numbers to the slots of the handlers that loaded.
+fn load_handlers(
+    ebpf: &mut Ebpf,
+    skip: &[String],
+    unavailable: &mut Vec<(&'static str, String)>,
+) -> Result<(), LoadError> {
+    let mut served = Vec::new();
+    let mut fds = Vec::new();
+    for handler in syscalls::HANDLERS {
+        if skip.iter().any(|s| s == handler.program) {
+            info!(probe = handler.program, "not loaded, as asked");
+            unavailable.push((handler.program, "skipped by --skip-probe".to_owned()));
+            continue;
+        }
+        let program = ebpf
+            .program_mut(handler.program)
+            .ok_or(LoadError::MissingProgram(handler.program))?;
+        let loaded = (|| -> Result<_, ProgramError> {
+            let p: &mut RawTracePoint = program.try_into()?;
+            p.load()?;
+            p.fd()?.try_clone().map_err(|e| {
+                ProgramError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                })
+            })
+        })();
+        match loaded {
+            Ok(fd) => {
+                debug!(probe = handler.program, "loaded");
+                fds.push((handler, fd));
+                served.extend_from_slice(handler.slots);
+            }
+            Err(err) => {
+                warn!(probe = handler.program, error = %err, "syscall handler unavailable; the agent is blind to what it reports");
+                unavailable.push((handler.program, err.to_string()));
+            }
+        }
+    }
+    let map_err = |name: &'static str| {
+        move |e: aya::maps::MapError| LoadError::Map {
+            name,
+            reason: e.to_string(),
+        }
+    };
+    let mut table: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(ebpf.map_mut("HANDLERS").ok_or(LoadError::Map {
+            name: "HANDLERS",
+            reason: "missing from the probe object".into(),
+        })?)
+        .map_err(map_err("HANDLERS"))?;
+    for (handler, fd) in &fds {
+        for &slot in handler.slots {
+            table.set(slot, fd, 0).map_err(map_err("HANDLERS"))?;
+        }
+    }
+    let mut slots: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut("SLOTS").ok_or(LoadError::Map {
+            name: "SLOTS",
+            reason: "missing from the probe object".into(),
+        })?)
+        .map_err(map_err("SLOTS"))?;
+    for (nr, slot) in syscalls::numbers() {
+        if served.contains(&slot) {
+            slots.set(nr as u32, slot, 0).map_err(map_err("SLOTS"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the watched prefixes into the probes' LPM trie.
@@ -353,6 +345,11 @@ fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec, btf: &Btf) -> Result<(), LoadError>
             let p: &mut BtfTracePoint = program.try_into().map_err(wrap)?;
             p.load(name, btf).map_err(wrap)?;
             p.attach().map_err(wrap)?;
+        }
+        Attach::RawTracepoint(name) => {
+            let p: &mut RawTracePoint = program.try_into().map_err(wrap)?;
+            p.load().map_err(wrap)?;
+            p.attach(name).map_err(wrap)?;
         }
         Attach::Tracepoint(category, name) => {
             preflight::check_tracepoint(category, name)?;

@@ -4,6 +4,7 @@
 pub mod layout;
 pub mod loader;
 pub mod preflight;
+pub mod syscalls;
 pub mod watch;
 
 pub use loader::{LoadOptions, Probes};
