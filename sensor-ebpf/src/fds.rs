@@ -17,10 +17,10 @@ const F_DUPFD_CLOEXEC: u64 = 1030;
 handler!(dup, |sc| {
     let (call, newfd) = match sc.slot {
         slot::DUP => (dup_call::DUP, -1),
-        slot::DUP2 => (dup_call::DUP2, sc.args[1] as i32),
-        slot::DUP3 => (dup_call::DUP3, sc.args[1] as i32),
-        slot::FCNTL if sc.args[1] == F_DUPFD || sc.args[1] == F_DUPFD_CLOEXEC => {
-            (dup_call::FCNTL, sc.args[2] as i32)
+        slot::DUP2 => (dup_call::DUP2, sc.arg(1) as i32),
+        slot::DUP3 => (dup_call::DUP3, sc.arg(1) as i32),
+        slot::FCNTL if sc.arg(1) == F_DUPFD || sc.arg(1) == F_DUPFD_CLOEXEC => {
+            (dup_call::FCNTL, sc.arg(2) as i32)
         }
         _ => return,
     };
@@ -37,14 +37,14 @@ handler!(dup, |sc| {
     let r = unsafe { &mut *entry.as_mut_ptr() };
     fill_header(&mut r.hdr, kind::DUP, core::mem::size_of::<DupRecord>());
     r.call = call;
-    r.oldfd = sc.args[0] as i32;
+    r.oldfd = sc.arg(0) as i32;
     r.newfd = newfd;
     r.result = result as i32;
     // The new descriptor now refers to the same open file as the old one.
     let fd = if result >= 0 {
         result as u32
     } else {
-        sc.args[0] as u32
+        sc.arg(0) as u32
     };
     // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() } as KPtr;

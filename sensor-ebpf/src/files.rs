@@ -309,22 +309,38 @@ fn fd(fd: u64) -> Source {
 }
 
 handler!(open_files, |sc| {
-    let a = sc.args;
-    let (source, flags, mode) = match sc.slot {
-        slot::OPENAT => (user(a[0], a[1]), a[2], a[3]),
-        slot::OPEN => (cwd(a[0]), a[1], a[2]),
-        slot::CREAT => (cwd(a[0]), O_CREAT | O_WRONLY | O_TRUNC, a[1]),
+    // The flags first: most opens are read-only and end here, after one register read.
+    let flags = match sc.slot {
+        slot::OPENAT => sc.arg(2),
+        slot::OPEN => sc.arg(1),
+        slot::CREAT => O_CREAT | O_WRONLY | O_TRUNC,
         slot::OPENAT2 => {
             // struct open_how { u64 flags; u64 mode; u64 resolve; }
-            let mut how = [0u64; 2];
-            if read_user(how.as_mut_ptr() as *mut u8, 16, a[2] as KPtr).is_err() {
+            let mut flags = 0u64;
+            if read_user(&mut flags as *mut u64 as *mut u8, 8, sc.arg(2) as KPtr).is_err() {
                 return;
             }
-            (user(a[0], a[1]), how[0], how[1])
+            flags
         }
         _ => return,
     };
-    // Most opens are read-only: they end here.
+    if flags & (O_WRONLY | O_RDWR | O_APPEND | O_CREAT | O_TRUNC) == 0 {
+        return;
+    }
+    let (source, mode) = match sc.slot {
+        slot::OPENAT => (user(sc.arg(0), sc.arg(1)), sc.arg(3)),
+        slot::OPEN => (cwd(sc.arg(0)), sc.arg(2)),
+        slot::CREAT => (cwd(sc.arg(0)), sc.arg(1)),
+        _ => {
+            let mut mode = 0u64;
+            let _ = read_user(
+                &mut mode as *mut u64 as *mut u8,
+                8,
+                sc.arg(2).wrapping_add(8) as KPtr,
+            );
+            (user(sc.arg(0), sc.arg(1)), mode)
+        }
+    };
     let bits = open_bits(flags, mode);
     if let Some(path) = watched(source, bits) {
         emit(sc, open_op(bits), flags, mode, &path, None, false);
@@ -332,7 +348,14 @@ handler!(open_files, |sc| {
 });
 
 handler!(path_files, |sc| {
-    let a = sc.args;
+    let a = [
+        sc.arg(0),
+        sc.arg(1),
+        sc.arg(2),
+        sc.arg(3),
+        sc.arg(4),
+        sc.arg(5),
+    ];
     // (op, path, flags, mode) of the one-path operations; renames apart.
     let (op, source, flags, mode) = match sc.slot {
         slot::RENAMEAT2 => return rename(sc, user(a[0], a[1]), user(a[2], a[3]), a[4]),

@@ -21,7 +21,14 @@ handler!(inject, |sc| match sc.slot {
 
 #[inline(always)]
 fn memfd_create(sc: &Syscall) {
-    let a = sc.args;
+    let a = [
+        sc.arg(0),
+        sc.arg(1),
+        sc.arg(2),
+        sc.arg(3),
+        sc.arg(4),
+        sc.arg(5),
+    ];
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -50,7 +57,14 @@ const PTRACE_SEIZE: u64 = 0x4206;
 
 #[inline(always)]
 fn ptrace(sc: &Syscall) {
-    let a = sc.args;
+    let a = [
+        sc.arg(0),
+        sc.arg(1),
+        sc.arg(2),
+        sc.arg(3),
+        sc.arg(4),
+        sc.arg(5),
+    ];
     if !matches!(
         a[0],
         PTRACE_POKETEXT
@@ -84,7 +98,14 @@ fn ptrace(sc: &Syscall) {
 
 #[inline(always)]
 fn vm_write(sc: &Syscall) {
-    let a = sc.args;
+    let a = [
+        sc.arg(0),
+        sc.arg(1),
+        sc.arg(2),
+        sc.arg(3),
+        sc.arg(4),
+        sc.arg(5),
+    ];
     let Some(mut entry) = EVENTS.reserve::<VmWriteRecord>(0) else {
         count_lost(kind::VM_WRITE);
         return;

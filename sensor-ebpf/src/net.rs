@@ -102,7 +102,7 @@ fn submit_net(kind: u16, fd: i32, result: i32, backlog: i32, sockaddr: Option<(u
 }
 
 handler!(net, |sc| {
-    let fd = sc.args[0] as i32;
+    let fd = sc.arg(0) as i32;
     let result = sc.ret as i32;
     match sc.slot {
         slot::CONNECT => submit_net(
@@ -110,7 +110,7 @@ handler!(net, |sc| {
             fd,
             result,
             0,
-            Some((sc.args[1], sc.args[2], true)),
+            Some((sc.arg(1), sc.arg(2), true)),
         ),
         // The accepted descriptor carries both ends; the listening one is not needed.
         slot::ACCEPT | slot::ACCEPT4 if result >= 0 => {
@@ -121,9 +121,9 @@ handler!(net, |sc| {
             fd,
             result,
             0,
-            Some((sc.args[1], sc.args[2], false)),
+            Some((sc.arg(1), sc.arg(2), false)),
         ),
-        slot::LISTEN => submit_net(kind::LISTEN, fd, result, sc.args[1] as i32, None),
+        slot::LISTEN => submit_net(kind::LISTEN, fd, result, sc.arg(1) as i32, None),
         slot::SOCKET => submit_socket(sc),
         _ => {}
     }
@@ -142,10 +142,10 @@ fn submit_socket(sc: &Syscall) {
         kind::SOCKET,
         core::mem::size_of::<SocketRecord>(),
     );
-    r.family = sc.args[0] as u32;
+    r.family = sc.arg(0) as u32;
     // SOCK_NONBLOCK and SOCK_CLOEXEC share the type argument.
-    r.sock_type = (sc.args[1] as u32) & 0xf;
-    r.protocol = sc.args[2] as i32;
+    r.sock_type = (sc.arg(1) as u32) & 0xf;
+    r.protocol = sc.arg(2) as i32;
     r.result = sc.ret as i32;
     entry.submit(wakeup_flags());
 }

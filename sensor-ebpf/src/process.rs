@@ -153,8 +153,8 @@ handler!(exec_failed, |sc| {
         return;
     }
     let (filename, dirfd, flags) = match sc.slot {
-        slot::EXECVE => (sc.args[0], -100, 0),
-        slot::EXECVEAT => (sc.args[1], sc.args[0] as i32, exec_flags::EXECVEAT),
+        slot::EXECVE => (sc.arg(0), -100, 0),
+        slot::EXECVEAT => (sc.arg(1), sc.arg(0) as i32, exec_flags::EXECVEAT),
         _ => return,
     };
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {

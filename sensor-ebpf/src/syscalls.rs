@@ -30,13 +30,22 @@ pub static SLOTS: Array<u32> = Array::with_max_entries(MAX_SYSCALL_NR, 0);
 pub static HANDLERS: ProgramArray = ProgramArray::with_max_entries(slot::COUNT, 0);
 
 /// The syscall being handled on this CPU: what the dispatcher read, for the handler.
+/// Arguments are read from the registers only by the handler that needs them.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Syscall {
     pub slot: u32,
     pub nr: u32,
     pub ret: i64,
-    pub args: [u64; 6],
+    pub regs: u64,
+}
+
+impl Syscall {
+    /// Argument `i` (0-5), as the caller passed it.
+    #[inline(always)]
+    pub fn arg(&self, i: usize) -> u64 {
+        read::<u64>(self.regs as KPtr, regs_arg(i)).unwrap_or(0)
+    }
 }
 
 #[map]
@@ -48,9 +57,10 @@ pub fn watching() -> bool {
     layout_ready() && (bpf_get_current_pid_tgid() >> 32) as u32 != agent_tgid()
 }
 
+/// Runs at every syscall exit on the host: keep it to one register read and one lookup.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    if !watching() {
+    if !layout_ready() {
         return 0;
     }
     let regs: KPtr = ctx.arg(0);
@@ -72,9 +82,7 @@ pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
     current.slot = slot;
     current.nr = nr as u32;
     current.ret = ctx.arg(1);
-    for i in 0..6 {
-        current.args[i] = read::<u64>(regs, regs_arg(i)).unwrap_or(0);
-    }
+    current.regs = regs as u64;
     // SAFETY: a tail call replaces this program; on failure (no handler) we just return.
     unsafe { HANDLERS.tail_call(&ctx, slot) };
     0
@@ -112,7 +120,9 @@ macro_rules! handler {
     ($fn:ident, $body:expr) => {
         #[aya_ebpf::macros::raw_tracepoint]
         pub fn $fn(_ctx: aya_ebpf::programs::RawTracePointContext) -> i32 {
-            if let Some(sc) = $crate::syscalls::current() {
+            if $crate::syscalls::watching()
+                && let Some(sc) = $crate::syscalls::current()
+            {
                 let body: fn(&$crate::syscalls::Syscall) = $body;
                 body(&sc);
             }

@@ -12,8 +12,8 @@ use crate::{
 
 handler!(tamper, |sc| match sc.slot {
     slot::INIT_MODULE => module_load(0, -1),
-    slot::FINIT_MODULE => module_load(1, sc.args[0] as i32),
-    slot::BPF if sc.args[0] == BPF_PROG_LOAD => bpf_load(sc),
+    slot::FINIT_MODULE => module_load(1, sc.arg(0) as i32),
+    slot::BPF if sc.arg(0) == BPF_PROG_LOAD => bpf_load(sc),
     _ => {}
 });
 
@@ -41,7 +41,7 @@ const ATTR_PROG_NAME: u64 = 48;
 
 #[inline(always)]
 fn bpf_load(sc: &Syscall) {
-    let attr = sc.args[1];
+    let attr = sc.arg(1);
     let Some(mut entry) = EVENTS.reserve::<BpfRecord>(0) else {
         count_lost(kind::BPF_LOAD);
         return;
