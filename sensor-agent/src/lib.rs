@@ -6,6 +6,7 @@
 //! `run` is the live command.
 
 pub mod decode;
+pub mod detect;
 pub mod output;
 pub mod pipeline;
 pub mod probes;

@@ -28,6 +28,7 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
             }
             Err(_) => (String::new(), false),
         };
+        let argv = process.cmdline().unwrap_or_default();
         let uid = status.as_ref().map_or(u32::MAX, |s| s.ruid);
         let gid = status.as_ref().map_or(u32::MAX, |s| s.rgid);
         seeded.push(ProcessInfo {
@@ -38,7 +39,8 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
             exe_memfd: exe.starts_with("/memfd:"),
             exe: exe.into(),
             exe_deleted,
-            argv: process.cmdline().unwrap_or_default().into(),
+            cmdline: crate::proctable::join_argv(&argv),
+            argv: argv.into(),
             argv_truncated: false,
             comm: stat.comm.clone(),
             uid,
@@ -54,6 +56,7 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
             exec_boot_ns: 0,
             exited: None,
             source: Source::Proc,
+            lineage: None,
         });
     }
     let starts: std::collections::HashMap<u32, u64> =

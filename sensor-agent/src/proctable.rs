@@ -30,6 +30,8 @@ pub struct ProcessInfo {
     pub start_boot_ns: u64,
     pub exe: Arc<str>,
     pub argv: Arc<[String]>,
+    /// argv joined with spaces, computed once per image.
+    pub cmdline: Arc<str>,
     pub argv_truncated: bool,
     pub comm: String,
     pub uid: u32,
@@ -46,6 +48,24 @@ pub struct ProcessInfo {
     pub exited: Option<Exited>,
     /// Where this entry came from.
     pub source: Source,
+    /// The web-tier identity this process is or descends from: inherited through fork
+    /// and exec, replaced when the process itself has an identity.
+    pub lineage: Option<Arc<LineageLabel>>,
+}
+
+/// A web-tier identity and the process that has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LineageLabel {
+    pub identity: Arc<str>,
+    pub source_pid: u32,
+    pub source_start_ns: u64,
+    pub source_exe: Arc<str>,
+    pub source_argv: Arc<[String]>,
+}
+
+/// argv as one string, the way Sigma's CommandLine and our `proc.cmdline` see it.
+pub fn join_argv(argv: &[String]) -> Arc<str> {
+    argv.join(" ").into()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +145,48 @@ impl ProcessTable {
         all
     }
 
+    /// Sets the lineage label of `pid`.
+    pub fn set_lineage(&mut self, pid: u32, label: Option<Arc<LineageLabel>>) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.lineage = label;
+        }
+    }
+
+    /// Labels every entry, parents before children: its own identity if `classify` gives
+    /// one, else its parent's label. Used after seeding, when no fork events linked them.
+    pub fn relabel(
+        &mut self,
+        classify: impl Fn(&ProcessTable, &ProcessInfo) -> Option<Arc<LineageLabel>>,
+    ) {
+        let mut order: Vec<(u64, u32)> = self
+            .procs
+            .values()
+            .map(|p| (p.start_boot_ns, p.pid))
+            .collect();
+        order.sort_unstable();
+        for (_, pid) in order {
+            let Some(p) = self.procs.get(&pid) else {
+                continue;
+            };
+            let label =
+                classify(self, p).or_else(|| self.parent_of(p).and_then(|pp| pp.lineage.clone()));
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.lineage = label;
+            }
+        }
+    }
+
+    /// Generations from `pid` up to the process `source_pid` (0 when it is itself).
+    pub fn depth_to(&self, pid: u32, source_pid: u32) -> Option<u32> {
+        if pid == source_pid {
+            return Some(0);
+        }
+        self.ancestry(pid)
+            .iter()
+            .position(|p| p.pid == source_pid)
+            .map(|i| i as u32 + 1)
+    }
+
     /// Inserts or replaces an entry (seeding from /proc or from a trace snapshot).
     pub fn insert(&mut self, info: ProcessInfo) {
         self.make_room();
@@ -196,12 +258,19 @@ impl ProcessTable {
                     .get(&exec.ppid)
                     .map(|p| p.start_boot_ns)
                     .unwrap_or(0);
+                // The label survives exec: the same process, a new image.
+                let lineage = self
+                    .procs
+                    .get(&ev.pid)
+                    .and_then(|p| p.lineage.clone())
+                    .or_else(|| self.procs.get(&exec.ppid).and_then(|p| p.lineage.clone()));
                 let info = ProcessInfo {
                     pid: ev.pid,
                     ppid: exec.ppid,
                     parent_start_ns,
                     start_boot_ns: exec.start_boot_ns,
                     exe: exec.exe.as_str().into(),
+                    cmdline: join_argv(&exec.argv),
                     argv: exec.argv.clone().into(),
                     argv_truncated: exec.argv_truncated,
                     comm: ev.comm.clone(),
@@ -216,6 +285,7 @@ impl ProcessTable {
                     exec_boot_ns: ev.boot_ns,
                     exited: None,
                     source: Source::Exec,
+                    lineage,
                 };
                 self.replace(info);
             }
@@ -307,6 +377,7 @@ fn partial(ev: &Event) -> ProcessInfo {
         start_boot_ns: 0,
         exe: "".into(),
         argv: Vec::new().into(),
+        cmdline: "".into(),
         argv_truncated: false,
         comm: ev.comm.clone(),
         uid: ev.uid,
@@ -320,6 +391,7 @@ fn partial(ev: &Event) -> ProcessInfo {
         exec_boot_ns: 0,
         exited: None,
         source: Source::Partial,
+        lineage: None,
     }
 }
 

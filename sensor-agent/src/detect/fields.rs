@@ -1,0 +1,726 @@
+//! The fields a rule condition can test, and how each is read from an event, its process,
+//! the parent, the ancestors, the lineage label, or a sequence capture.
+//!
+//! A field is resolved by name once, when a rule is compiled; evaluation is a `match`
+//! over `Field` with values borrowed from the event and the process table.
+
+use std::{borrow::Cow, net::IpAddr, sync::OnceLock};
+
+use sensor_proto::v1::{Event, FdKind, FileOp, event};
+
+use crate::{
+    detect::users::UserNames,
+    proctable::{ProcessInfo, ProcessTable},
+};
+
+/// What a field holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Str,
+    Int,
+    Bool,
+    /// Several strings; a comparison holds when it holds for any of them.
+    StrList,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Str => "a string",
+            Kind::Int => "a number",
+            Kind::Bool => "a boolean",
+            Kind::StrList => "a list of strings",
+        }
+    }
+}
+
+/// Event kinds, as rules name them in `on:`.
+pub const EVENT_KINDS: &[&str] = &[
+    "exec",
+    "exec_failed",
+    "fork",
+    "exit",
+    "connect",
+    "accept",
+    "bind",
+    "listen",
+    "socket",
+    "dup",
+    "memfd_create",
+    "ptrace",
+    "process_vm_write",
+    "file",
+    "proc_mem_write",
+    "module_load",
+    "bpf_load",
+    "signal",
+];
+
+/// The `on:` name of an event.
+pub fn event_kind(event: &Event) -> &'static str {
+    match &event.kind {
+        Some(event::Kind::Exec(_)) => "exec",
+        Some(event::Kind::ExecFailed(_)) => "exec_failed",
+        Some(event::Kind::Fork(_)) => "fork",
+        Some(event::Kind::Exit(_)) => "exit",
+        Some(event::Kind::Connect(_)) => "connect",
+        Some(event::Kind::Accept(_)) => "accept",
+        Some(event::Kind::Bind(_)) => "bind",
+        Some(event::Kind::Listen(_)) => "listen",
+        Some(event::Kind::Socket(_)) => "socket",
+        Some(event::Kind::Dup(_)) => "dup",
+        Some(event::Kind::MemfdCreate(_)) => "memfd_create",
+        Some(event::Kind::Ptrace(_)) => "ptrace",
+        Some(event::Kind::ProcessVmWrite(_)) => "process_vm_write",
+        Some(event::Kind::File(_)) => "file",
+        Some(event::Kind::ProcMemWrite(_)) => "proc_mem_write",
+        Some(event::Kind::ModuleLoad(_)) => "module_load",
+        Some(event::Kind::BpfLoad(_)) => "bpf_load",
+        Some(event::Kind::Signal(_)) => "signal",
+        None => "none",
+    }
+}
+
+macro_rules! fields {
+    ($( $variant:ident => $name:literal, $kind:ident, [$($on:literal),*], $doc:literal; )*) => {
+        /// A field a condition can test.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Field {
+            $( #[doc = $doc] $variant, )*
+        }
+
+        /// (name, field, kind, event kinds it is set on (empty: all), description).
+        pub const FIELDS: &[(&str, Field, Kind, &[&str], &str)] = &[
+            $( ($name, Field::$variant, Kind::$kind, &[$($on),*], $doc), )*
+        ];
+    };
+}
+
+fields! {
+    EventKind => "event.kind", Str, [], "exec, connect, file... (the `on:` names)";
+    EventPid => "event.pid", Int, [], "pid of the process that acted";
+    EventUid => "event.uid", Int, [], "real uid of the acting task";
+    EventComm => "event.comm", Str, [], "kernel task name of the acting task";
+
+    ProcPid => "proc.pid", Int, [], "the process";
+    ProcPpid => "proc.ppid", Int, [], "its parent's pid";
+    ProcExe => "proc.exe", Str, [], "executable path as the kernel resolved it";
+    ProcName => "proc.name", Str, [], "last component of proc.exe";
+    ProcArgv => "proc.argv", StrList, [], "each argument (any matches)";
+    ProcArgv0 => "proc.argv0", Str, [], "argv[0]";
+    ProcArgs => "proc.args", Str, [], "arguments after argv[0], joined by spaces";
+    ProcCmdline => "proc.cmdline", Str, [], "argv joined by spaces";
+    ProcArgc => "proc.argc", Int, [], "number of arguments";
+    ProcUid => "proc.uid", Int, [], "real uid";
+    ProcEuid => "proc.euid", Int, [], "effective uid";
+    ProcUser => "proc.user", Str, [], "user name of proc.uid";
+    ProcCwd => "proc.cwd", Str, [], "working directory";
+    ProcComm => "proc.comm", Str, [], "kernel task name";
+    ProcExeMemfd => "proc.exe_memfd", Bool, [], "the executable is a memfd";
+    ProcExeDeleted => "proc.exe_deleted", Bool, [], "the executable has no name on disk";
+
+    ParentPid => "parent.pid", Int, [], "the parent process";
+    ParentExe => "parent.exe", Str, [], "parent's executable";
+    ParentName => "parent.name", Str, [], "last component of parent.exe";
+    ParentCmdline => "parent.cmdline", Str, [], "parent's argv joined by spaces";
+    ParentArgv => "parent.argv", StrList, [], "parent's arguments (any matches)";
+    ParentUid => "parent.uid", Int, [], "parent's real uid";
+    ParentComm => "parent.comm", Str, [], "parent's task name";
+    ParentThread => "parent.thread", Str, ["exec"], "name of the parent thread that forked (a JVM pool)";
+
+    AncestorExe => "ancestor.exe", StrList, [], "executables of all ancestors (any matches)";
+    AncestorName => "ancestor.name", StrList, [], "names of all ancestors (any matches)";
+    AncestorCmdline => "ancestor.cmdline", StrList, [], "command lines of all ancestors";
+
+    LineageIdentity => "lineage.identity", Str, [], "web-tier identity the process descends from, \"\" if none";
+    LineageTainted => "lineage.tainted", Bool, [], "the process descends from (or is) a web-tier identity";
+    LineageIsSource => "lineage.is_source", Bool, [], "the process itself has the identity";
+    LineageDepth => "lineage.depth", Int, [], "generations below the identity's process";
+    LineageSourceExe => "lineage.source_exe", Str, [], "executable of the identity's process";
+
+    ExecFilename => "exec.filename", Str, ["exec"], "filename passed to execve";
+    ExecStdin => "exec.stdin", Str, ["exec"], "what fd 0 is: none, file, dir, pipe, socket, tty, char, other";
+    ExecStdout => "exec.stdout", Str, ["exec"], "what fd 1 is";
+    ExecStderr => "exec.stderr", Str, ["exec"], "what fd 2 is";
+    ExecStdioSocket => "exec.stdio_socket", Bool, ["exec"], "any of fds 0-2 is a socket";
+    ExecStdioRemoteAddr => "exec.stdio_remote_addr", StrList, ["exec"], "remote addresses of socket fds 0-2";
+    ExecTty => "exec.tty", Bool, ["exec"], "any of fds 0-2 is a terminal";
+    ExecExecveat => "exec.execveat", Bool, ["exec"], "started with execveat (fexecve)";
+    ExecArgvTruncated => "exec.argv_truncated", Bool, ["exec"], "argv was longer than 4 KiB";
+
+    ExecFailedFilename => "exec_failed.filename", Str, ["exec_failed"], "the filename that failed";
+    ExecFailedError => "exec_failed.error", Str, ["exec_failed"], "errno name";
+
+    NetFamily => "net.family", Str, ["connect", "accept", "bind", "listen", "socket"], "inet, inet6, unix...";
+    NetType => "net.type", Str, ["connect", "accept", "bind", "listen", "socket"], "stream, dgram...";
+    NetLocalAddr => "net.local_addr", Str, ["connect", "accept", "bind", "listen"], "local address";
+    NetLocalPort => "net.local_port", Int, ["connect", "accept", "bind", "listen"], "local port";
+    NetRemoteAddr => "net.remote_addr", Str, ["connect", "accept"], "remote address";
+    NetRemotePort => "net.remote_port", Int, ["connect", "accept"], "remote port";
+    NetRemotePublic => "net.remote_public", Bool, ["connect", "accept"], "remote address is neither loopback, private, link-local nor unspecified";
+    NetRemoteLoopback => "net.remote_loopback", Bool, ["connect", "accept"], "remote address is loopback";
+    NetUnixPath => "net.unix_path", Str, ["connect", "bind"], "unix socket path (@name when abstract)";
+    NetResult => "net.result", Int, ["connect", "bind", "listen", "socket"], "syscall result";
+    NetError => "net.error", Str, ["connect", "bind", "listen", "socket"], "errno name of a failure";
+    NetInProgress => "net.in_progress", Bool, ["connect"], "non-blocking connect in progress";
+    NetBacklog => "net.backlog", Int, ["listen"], "listen backlog";
+
+    DupCall => "dup.call", Str, ["dup"], "dup, dup2, dup3, fcntl";
+    DupNewfd => "dup.newfd", Int, ["dup"], "descriptor obtained";
+    DupFdKind => "dup.fd_kind", Str, ["dup"], "what was duplicated: socket, pipe, file...";
+    DupRemoteAddr => "dup.remote_addr", Str, ["dup"], "remote address when a socket was duplicated";
+    DupRemotePort => "dup.remote_port", Int, ["dup"], "remote port when a socket was duplicated";
+
+    MemfdName => "memfd.name", Str, ["memfd_create"], "memfd name";
+
+    PtraceRequest => "ptrace.request", Str, ["ptrace"], "PTRACE_ATTACH, PTRACE_POKETEXT...";
+    TargetPid => "target.pid", Int, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "process acted upon";
+    TargetExe => "target.exe", Str, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "its executable";
+    TargetName => "target.name", Str, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "its name";
+    TargetIsAgent => "target.is_agent", Bool, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "the target is this agent";
+    TargetIsSelf => "target.is_self", Bool, ["ptrace", "process_vm_write", "proc_mem_write"], "the process acts on itself";
+    Result => "result", Int, [], "syscall result of the event (0 when it has none)";
+
+    FileOp => "file.op", Str, ["file"], "open_write, create, truncate, create_exec, rename, unlink, chmod_exec, utimes, link";
+    FilePath => "file.path", Str, ["file"], "absolute path";
+    FileName => "file.name", Str, ["file"], "last component of file.path";
+    FileDir => "file.dir", Str, ["file"], "file.path without its last component";
+    FileExt => "file.ext", Str, ["file"], "extension of file.name, without the dot";
+    FileOtherPath => "file.other_path", Str, ["file"], "the other name of a rename";
+    FileIsSource => "file.is_source", Bool, ["file"], "file.path is where a rename came from";
+    FileMode => "file.mode", Int, ["file"], "mode given to open or chmod";
+    FileFlags => "file.flags", Int, ["file"], "open flags";
+
+    BpfProgName => "bpf.prog_name", Str, ["bpf_load"], "name of the loaded program";
+    BpfProgType => "bpf.prog_type", Int, ["bpf_load"], "BPF program type";
+    SignalName => "signal.name", Str, ["signal"], "SIGTERM, SIGKILL...";
+    ModuleCall => "module.call", Str, ["module_load"], "init_module or finit_module";
+}
+
+impl Field {
+    pub fn by_name(name: &str) -> Option<(Field, Kind, &'static [&'static str])> {
+        FIELDS
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .map(|&(_, f, k, on, _)| (f, k, on))
+    }
+}
+
+/// A field's value for one event.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value<'a> {
+    Str(Cow<'a, str>),
+    Int(i64),
+    Bool(bool),
+    List(Vec<Cow<'a, str>>),
+    /// The field does not apply to this event (or the process is unknown).
+    Missing,
+}
+
+/// Everything a condition can look at for one event.
+pub struct Ctx<'a> {
+    pub event: &'a Event,
+    pub table: &'a ProcessTable,
+    pub proc: Option<&'a ProcessInfo>,
+    pub users: &'a UserNames,
+    pub agent_pid: u32,
+    /// Values captured by earlier steps of a sequence (`$name`).
+    pub vars: &'a [(String, String)],
+    ancestors: OnceLock<Vec<&'a ProcessInfo>>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(
+        event: &'a Event,
+        table: &'a ProcessTable,
+        users: &'a UserNames,
+        agent_pid: u32,
+        vars: &'a [(String, String)],
+    ) -> Self {
+        Self {
+            event,
+            table,
+            proc: table.get(event.pid),
+            users,
+            agent_pid,
+            vars,
+            ancestors: OnceLock::new(),
+        }
+    }
+
+    pub fn ancestors(&self) -> &[&'a ProcessInfo] {
+        self.ancestors.get_or_init(|| match self.proc {
+            Some(p) => self.table.ancestry(p.pid),
+            None => Vec::new(),
+        })
+    }
+
+    fn parent(&self) -> Option<&'a ProcessInfo> {
+        self.ancestors().first().copied()
+    }
+
+    pub fn var(&self, name: &str) -> Option<&'a str> {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn fd_kind_name(kind: i32) -> &'static str {
+    match FdKind::try_from(kind).unwrap_or(FdKind::Unspecified) {
+        FdKind::None => "none",
+        FdKind::File => "file",
+        FdKind::Dir => "dir",
+        FdKind::Pipe => "pipe",
+        FdKind::Socket => "socket",
+        FdKind::Tty => "tty",
+        FdKind::Char => "char",
+        FdKind::Other => "other",
+        FdKind::Unspecified => "unknown",
+    }
+}
+
+pub fn file_op_name(op: i32) -> &'static str {
+    match FileOp::try_from(op).unwrap_or(FileOp::Unspecified) {
+        FileOp::OpenWrite => "open_write",
+        FileOp::Create => "create",
+        FileOp::Truncate => "truncate",
+        FileOp::CreateExec => "create_exec",
+        FileOp::Rename => "rename",
+        FileOp::Unlink => "unlink",
+        FileOp::ChmodExec => "chmod_exec",
+        FileOp::Utimes => "utimes",
+        FileOp::Link => "link",
+        FileOp::Unspecified => "unknown",
+    }
+}
+
+/// A remote address that is neither loopback, private, link-local, nor unspecified.
+pub fn is_public(addr: &str) -> bool {
+    match addr.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => {
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                // 100.64.0.0/10, carrier-grade NAT
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64))
+        }
+        Ok(IpAddr::V6(v6)) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(&v4.to_string());
+            }
+            let seg = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || (seg & 0xfe00) == 0xfc00 // unique local
+                || (seg & 0xffc0) == 0xfe80) // link local
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_loopback(addr: &str) -> bool {
+    addr.parse::<IpAddr>().is_ok_and(|a| match a {
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+        IpAddr::V4(v4) => v4.is_loopback(),
+    })
+}
+
+fn s<'a>(v: &'a str) -> Value<'a> {
+    Value::Str(Cow::Borrowed(v))
+}
+
+fn proc_value<'a>(
+    p: Option<&'a ProcessInfo>,
+    get: impl FnOnce(&'a ProcessInfo) -> Value<'a>,
+) -> Value<'a> {
+    p.map_or(Value::Missing, get)
+}
+
+impl Field {
+    /// This field's value for `ctx`.
+    pub fn get<'a>(self, ctx: &Ctx<'a>) -> Value<'a> {
+        use event::Kind as K;
+        let ev = ctx.event;
+        let kind = ev.kind.as_ref();
+        match self {
+            Field::EventKind => s(event_kind(ev)),
+            Field::EventPid => Value::Int(i64::from(ev.pid)),
+            Field::EventUid => Value::Int(i64::from(ev.uid)),
+            Field::EventComm => s(&ev.comm),
+
+            Field::ProcPid => Value::Int(i64::from(ev.pid)),
+            Field::ProcPpid => proc_value(ctx.proc, |p| Value::Int(i64::from(p.ppid))),
+            Field::ProcExe => proc_value(ctx.proc, |p| s(&p.exe)),
+            Field::ProcName => proc_value(ctx.proc, |p| s(basename(&p.exe))),
+            Field::ProcArgv => proc_value(ctx.proc, |p| {
+                Value::List(p.argv.iter().map(|a| Cow::Borrowed(a.as_str())).collect())
+            }),
+            Field::ProcArgv0 => {
+                proc_value(ctx.proc, |p| s(p.argv.first().map_or("", String::as_str)))
+            }
+            Field::ProcArgs => proc_value(ctx.proc, |p| {
+                let first = p.argv.first().map_or(0, |a| a.len());
+                s(p.cmdline.get(first..).map_or("", str::trim_start))
+            }),
+            Field::ProcCmdline => proc_value(ctx.proc, |p| s(&p.cmdline)),
+            Field::ProcArgc => proc_value(ctx.proc, |p| Value::Int(p.argv.len() as i64)),
+            Field::ProcUid => proc_value(ctx.proc, |p| Value::Int(i64::from(p.uid))),
+            Field::ProcEuid => proc_value(ctx.proc, |p| Value::Int(i64::from(p.euid))),
+            Field::ProcUser => {
+                proc_value(ctx.proc, |p| Value::Str(Cow::Owned(ctx.users.name(p.uid))))
+            }
+            Field::ProcCwd => proc_value(ctx.proc, |p| s(&p.cwd)),
+            Field::ProcComm => proc_value(ctx.proc, |p| s(&p.comm)),
+            Field::ProcExeMemfd => proc_value(ctx.proc, |p| Value::Bool(p.exe_memfd)),
+            Field::ProcExeDeleted => proc_value(ctx.proc, |p| Value::Bool(p.exe_deleted)),
+
+            Field::ParentPid => proc_value(ctx.parent(), |p| Value::Int(i64::from(p.pid))),
+            Field::ParentExe => proc_value(ctx.parent(), |p| s(&p.exe)),
+            Field::ParentName => proc_value(ctx.parent(), |p| s(basename(&p.exe))),
+            Field::ParentCmdline => proc_value(ctx.parent(), |p| s(&p.cmdline)),
+            Field::ParentArgv => proc_value(ctx.parent(), |p| {
+                Value::List(p.argv.iter().map(|a| Cow::Borrowed(a.as_str())).collect())
+            }),
+            Field::ParentUid => proc_value(ctx.parent(), |p| Value::Int(i64::from(p.uid))),
+            Field::ParentComm => proc_value(ctx.parent(), |p| s(&p.comm)),
+            Field::ParentThread => match kind {
+                Some(K::Exec(e)) => s(&e.parent_thread_comm),
+                _ => Value::Missing,
+            },
+
+            Field::AncestorExe => Value::List(
+                ctx.ancestors()
+                    .iter()
+                    .map(|p| Cow::Borrowed(&*p.exe))
+                    .collect(),
+            ),
+            Field::AncestorName => Value::List(
+                ctx.ancestors()
+                    .iter()
+                    .map(|p| Cow::Borrowed(basename(&p.exe)))
+                    .collect(),
+            ),
+            Field::AncestorCmdline => Value::List(
+                ctx.ancestors()
+                    .iter()
+                    .map(|p| Cow::Borrowed(&*p.cmdline))
+                    .collect(),
+            ),
+
+            Field::LineageIdentity => s(ctx
+                .proc
+                .and_then(|p| p.lineage.as_deref())
+                .map_or("", |l| &l.identity)),
+            Field::LineageTainted => Value::Bool(ctx.proc.is_some_and(|p| p.lineage.is_some())),
+            Field::LineageIsSource => Value::Bool(
+                ctx.proc
+                    .is_some_and(|p| p.lineage.as_ref().is_some_and(|l| l.source_pid == p.pid)),
+            ),
+            Field::LineageDepth => {
+                match ctx.proc.and_then(|p| p.lineage.as_ref().map(|l| (p, l))) {
+                    Some((p, l)) => ctx
+                        .table
+                        .depth_to(p.pid, l.source_pid)
+                        .map_or(Value::Missing, |d| Value::Int(i64::from(d))),
+                    None => Value::Missing,
+                }
+            }
+            Field::LineageSourceExe => match ctx.proc.and_then(|p| p.lineage.as_deref()) {
+                Some(l) => s(&l.source_exe),
+                None => Value::Missing,
+            },
+
+            Field::ExecFilename => match kind {
+                Some(K::Exec(e)) => s(&e.filename),
+                _ => Value::Missing,
+            },
+            Field::ExecStdin | Field::ExecStdout | Field::ExecStderr => match kind {
+                Some(K::Exec(e)) => {
+                    let fd = match self {
+                        Field::ExecStdin => 0,
+                        Field::ExecStdout => 1,
+                        _ => 2,
+                    };
+                    s(e.stdio.get(fd).map_or("unknown", |f| fd_kind_name(f.kind)))
+                }
+                _ => Value::Missing,
+            },
+            Field::ExecStdioSocket => match kind {
+                Some(K::Exec(e)) => {
+                    Value::Bool(e.stdio.iter().any(|f| f.kind == FdKind::Socket as i32))
+                }
+                _ => Value::Missing,
+            },
+            Field::ExecStdioRemoteAddr => match kind {
+                Some(K::Exec(e)) => Value::List(
+                    e.stdio
+                        .iter()
+                        .filter_map(|f| f.socket.as_ref())
+                        .filter(|s| !s.remote_addr.is_empty())
+                        .map(|s| Cow::Borrowed(s.remote_addr.as_str()))
+                        .collect(),
+                ),
+                _ => Value::Missing,
+            },
+            Field::ExecTty => match kind {
+                Some(K::Exec(e)) => {
+                    Value::Bool(e.stdio.iter().any(|f| f.kind == FdKind::Tty as i32))
+                }
+                _ => Value::Missing,
+            },
+            Field::ExecExecveat => match kind {
+                Some(K::Exec(e)) => Value::Bool(e.execveat),
+                _ => Value::Missing,
+            },
+            Field::ExecArgvTruncated => match kind {
+                Some(K::Exec(e)) => Value::Bool(e.argv_truncated),
+                _ => Value::Missing,
+            },
+
+            Field::ExecFailedFilename => match kind {
+                Some(K::ExecFailed(e)) => s(&e.filename),
+                _ => Value::Missing,
+            },
+            Field::ExecFailedError => match kind {
+                Some(K::ExecFailed(e)) => s(&e.error),
+                _ => Value::Missing,
+            },
+
+            Field::NetFamily
+            | Field::NetType
+            | Field::NetLocalAddr
+            | Field::NetLocalPort
+            | Field::NetRemoteAddr
+            | Field::NetRemotePort
+            | Field::NetRemotePublic
+            | Field::NetRemoteLoopback => {
+                let sock = match kind {
+                    Some(K::Connect(e)) => e.socket.as_ref(),
+                    Some(K::Accept(e)) => e.socket.as_ref(),
+                    Some(K::Bind(e)) => e.socket.as_ref(),
+                    Some(K::Listen(e)) => e.socket.as_ref(),
+                    Some(K::Socket(e)) => {
+                        return match self {
+                            Field::NetFamily => s(&e.family),
+                            Field::NetType => s(&e.r#type),
+                            _ => Value::Missing,
+                        };
+                    }
+                    _ => None,
+                };
+                let Some(sock) = sock else {
+                    return Value::Missing;
+                };
+                match self {
+                    Field::NetFamily => s(&sock.family),
+                    Field::NetType => s(&sock.r#type),
+                    Field::NetLocalAddr => s(&sock.local_addr),
+                    Field::NetLocalPort => Value::Int(i64::from(sock.local_port)),
+                    Field::NetRemoteAddr => s(&sock.remote_addr),
+                    Field::NetRemotePort => Value::Int(i64::from(sock.remote_port)),
+                    Field::NetRemotePublic => Value::Bool(is_public(&sock.remote_addr)),
+                    _ => Value::Bool(is_loopback(&sock.remote_addr)),
+                }
+            }
+            Field::NetUnixPath => match kind {
+                Some(K::Connect(e)) => s(&e.unix_path),
+                Some(K::Bind(e)) => s(&e.unix_path),
+                _ => Value::Missing,
+            },
+            Field::NetResult => match kind {
+                Some(K::Connect(e)) => Value::Int(i64::from(e.result)),
+                Some(K::Bind(e)) => Value::Int(i64::from(e.result)),
+                Some(K::Listen(e)) => Value::Int(i64::from(e.result)),
+                Some(K::Socket(e)) => Value::Int(i64::from(e.fd)),
+                _ => Value::Missing,
+            },
+            Field::NetError => match kind {
+                Some(K::Connect(e)) => s(&e.error),
+                Some(K::Bind(e)) => s(&e.error),
+                Some(K::Listen(e)) => s(&e.error),
+                Some(K::Socket(e)) => s(&e.error),
+                _ => Value::Missing,
+            },
+            Field::NetInProgress => match kind {
+                Some(K::Connect(e)) => Value::Bool(e.in_progress),
+                _ => Value::Missing,
+            },
+            Field::NetBacklog => match kind {
+                Some(K::Listen(e)) => Value::Int(i64::from(e.backlog)),
+                _ => Value::Missing,
+            },
+
+            Field::DupCall
+            | Field::DupNewfd
+            | Field::DupFdKind
+            | Field::DupRemoteAddr
+            | Field::DupRemotePort => {
+                let Some(K::Dup(d)) = kind else {
+                    return Value::Missing;
+                };
+                match self {
+                    Field::DupCall => s(&d.call),
+                    Field::DupNewfd => Value::Int(i64::from(d.result)),
+                    Field::DupFdKind => {
+                        s(d.file.as_ref().map_or("unknown", |f| fd_kind_name(f.kind)))
+                    }
+                    Field::DupRemoteAddr => s(d
+                        .file
+                        .as_ref()
+                        .and_then(|f| f.socket.as_ref())
+                        .map_or("", |s| s.remote_addr.as_str())),
+                    _ => Value::Int(i64::from(
+                        d.file
+                            .as_ref()
+                            .and_then(|f| f.socket.as_ref())
+                            .map_or(0, |s| s.remote_port),
+                    )),
+                }
+            }
+
+            Field::MemfdName => match kind {
+                Some(K::MemfdCreate(m)) => s(&m.name),
+                _ => Value::Missing,
+            },
+            Field::PtraceRequest => match kind {
+                Some(K::Ptrace(p)) => s(&p.request),
+                _ => Value::Missing,
+            },
+            Field::TargetPid
+            | Field::TargetExe
+            | Field::TargetName
+            | Field::TargetIsAgent
+            | Field::TargetIsSelf => {
+                let target = match kind {
+                    Some(K::Ptrace(p)) => p.target_pid,
+                    Some(K::ProcessVmWrite(p)) => p.target_pid,
+                    Some(K::ProcMemWrite(p)) => p.target_pid,
+                    Some(K::Signal(p)) => p.target_pid,
+                    _ => return Value::Missing,
+                };
+                match self {
+                    Field::TargetPid => Value::Int(i64::from(target)),
+                    Field::TargetIsAgent => {
+                        Value::Bool(ctx.agent_pid != 0 && target == ctx.agent_pid)
+                    }
+                    Field::TargetIsSelf => Value::Bool(target == ev.pid),
+                    Field::TargetExe => proc_value(ctx.table.get(target), |p| s(&p.exe)),
+                    _ => proc_value(ctx.table.get(target), |p| s(basename(&p.exe))),
+                }
+            }
+            Field::Result => Value::Int(match kind {
+                Some(K::Connect(e)) => i64::from(e.result),
+                Some(K::Bind(e)) => i64::from(e.result),
+                Some(K::Listen(e)) => i64::from(e.result),
+                Some(K::Dup(e)) => i64::from(e.result),
+                Some(K::Ptrace(e)) => i64::from(e.result),
+                Some(K::ProcessVmWrite(e)) => e.bytes,
+                Some(K::File(e)) => i64::from(e.result),
+                Some(K::ProcMemWrite(e)) => i64::from(e.result),
+                Some(K::BpfLoad(e)) => i64::from(e.result),
+                Some(K::ExecFailed(e)) => -i64::from(e.errno),
+                _ => 0,
+            }),
+
+            Field::FileOp
+            | Field::FilePath
+            | Field::FileName
+            | Field::FileDir
+            | Field::FileExt
+            | Field::FileOtherPath
+            | Field::FileIsSource
+            | Field::FileMode
+            | Field::FileFlags => {
+                let Some(K::File(f)) = kind else {
+                    return Value::Missing;
+                };
+                match self {
+                    Field::FileOp => s(file_op_name(f.op)),
+                    Field::FilePath => s(&f.path),
+                    Field::FileName => s(basename(&f.path)),
+                    Field::FileDir => s(f.path.rsplit_once('/').map_or("", |(d, _)| d)),
+                    Field::FileExt => s(basename(&f.path).rsplit_once('.').map_or("", |(_, e)| e)),
+                    Field::FileOtherPath => s(&f.other_path),
+                    Field::FileIsSource => Value::Bool(f.path_is_source),
+                    Field::FileMode => Value::Int(i64::from(f.mode)),
+                    _ => Value::Int(i64::from(f.flags)),
+                }
+            }
+
+            Field::BpfProgName => match kind {
+                Some(K::BpfLoad(b)) => s(&b.prog_name),
+                _ => Value::Missing,
+            },
+            Field::BpfProgType => match kind {
+                Some(K::BpfLoad(b)) => Value::Int(i64::from(b.prog_type)),
+                _ => Value::Missing,
+            },
+            Field::SignalName => match kind {
+                Some(K::Signal(sg)) => s(&sg.signal_name),
+                _ => Value::Missing,
+            },
+            Field::ModuleCall => match kind {
+                Some(K::ModuleLoad(m)) => s(&m.call),
+                _ => Value::Missing,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_resolve() {
+        let mut names: Vec<&str> = FIELDS.iter().map(|f| f.0).collect();
+        names.sort_unstable();
+        let before = names.len();
+        names.dedup();
+        assert_eq!(before, names.len(), "duplicate field names");
+        for (name, field, kind, on, _) in FIELDS {
+            assert_eq!(Field::by_name(name), Some((*field, *kind, *on)));
+            for k in *on {
+                assert!(EVENT_KINDS.contains(k), "{name}: unknown event kind {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn public_addresses() {
+        for a in [
+            "8.8.8.8",
+            "193.24.123.42",
+            "2001:4860::8888",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(a), "{a}");
+        }
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.1.1",
+            "0.0.0.0",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "100.64.1.1",
+            "",
+            "junk",
+        ] {
+            assert!(!is_public(a), "{a}");
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Detection: decoded events and the process table in, alerts out. Knows nothing of the
+//! kernel, so a live run and a replayed trace go through exactly this code.
+//!
+//! On each event: web-tier identities label the process (exec), single-event rules of the
+//! event's kind are tested, sequences advance, allow-list entries veto, repeats collapse.
+
+pub mod alert;
+pub mod expr;
+pub mod fields;
+pub mod rules;
+pub mod sequence;
+pub mod sigma;
+pub mod users;
+
+use std::{collections::HashMap, sync::Arc};
+
+use sensor_proto::v1::{Alert, Event, event};
+
+use self::{
+    alert::{AgentIdentity, AlertInput, Collapser},
+    fields::{Ctx, EVENT_KINDS, event_kind},
+    rules::{Body, RuleSet},
+    sequence::Tracker,
+    sigma::SigmaSet,
+    users::UserNames,
+};
+use crate::{
+    decode::BootClock,
+    proctable::{LineageLabel, ProcessInfo, ProcessTable},
+};
+
+/// Repeats of a rule on one process tree within this window collapse into one alert.
+pub const COLLAPSE_WINDOW_NS: u64 = 60 * 1_000_000_000;
+
+/// Counters of what detection did.
+#[derive(Clone, Debug, Default)]
+pub struct DetectStats {
+    pub evaluated: u64,
+    pub raised: u64,
+    pub collapsed: u64,
+    pub allowed: u64,
+    /// Alerts raised per rule id.
+    pub by_rule: HashMap<String, u64>,
+}
+
+pub struct Engine {
+    rules: Arc<RuleSet>,
+    sigma: Arc<SigmaSet>,
+    /// Single-event rules per event kind (indexes into `rules.rules`).
+    singles: HashMap<&'static str, Vec<usize>>,
+    /// Sequence rules with a step on each event kind.
+    sequences: HashMap<&'static str, Vec<usize>>,
+    trackers: HashMap<usize, Tracker>,
+    collapser: Collapser,
+    users: UserNames,
+    identity: AgentIdentity,
+    clock: BootClock,
+    agent_pid: u32,
+    next_alert: u64,
+    last_expiry_ns: u64,
+    pub stats: DetectStats,
+}
+
+impl Engine {
+    pub fn new(
+        rules: Arc<RuleSet>,
+        sigma: Arc<SigmaSet>,
+        users: UserNames,
+        identity: AgentIdentity,
+        clock: BootClock,
+        agent_pid: u32,
+    ) -> Self {
+        let mut engine = Self {
+            rules: Arc::new(RuleSet::default()),
+            sigma,
+            singles: HashMap::new(),
+            sequences: HashMap::new(),
+            trackers: HashMap::new(),
+            collapser: Collapser::new(COLLAPSE_WINDOW_NS),
+            users,
+            identity,
+            clock,
+            agent_pid,
+            next_alert: 1,
+            last_expiry_ns: 0,
+            stats: DetectStats::default(),
+        };
+        engine.set_rules(rules);
+        engine
+    }
+
+    /// Replaces the rule set (live reload): partial sequences of the old set are dropped.
+    pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
+        self.singles.clear();
+        self.sequences.clear();
+        self.trackers.clear();
+        for (i, rule) in rules.rules.iter().enumerate() {
+            match &rule.body {
+                Body::Single { on, .. } => {
+                    for kind in on {
+                        self.singles.entry(*kind).or_default().push(i);
+                    }
+                }
+                Body::Sequence { steps, .. } => {
+                    for kind in EVENT_KINDS {
+                        if steps.iter().any(|s| s.on.contains(kind)) {
+                            self.sequences.entry(*kind).or_default().push(i);
+                        }
+                    }
+                    self.trackers.insert(i, Tracker::default());
+                }
+            }
+        }
+        self.rules = rules;
+    }
+
+    pub fn set_sigma(&mut self, sigma: Arc<SigmaSet>) {
+        self.sigma = sigma;
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+
+    pub fn sigma(&self) -> &SigmaSet {
+        &self.sigma
+    }
+
+    pub fn set_clock(&mut self, clock: BootClock) {
+        self.clock = clock;
+    }
+
+    /// Labels every process of a freshly seeded table with its web-tier identity.
+    pub fn label_table(&self, table: &mut ProcessTable) {
+        table.relabel(|table, p| self.classify(table, p));
+    }
+
+    /// The identity `p` itself has, if any.
+    fn classify(&self, table: &ProcessTable, p: &ProcessInfo) -> Option<Arc<LineageLabel>> {
+        let probe = Event {
+            pid: p.pid,
+            tid: p.pid,
+            kind: Some(event::Kind::Exec(Default::default())),
+            ..Default::default()
+        };
+        let ctx = Ctx::new(&probe, table, &self.users, self.agent_pid, &[]);
+        self.rules
+            .identities
+            .iter()
+            .find(|i| i.cond.eval(&ctx))
+            .map(|i| {
+                Arc::new(LineageLabel {
+                    identity: i.name.clone(),
+                    source_pid: p.pid,
+                    source_start_ns: p.start_boot_ns,
+                    source_exe: p.exe.clone(),
+                    source_argv: p.argv.clone(),
+                })
+            })
+    }
+
+    /// One event, after the process table has applied it. Returns the alerts to emit.
+    pub fn on_event(&mut self, event: &Event, table: &mut ProcessTable) -> Vec<Alert> {
+        let kind = event_kind(event);
+        if kind == "exec"
+            && let Some(p) = table.get(event.pid)
+            && let Some(label) = self.classify(table, p)
+        {
+            table.set_lineage(event.pid, Some(label));
+        }
+        let table: &ProcessTable = table;
+        let mut matched: Vec<(usize, Vec<Event>)> = Vec::new();
+        let ctx = Ctx::new(event, table, &self.users, self.agent_pid, &[]);
+        if let Some(singles) = self.singles.get(kind) {
+            for &i in singles {
+                self.stats.evaluated += 1;
+                if let Body::Single { cond, .. } = &self.rules.rules[i].body
+                    && cond.eval(&ctx)
+                {
+                    matched.push((i, vec![event.clone()]));
+                }
+            }
+        }
+        if let Some(seqs) = self.sequences.get(kind) {
+            let env = sequence::Env {
+                table,
+                users: &self.users,
+                agent_pid: self.agent_pid,
+            };
+            for &i in seqs {
+                self.stats.evaluated += 1;
+                let Body::Sequence { within_ns, steps } = &self.rules.rules[i].body else {
+                    continue;
+                };
+                let tracker = self.trackers.entry(i).or_default();
+                for evidence in tracker.feed(steps, *within_ns, kind, event, &env) {
+                    matched.push((i, evidence));
+                }
+            }
+        }
+        let mut built = Vec::new();
+        let rules = Arc::clone(&self.rules);
+        for (i, evidence) in matched {
+            let rule = &rules.rules[i];
+            if rules
+                .allows
+                .iter()
+                .any(|a| a.rules.is_match(&*rule.id) && a.cond.eval(&ctx))
+            {
+                self.stats.allowed += 1;
+                continue;
+            }
+            built.push(alert::build(AlertInput {
+                rule,
+                evidence,
+                table,
+                users: &self.users,
+                clock: &self.clock,
+                identity: &self.identity,
+            }));
+        }
+        let sigma = Arc::clone(&self.sigma);
+        for rule in sigma.matching(event, &ctx) {
+            self.stats.evaluated += 1;
+            built.push(alert::build(AlertInput {
+                rule,
+                evidence: vec![event.clone()],
+                table,
+                users: &self.users,
+                clock: &self.clock,
+                identity: &self.identity,
+            }));
+        }
+        drop(ctx);
+        let mut out = Vec::new();
+        for alert in built {
+            self.emit(alert, event.boot_ns, &mut out);
+        }
+        // Close collapse windows at most once per second of event time.
+        if event.boot_ns >= self.last_expiry_ns + 1_000_000_000 {
+            self.last_expiry_ns = event.boot_ns;
+            let expired = self.collapser.expire(event.boot_ns);
+            self.count_repeats(&expired);
+            out.extend(expired);
+        }
+        out
+    }
+
+    fn emit(&mut self, mut alert: Alert, now_ns: u64, out: &mut Vec<Alert>) {
+        alert.id = format!("{}:{}", self.identity.agent_id, self.next_alert);
+        match self.collapser.offer(alert, now_ns) {
+            Some(alert) => {
+                self.next_alert += 1;
+                self.stats.raised += 1;
+                *self.stats.by_rule.entry(alert.rule_id.clone()).or_default() += 1;
+                out.push(alert);
+            }
+            None => self.stats.collapsed += 1,
+        }
+    }
+
+    fn count_repeats(&mut self, alerts: &[Alert]) {
+        self.stats.raised += alerts.len() as u64;
+    }
+
+    /// Closes every collapse window (end of a trace, shutdown): the repeat counts.
+    pub fn finish(&mut self) -> Vec<Alert> {
+        let out = self.collapser.expire(u64::MAX);
+        self.count_repeats(&out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,963 @@
+//! Rules as data: YAML files of lists, macros, web-tier identities, rules, allow-list
+//! entries and disables, merged in order (the embedded EPMM pack first, then each
+//! `--rules` directory's files by name), then compiled. Every error names
+//! `file:line:column`.
+//!
+//! A later file overrides by name: a list, macro, identity or rule with the same name or
+//! id replaces the earlier one; `append` extends a list; `disable` turns rules off by id
+//! (globs allowed); `allow` entries suppress alerts of matching rules when their condition
+//! holds.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use marked_yaml::{Marker, Spanned};
+use serde::Deserialize;
+
+use super::{
+    expr::{self, Cond, Env, ExprError},
+    fields::{EVENT_KINDS, Field, Kind},
+};
+
+/// The EPMM rule pack, embedded so the agent works with no files at all.
+pub const DEFAULT_PACK: &str = include_str!("../../../rules/epmm.yaml");
+pub const DEFAULT_PACK_NAME: &str = "<embedded>/rules/epmm.yaml";
+
+/// A problem in a rule file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+impl std::error::Error for RuleError {}
+
+/// All the errors found in a set of files (loading goes on after the first one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleErrors(pub Vec<RuleError>);
+
+impl fmt::Display for RuleErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for RuleErrors {}
+
+/// Alert severity (THREATS.md 4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+impl Severity {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "low" | "informational" | "info" => Severity::Low,
+            "medium" => Severity::Medium,
+            "high" => Severity::High,
+            "critical" => Severity::Critical,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Low => "low",
+            Severity::Medium => "medium",
+            Severity::High => "high",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// A MITRE ATT&CK technique id, `T1059` or `T1059.004`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Technique(String);
+
+impl Technique {
+    pub fn parse(s: &str) -> Option<Self> {
+        let up = s.trim().to_ascii_uppercase();
+        let rest = up.strip_prefix('T')?;
+        let (main, sub) = match rest.split_once('.') {
+            Some((m, s)) => (m, Some(s)),
+            None => (rest, None),
+        };
+        let digits = |d: &str, n: usize| d.len() == n && d.bytes().all(|b| b.is_ascii_digit());
+        (digits(main, 4) && sub.is_none_or(|s| digits(s, 3))).then_some(Technique(up))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+// ---- The file format -------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RuleFile {
+    #[serde(default)]
+    lists: Vec<ListDef>,
+    #[serde(default)]
+    append: Vec<ListDef>,
+    #[serde(default)]
+    macros: Vec<MacroDef>,
+    #[serde(default)]
+    identities: Vec<IdentityDef>,
+    #[serde(default)]
+    rules: Vec<RuleDef>,
+    #[serde(default)]
+    disable: Vec<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<AllowDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListDef {
+    name: Spanned<String>,
+    items: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MacroDef {
+    name: Spanned<String>,
+    condition: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityDef {
+    name: Spanned<String>,
+    /// Tested on exec events; the process that matches is the identity's source.
+    condition: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDef {
+    id: Spanned<String>,
+    title: Spanned<String>,
+    severity: Spanned<String>,
+    #[serde(default)]
+    techniques: Vec<Spanned<String>>,
+    #[serde(default)]
+    rationale: String,
+    #[serde(default)]
+    on: Vec<Spanned<String>>,
+    condition: Option<Spanned<String>>,
+    sequence: Option<SequenceDef>,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SequenceDef {
+    within: Spanned<String>,
+    steps: Vec<StepDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepDef {
+    on: Vec<Spanned<String>>,
+    condition: Spanned<String>,
+    /// What the steps of one match share: `tree` (default), `process`, `parent`, or a
+    /// field name.
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    /// Values later steps can use as `$name`: name -> field.
+    #[serde(default)]
+    capture: Vec<CaptureDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaptureDef {
+    name: Spanned<String>,
+    field: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowDef {
+    rules: Vec<Spanned<String>>,
+    condition: Spanned<String>,
+    #[serde(default)]
+    reason: String,
+}
+
+// ---- Compiled form ---------------------------------------------------------------------
+
+/// What the steps of a sequence share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// The web-tier ancestor when there is one, else the top of the process tree under
+    /// init.
+    Tree,
+    Process,
+    Parent,
+    Field(Field),
+}
+
+#[derive(Clone, Debug)]
+pub struct Step {
+    pub on: Vec<&'static str>,
+    pub cond: Cond,
+    pub key: Key,
+    pub captures: Vec<(String, Field)>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Body {
+    Single { on: Vec<&'static str>, cond: Cond },
+    Sequence { within_ns: u64, steps: Vec<Step> },
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub id: Arc<str>,
+    pub title: Arc<str>,
+    pub severity: Severity,
+    pub techniques: Vec<Technique>,
+    pub rationale: Arc<str>,
+    /// The file the rule came from.
+    pub source: Arc<str>,
+    pub body: Body,
+}
+
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub name: Arc<str>,
+    pub cond: Cond,
+}
+
+#[derive(Clone, Debug)]
+pub struct Allow {
+    pub rules: GlobSet,
+    pub cond: Cond,
+    pub reason: String,
+}
+
+/// Everything detection needs from the rule files.
+#[derive(Clone, Debug, Default)]
+pub struct RuleSet {
+    pub rules: Vec<Rule>,
+    pub identities: Vec<Identity>,
+    pub allows: Vec<Allow>,
+    /// Files that were loaded, in order.
+    pub files: Vec<String>,
+}
+
+// ---- Loading ---------------------------------------------------------------------------
+
+/// A source text and its name, with positions mapped back to it.
+struct Source<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, marker: Option<&Marker>, message: impl Into<String>) -> RuleError {
+        let (line, column) = marker.map_or((1, 1), |m| (m.line(), m.column()));
+        RuleError {
+            file: self.name.to_owned(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, spanned: &Spanned<T>, message: impl Into<String>) -> RuleError {
+        self.error(spanned.span().start(), message)
+    }
+
+    /// An error at `offset` inside the condition text `cond`.
+    fn in_condition(&self, cond: &Spanned<String>, err: &ExprError) -> RuleError {
+        let Some(start) = cond.span().start() else {
+            return self.error(None, err.message.clone());
+        };
+        let (line, column) = locate(self.text, start, cond, err.offset);
+        RuleError {
+            file: self.name.to_owned(),
+            line,
+            column,
+            message: err.message.clone(),
+        }
+    }
+}
+
+/// The file line and column of byte `offset` of scalar `value`, which starts at `start`.
+/// Each line of the value is looked up in the file after the previous one, which works
+/// for plain, quoted and block scalars alike.
+fn locate(text: &str, start: &Marker, value: &str, offset: usize) -> (usize, usize) {
+    let fallback = (start.line(), start.column());
+    // Byte position of the scalar's start in the file.
+    let mut pos: usize = text
+        .split_inclusive('\n')
+        .take(start.line().saturating_sub(1))
+        .map(str::len)
+        .sum();
+    pos += text[pos..]
+        .chars()
+        .take(start.column().saturating_sub(1))
+        .map(char::len_utf8)
+        .sum::<usize>();
+    let mut line_start = 0;
+    for piece in value.split_inclusive('\n') {
+        let body = piece.trim_end_matches('\n');
+        let line_end = line_start + piece.len();
+        let Some(found) = text.get(pos..).and_then(|rest| rest.find(body)) else {
+            return fallback;
+        };
+        let at = pos + found;
+        if offset < line_end || line_end == value.len() {
+            let target = at + offset.saturating_sub(line_start).min(body.len());
+            let before = &text[..target];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            return (line, column);
+        }
+        pos = at + body.len();
+        line_start = line_end;
+    }
+    fallback
+}
+
+/// Rule definitions merged from several files, not yet compiled.
+#[derive(Default)]
+struct Merged {
+    lists: HashMap<String, Vec<String>>,
+    /// Macro definitions in order of first definition; a redefinition replaces in place.
+    macros: Vec<(String, Spanned<String>, usize)>,
+    identities: Vec<(String, Spanned<String>, usize)>,
+    rules: Vec<(RuleDef, usize)>,
+    disabled: Vec<(Spanned<String>, usize)>,
+    allows: Vec<(AllowDef, usize)>,
+    sources: Vec<(String, String)>,
+}
+
+/// Reads every `*.yaml`/`*.yml` file of each directory (by name) after the default pack,
+/// and compiles the result.
+pub fn load(dirs: &[PathBuf], with_default: bool) -> Result<RuleSet, RuleErrors> {
+    let mut texts = Vec::new();
+    if with_default {
+        texts.push((DEFAULT_PACK_NAME.to_owned(), DEFAULT_PACK.to_owned()));
+    }
+    let mut errors = Vec::new();
+    for dir in dirs {
+        match rule_files(dir) {
+            Ok(files) => {
+                for file in files {
+                    match std::fs::read_to_string(&file) {
+                        Ok(text) => texts.push((file.display().to_string(), text)),
+                        Err(e) => errors.push(RuleError {
+                            file: file.display().to_string(),
+                            line: 1,
+                            column: 1,
+                            message: format!("cannot read: {e}"),
+                        }),
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    match compile_texts(&texts) {
+        Ok(set) if errors.is_empty() => Ok(set),
+        Ok(_) => Err(RuleErrors(errors)),
+        Err(RuleErrors(more)) => {
+            errors.extend(more);
+            Err(RuleErrors(errors))
+        }
+    }
+}
+
+/// The rule files of `dir` (or `dir` itself when it is a file), sorted.
+pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
+    let err = |message: String| RuleError {
+        file: dir.display().to_string(),
+        line: 1,
+        column: 1,
+        message,
+    };
+    if dir.is_file() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| err(format!("cannot read directory: {e}")))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Parses and compiles named texts, in order.
+pub fn compile_texts(texts: &[(String, String)]) -> Result<RuleSet, RuleErrors> {
+    let mut merged = Merged::default();
+    let mut errors = Vec::new();
+    for (index, (name, text)) in texts.iter().enumerate() {
+        merged.sources.push((name.clone(), text.clone()));
+        let src = Source { name, text };
+        let file: RuleFile = if text.trim().is_empty() {
+            RuleFile::default()
+        } else {
+            match marked_yaml::from_yaml(index, text) {
+                Ok(f) => f,
+                Err(e) => {
+                    errors.push(yaml_error(&src, &e));
+                    continue;
+                }
+            }
+        };
+        merge(&mut merged, file, index, &src, &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(RuleErrors(errors));
+    }
+    let set = compile(&merged, &mut errors);
+    if errors.is_empty() {
+        Ok(set)
+    } else {
+        Err(RuleErrors(errors))
+    }
+}
+
+fn yaml_error(src: &Source<'_>, e: &marked_yaml::FromYamlError) -> RuleError {
+    use marked_yaml::{FromYamlError, LoadError};
+    match e {
+        FromYamlError::ParseYaml(load) => {
+            let marker = match load {
+                LoadError::TopLevelMustBeMapping(m)
+                | LoadError::TopLevelMustBeSequence(m)
+                | LoadError::UnexpectedAnchor(m)
+                | LoadError::MappingKeyMustBeScalar(m)
+                | LoadError::UnexpectedTag(m)
+                | LoadError::ScanError(m, _) => Some(*m),
+                LoadError::DuplicateKey(inner) => inner.key.span().start().copied(),
+            };
+            src.error(marker.as_ref(), format!("invalid YAML: {load}"))
+        }
+        FromYamlError::FromNode(node) => {
+            let path = node
+                .path()
+                .map(|p| format!(" (at {p})"))
+                .unwrap_or_default();
+            src.error(node.start_mark().as_ref(), format!("{}{path}", **node))
+        }
+    }
+}
+
+fn merge(
+    m: &mut Merged,
+    file: RuleFile,
+    index: usize,
+    src: &Source<'_>,
+    errors: &mut Vec<RuleError>,
+) {
+    for list in file.lists {
+        m.lists.insert(
+            list.name.to_string(),
+            list.items.iter().map(|i| i.to_string()).collect(),
+        );
+    }
+    for list in file.append {
+        match m.lists.get_mut(list.name.as_str()) {
+            Some(items) => items.extend(list.items.iter().map(|i| i.to_string())),
+            None => errors.push(src.at(
+                &list.name,
+                format!("append to unknown list `{}`", *list.name),
+            )),
+        }
+    }
+    for mac in file.macros {
+        let name = mac.name.to_string();
+        if Field::by_name(&name).is_some() || matches!(name.as_str(), "and" | "or" | "not" | "in") {
+            errors.push(src.at(
+                &mac.name,
+                format!("macro name `{name}` is a field or keyword"),
+            ));
+            continue;
+        }
+        match m.macros.iter_mut().find(|(n, ..)| *n == name) {
+            Some(slot) => {
+                slot.1 = mac.condition;
+                slot.2 = index;
+            }
+            None => m.macros.push((name, mac.condition, index)),
+        }
+    }
+    for ident in file.identities {
+        let name = ident.name.to_string();
+        match m.identities.iter_mut().find(|(n, ..)| *n == name) {
+            Some(slot) => {
+                slot.1 = ident.condition;
+                slot.2 = index;
+            }
+            None => m.identities.push((name, ident.condition, index)),
+        }
+    }
+    for rule in file.rules {
+        match m.rules.iter_mut().find(|(r, _)| *r.id == *rule.id) {
+            Some(slot) => *slot = (rule, index),
+            None => m.rules.push((rule, index)),
+        }
+    }
+    m.disabled
+        .extend(file.disable.into_iter().map(|d| (d, index)));
+    m.allows.extend(file.allow.into_iter().map(|a| (a, index)));
+}
+
+fn event_kinds(
+    on: &[Spanned<String>],
+    src: &Source<'_>,
+    errors: &mut Vec<RuleError>,
+) -> Vec<&'static str> {
+    on.iter()
+        .filter_map(|k| match EVENT_KINDS.iter().find(|e| **e == k.as_str()) {
+            Some(kind) => Some(*kind),
+            None => {
+                errors.push(src.at(
+                    k,
+                    format!(
+                        "unknown event kind `{}`; one of: {}",
+                        **k,
+                        EVENT_KINDS.join(", ")
+                    ),
+                ));
+                None
+            }
+        })
+        .collect()
+}
+
+/// `5s`, `500ms`, `2m`, `1h` in nanoseconds.
+fn parse_duration(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let ns = match unit {
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(ns).filter(|v| *v > 0)
+}
+
+fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
+    let src = |index: usize| Source {
+        name: &m.sources[index].0,
+        text: &m.sources[index].1,
+    };
+    // Macros, in order; each may use the ones before it.
+    let mut macros: HashMap<String, Cond> = HashMap::new();
+    for (name, cond_text, index) in &m.macros {
+        let env = Env {
+            lists: &m.lists,
+            macros: &macros,
+            vars: &[],
+            on: &[],
+        };
+        match expr::compile(cond_text, &env) {
+            Ok(cond) => {
+                macros.insert(name.clone(), cond);
+            }
+            Err(e) => errors.push(src(*index).in_condition(cond_text, &e)),
+        }
+    }
+    let exec_on = ["exec".to_owned()];
+    let identities = m
+        .identities
+        .iter()
+        .filter_map(|(name, cond_text, index)| {
+            let env = Env {
+                lists: &m.lists,
+                macros: &macros,
+                vars: &[],
+                on: &exec_on,
+            };
+            match expr::compile(cond_text, &env) {
+                Ok(cond) => Some(Identity {
+                    name: name.as_str().into(),
+                    cond,
+                }),
+                Err(e) => {
+                    errors.push(src(*index).in_condition(cond_text, &e));
+                    None
+                }
+            }
+        })
+        .collect();
+
+    // Disables: ids or globs over ids.
+    let mut disabled = GlobSetBuilder::new();
+    for (pattern, index) in &m.disabled {
+        match Glob::new(pattern) {
+            Ok(g) => {
+                disabled.add(g);
+            }
+            Err(e) => errors.push(src(*index).at(pattern, format!("bad rule id pattern: {e}"))),
+        }
+    }
+    let disabled = disabled.build().unwrap_or_else(|_| GlobSet::empty());
+
+    let mut rules = Vec::new();
+    for (def, index) in &m.rules {
+        let s = src(*index);
+        if !def.enabled || disabled.is_match(def.id.as_str()) {
+            continue;
+        }
+        if let Some(rule) = compile_rule(def, &s, &m.lists, &macros, errors) {
+            rules.push(rule);
+        }
+    }
+
+    let mut allows = Vec::new();
+    for (def, index) in &m.allows {
+        let s = src(*index);
+        let mut set = GlobSetBuilder::new();
+        for pattern in &def.rules {
+            match Glob::new(pattern) {
+                Ok(g) => {
+                    set.add(g);
+                }
+                Err(e) => errors.push(s.at(pattern, format!("bad rule id pattern: {e}"))),
+            }
+        }
+        let env = Env {
+            lists: &m.lists,
+            macros: &macros,
+            vars: &[],
+            on: &[],
+        };
+        match expr::compile(&def.condition, &env) {
+            Ok(cond) => allows.push(Allow {
+                rules: set.build().unwrap_or_else(|_| GlobSet::empty()),
+                cond,
+                reason: def.reason.clone(),
+            }),
+            Err(e) => errors.push(s.in_condition(&def.condition, &e)),
+        }
+    }
+
+    RuleSet {
+        rules,
+        identities,
+        allows,
+        files: m.sources.iter().map(|(n, _)| n.clone()).collect(),
+    }
+}
+
+fn compile_rule(
+    def: &RuleDef,
+    s: &Source<'_>,
+    lists: &HashMap<String, Vec<String>>,
+    macros: &HashMap<String, Cond>,
+    errors: &mut Vec<RuleError>,
+) -> Option<Rule> {
+    let before = errors.len();
+    let severity = Severity::parse(&def.severity);
+    if severity.is_none() {
+        errors.push(s.at(
+            &def.severity,
+            format!(
+                "severity `{}` is not one of low, medium, high, critical",
+                *def.severity
+            ),
+        ));
+    }
+    let techniques: Vec<Technique> = def
+        .techniques
+        .iter()
+        .filter_map(|t| {
+            let parsed = Technique::parse(t);
+            if parsed.is_none() {
+                errors.push(s.at(
+                    t,
+                    format!(
+                        "`{}` is not an ATT&CK technique id (T1234 or T1234.567)",
+                        **t
+                    ),
+                ));
+            }
+            parsed
+        })
+        .collect();
+    let body = match (&def.condition, &def.sequence) {
+        (Some(cond_text), None) => {
+            if def.on.is_empty() {
+                errors.push(s.at(&def.id, "a rule needs `on:` (the event kinds it tests)"));
+                return None;
+            }
+            let on = event_kinds(&def.on, s, errors);
+            let on_names: Vec<String> = on.iter().map(|k| (*k).to_owned()).collect();
+            let env = Env {
+                lists,
+                macros,
+                vars: &[],
+                on: &on_names,
+            };
+            match expr::compile(cond_text, &env) {
+                Ok(cond) => Body::Single { on, cond },
+                Err(e) => {
+                    errors.push(s.in_condition(cond_text, &e));
+                    return None;
+                }
+            }
+        }
+        (None, Some(seq)) => {
+            let Some(within_ns) = parse_duration(&seq.within) else {
+                errors.push(s.at(
+                    &seq.within,
+                    format!("`{}` is not a duration like 5s, 500ms, 2m", *seq.within),
+                ));
+                return None;
+            };
+            if seq.steps.len() < 2 {
+                errors.push(s.at(&def.id, "a sequence needs at least two steps"));
+                return None;
+            }
+            let mut vars: Vec<String> = Vec::new();
+            let mut steps = Vec::new();
+            for step in &seq.steps {
+                let on = event_kinds(&step.on, s, errors);
+                if on.is_empty() {
+                    errors.push(s.at(&step.condition, "each step needs `on:`"));
+                    continue;
+                }
+                let on_names: Vec<String> = on.iter().map(|k| (*k).to_owned()).collect();
+                let env = Env {
+                    lists,
+                    macros,
+                    vars: &vars,
+                    on: &on_names,
+                };
+                let cond = match expr::compile(&step.condition, &env) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        errors.push(s.in_condition(&step.condition, &e));
+                        continue;
+                    }
+                };
+                let key = match step.key.as_ref().map(|k| k.as_str()) {
+                    None | Some("tree") => Key::Tree,
+                    Some("process") => Key::Process,
+                    Some("parent") => Key::Parent,
+                    Some(name) => match Field::by_name(name) {
+                        Some((f, Kind::Int | Kind::Str, _)) => Key::Field(f),
+                        _ => {
+                            errors.push(s.at(
+                                step.key.as_ref().unwrap_or(&step.condition),
+                                format!("key `{name}` is not tree, process, parent or a string or number field"),
+                            ));
+                            continue;
+                        }
+                    },
+                };
+                let mut captures = Vec::new();
+                for cap in &step.capture {
+                    match Field::by_name(&cap.field) {
+                        Some((f, Kind::Str | Kind::Int, _)) => {
+                            captures.push((cap.name.to_string(), f));
+                            vars.push(cap.name.to_string());
+                        }
+                        _ => errors.push(s.at(
+                            &cap.field,
+                            format!(
+                                "capture needs a string or number field; `{}` is not one",
+                                *cap.field
+                            ),
+                        )),
+                    }
+                }
+                steps.push(Step {
+                    on,
+                    cond,
+                    key,
+                    captures,
+                });
+            }
+            Body::Sequence { within_ns, steps }
+        }
+        (Some(_), Some(_)) => {
+            errors.push(s.at(
+                &def.id,
+                "a rule has either `condition` or `sequence`, not both",
+            ));
+            return None;
+        }
+        (None, None) => {
+            errors.push(s.at(&def.id, "a rule needs a `condition` or a `sequence`"));
+            return None;
+        }
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(Rule {
+        id: def.id.as_str().into(),
+        title: def.title.as_str().into(),
+        severity: severity?,
+        techniques,
+        rationale: def.rationale.trim().into(),
+        source: s.name.into(),
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(text: &str) -> Result<RuleSet, RuleErrors> {
+        compile_texts(&[("t.yaml".to_owned(), text.to_owned())])
+    }
+
+    #[test]
+    fn the_default_pack_compiles() {
+        let set = compile_texts(&[(DEFAULT_PACK_NAME.into(), DEFAULT_PACK.into())])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(set.rules.len() >= 20, "{} rules", set.rules.len());
+        assert!(set.identities.len() >= 3);
+        for rule in &set.rules {
+            assert!(!rule.techniques.is_empty(), "{} has no technique", rule.id);
+            assert!(!rule.rationale.is_empty(), "{} has no rationale", rule.id);
+        }
+    }
+
+    #[test]
+    fn condition_errors_have_file_line_and_column() {
+        let text = "rules:\n  - id: X-1\n    title: t\n    severity: high\n    on: [exec]\n    condition: proc.name = \"sh\" and proc.nme = \"x\"\n";
+        let err = one(text).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(
+            err.to_string(),
+            "t.yaml:6:37: unknown field or macro `proc.nme`"
+        );
+    }
+
+    #[test]
+    fn block_scalar_conditions_are_located() {
+        let text = "macros:\n  - name: m\n    condition: |\n      proc.name = \"sh\"\n      and bogus.field = 1\n";
+        let err = one(text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.yaml:5:11: unknown field or macro `bogus.field`"
+        );
+    }
+
+    #[test]
+    fn structural_errors_are_located() {
+        let err = one("rules:\n  - id: X\n    title: t\n    severity: urgent\n    on: [exec]\n    condition: proc.uid = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.yaml:4:15: severity `urgent` is not one of low, medium, high, critical"
+        );
+        let err = one("rules:\n  - id: X\n    title: t\n    severity: low\n    on: [exek]\n    condition: proc.uid = 0\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("t.yaml:5:10: unknown event kind `exek`"),
+            "{err}"
+        );
+        let err = one("rules:\n  - id: X\n    titel: t\n").unwrap_err();
+        assert!(err.to_string().starts_with("t.yaml:3:"), "{err}");
+        assert!(err.to_string().contains("titel"), "{err}");
+        let err = one("rules: [\n").unwrap_err();
+        assert!(err.to_string().starts_with("t.yaml:"), "{err}");
+        let err = one("rules:\n  - id: X\n    title: t\n    severity: low\n    techniques: [T59]\n    on: [exec]\n    condition: proc.uid = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.yaml:5:18: `T59` is not an ATT&CK technique id (T1234 or T1234.567)"
+        );
+    }
+
+    #[test]
+    fn later_files_override_disable_and_extend() {
+        let base = "lists:\n  - name: shells\n    items: [sh]\nrules:\n  - id: A\n    title: a\n    severity: low\n    techniques: [T1059]\n    rationale: r\n    on: [exec]\n    condition: proc.name in (shells)\n  - id: B\n    title: b\n    severity: low\n    on: [exec]\n    condition: proc.uid = 0\n";
+        let over = "append:\n  - name: shells\n    items: [bash]\nrules:\n  - id: A\n    title: replaced\n    severity: critical\n    on: [exec]\n    condition: proc.name in (shells)\ndisable: [B]\n";
+        let set = compile_texts(&[
+            ("a.yaml".into(), base.into()),
+            ("b.yaml".into(), over.into()),
+        ])
+        .unwrap();
+        assert_eq!(set.rules.len(), 1);
+        assert_eq!(&*set.rules[0].title, "replaced");
+        assert_eq!(set.rules[0].severity, Severity::Critical);
+        assert_eq!(&*set.rules[0].source, "b.yaml");
+        let err = compile_texts(&[(
+            "a.yaml".into(),
+            "append:\n  - name: nosuch\n    items: [x]\n".into(),
+        )])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a.yaml:2:11: append to unknown list `nosuch`"
+        );
+    }
+
+    #[test]
+    fn sequences_compile_with_captures() {
+        let text = "rules:\n  - id: S\n    title: s\n    severity: high\n    sequence:\n      within: 60s\n      steps:\n        - on: [file]\n          condition: file.op = \"chmod_exec\"\n          capture:\n            - name: payload\n              field: file.path\n        - on: [exec]\n          condition: proc.exe = $payload\n";
+        let set = one(text).unwrap();
+        let Body::Sequence { within_ns, steps } = &set.rules[0].body else {
+            panic!()
+        };
+        assert_eq!(*within_ns, 60_000_000_000);
+        assert_eq!(
+            steps[0].captures,
+            vec![("payload".to_owned(), Field::FilePath)]
+        );
+        let bad = text.replace("$payload", "$nope");
+        let err = one(&bad).unwrap_err();
+        assert!(err.to_string().contains("`$nope` is not captured"), "{err}");
+    }
+
+    #[test]
+    fn techniques_and_durations() {
+        assert!(Technique::parse("t1059.004").is_some());
+        assert!(Technique::parse("T1059").is_some());
+        assert!(Technique::parse("T105").is_none());
+        assert!(Technique::parse("T1059.04").is_none());
+        assert_eq!(parse_duration("5s"), Some(5_000_000_000));
+        assert_eq!(parse_duration("250ms"), Some(250_000_000));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("0s"), None);
+    }
+}
