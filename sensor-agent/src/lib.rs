@@ -7,6 +7,7 @@
 
 pub mod decode;
 pub mod detect;
+pub mod identity;
 pub mod output;
 pub mod pipeline;
 pub mod probes;

@@ -8,6 +8,7 @@ use tracing::warn;
 
 use crate::{
     decode::{self, DecodeContext},
+    detect::Engine,
     output::Sink,
     proctable::ProcessTable,
 };
@@ -18,10 +19,12 @@ pub struct PipelineStats {
     pub records: u64,
     pub decode_errors: u64,
     pub events: u64,
+    pub alerts: u64,
 }
 
 pub struct Pipeline<S: Sink> {
     pub table: ProcessTable,
+    pub engine: Engine,
     pub sink: S,
     /// Print every event (`--events`).
     pub print_events: bool,
@@ -30,9 +33,16 @@ pub struct Pipeline<S: Sink> {
 }
 
 impl<S: Sink> Pipeline<S> {
-    pub fn new(table: ProcessTable, sink: S, print_events: bool, decode: DecodeContext) -> Self {
+    pub fn new(
+        table: ProcessTable,
+        engine: Engine,
+        sink: S,
+        print_events: bool,
+        decode: DecodeContext,
+    ) -> Self {
         Self {
             table,
+            engine,
             sink,
             print_events,
             decode,
@@ -56,13 +66,27 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
-    /// One decoded event: update the table, then hand it on.
+    /// One decoded event: update the table, detect, then hand both on.
     pub fn handle_event(&mut self, event: Event) {
         self.stats.events += 1;
         self.table.apply(&event);
+        let alerts = self.engine.on_event(&event, &mut self.table);
         if self.print_events {
             self.sink.event(&event);
         }
+        for alert in &alerts {
+            self.stats.alerts += 1;
+            self.sink.alert(alert);
+        }
+    }
+
+    /// End of input: report the repeats still counted in open collapse windows.
+    pub fn finish(&mut self) {
+        for alert in self.engine.finish() {
+            self.stats.alerts += 1;
+            self.sink.alert(&alert);
+        }
+        self.sink.flush();
     }
 
     pub fn flush(&mut self) {

@@ -1,6 +1,11 @@
 //! `sensor-agent run`: load the probes, seed the process table, stream until SIGINT/SIGTERM.
 
-use std::{io::Write, path::Path, time::Duration};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use sensor_common::kind;
@@ -12,6 +17,13 @@ use tracing::{info, warn};
 
 use crate::{
     decode::{BootClock, DecodeContext},
+    detect::{
+        Engine,
+        alert::AgentIdentity,
+        rules::{self, RuleSet},
+        sigma::SigmaSet,
+        users::UserNames,
+    },
     output::{Sink, json::JsonLines},
     pipeline::Pipeline,
     probes::{LoadOptions, Probes},
@@ -24,6 +36,26 @@ use crate::{
 pub struct RunOptions {
     pub print_events: bool,
     pub load: LoadOptions,
+    /// Extra rule directories, after the embedded EPMM pack.
+    pub rules: Vec<PathBuf>,
+    /// SigmaHQ rule directories.
+    pub sigma: Vec<PathBuf>,
+    pub identity: AgentIdentity,
+}
+
+/// Loads the rule files and Sigma rules, refusing to start on any rule error.
+pub fn load_detection(
+    rules: &[PathBuf],
+    sigma: &[PathBuf],
+) -> anyhow::Result<(Arc<RuleSet>, Arc<SigmaSet>)> {
+    let set = rules::load(rules, true).map_err(|e| anyhow::anyhow!("rule files have errors:\n{e}"))?;
+    let sigma_set = SigmaSet::load(sigma).context("cannot read the Sigma rules")?;
+    if !sigma.is_empty() {
+        let (loaded, unsupported, invalid) = sigma_set.counts();
+        info!(loaded, unsupported, invalid, "Sigma rules loaded; `sensor-agent rules check --sigma DIR` lists the reasons");
+    }
+    info!(rules = set.rules.len(), identities = set.identities.len(), files = set.files.len(), "detection rules loaded");
+    Ok((Arc::new(set), Arc::new(sigma_set)))
 }
 
 /// How often loss counters are read and the clock offset refreshed.
@@ -33,18 +65,31 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let (rule_set, sigma_set) = load_detection(&options.rules, &options.sigma)?;
     let probes = Probes::load(&options.load).context("cannot start the probes")?;
     // Seed after attaching: a process started in between is seen by both, and the events
     // (applied after the seed) bring it up to date.
     let mut table = ProcessTable::default();
     let seeded = proc_seed::seed(&mut table, Path::new("/proc")).context("cannot read /proc")?;
+    info!(agent_id = %options.identity.agent_id, host = %options.identity.host, "agent identity");
+    let clock = BootClock::now();
+    let engine = Engine::new(
+        rule_set,
+        sigma_set,
+        UserNames::load(Path::new("/etc/passwd")),
+        options.identity.clone(),
+        clock,
+        std::process::id(),
+    );
+    engine.label_table(&mut table);
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut pipeline = Pipeline::new(
         table,
+        engine,
         JsonLines::new(stdout),
         options.print_events,
         DecodeContext {
-            clock: BootClock::now(),
+            clock,
             agent_pid: std::process::id(),
         },
     );
@@ -98,6 +143,7 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
             }
             _ = housekeeping.tick() => {
                 pipeline.decode.clock = BootClock::now();
+                pipeline.engine.set_clock(pipeline.decode.clock);
                 report_losses(&lost, &mut last_lost);
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
@@ -109,7 +155,7 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
     while let Some(item) = rb.next() {
         pipeline.handle_record(&item);
     }
-    pipeline.flush();
+    pipeline.finish();
     report_losses(&lost, &mut last_lost);
     Probes::detach(&mut ebpf);
     let stats = pipeline.stats;
@@ -117,6 +163,7 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
     info!(
         records = stats.records,
         events = stats.events,
+        alerts = stats.alerts,
         decode_errors = stats.decode_errors,
         lost_in_kernel = lost_total,
         "stopped"

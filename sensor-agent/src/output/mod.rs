@@ -2,11 +2,12 @@
 
 pub mod json;
 
-use sensor_proto::v1::Event;
+use sensor_proto::v1::{Alert, Event};
 
 /// A destination for what the pipeline produces.
 pub trait Sink {
     fn event(&mut self, event: &Event);
+    fn alert(&mut self, alert: &Alert);
     /// Called after each batch of records, so lines reach readers within milliseconds.
     fn flush(&mut self);
 }
