@@ -22,7 +22,10 @@ pub fn host_name() -> String {
 pub fn detect(agent_id: Option<String>) -> AgentIdentity {
     let host = host_name();
     let agent_id = agent_id
-        .or_else(|| machine_id(Path::new("/etc/machine-id")).map(|m| format!("agent-{}", &m[..16.min(m.len())])))
+        .or_else(|| {
+            machine_id(Path::new("/etc/machine-id"))
+                .map(|m| format!("agent-{}", &m[..16.min(m.len())]))
+        })
         .unwrap_or_else(|| format!("agent-{host}"));
     AgentIdentity { agent_id, host }
 }

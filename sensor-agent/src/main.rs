@@ -142,7 +142,9 @@ fn rules_check(dirs: &[PathBuf], sigma: &[PathBuf]) -> anyhow::Result<()> {
         for report in &set.reports {
             use detect::sigma::Outcome;
             match &report.outcome {
-                Outcome::Loaded { id, category } => println!("{}: loaded {id} ({category})", report.file),
+                Outcome::Loaded { id, category } => {
+                    println!("{}: loaded {id} ({category})", report.file)
+                }
                 Outcome::Unsupported { category, reason } => {
                     println!("{}: unsupported ({category}): {reason}", report.file)
                 }

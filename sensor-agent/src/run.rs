@@ -48,13 +48,24 @@ pub fn load_detection(
     rules: &[PathBuf],
     sigma: &[PathBuf],
 ) -> anyhow::Result<(Arc<RuleSet>, Arc<SigmaSet>)> {
-    let set = rules::load(rules, true).map_err(|e| anyhow::anyhow!("rule files have errors:\n{e}"))?;
+    let set =
+        rules::load(rules, true).map_err(|e| anyhow::anyhow!("rule files have errors:\n{e}"))?;
     let sigma_set = SigmaSet::load(sigma).context("cannot read the Sigma rules")?;
     if !sigma.is_empty() {
         let (loaded, unsupported, invalid) = sigma_set.counts();
-        info!(loaded, unsupported, invalid, "Sigma rules loaded; `sensor-agent rules check --sigma DIR` lists the reasons");
+        info!(
+            loaded,
+            unsupported,
+            invalid,
+            "Sigma rules loaded; `sensor-agent rules check --sigma DIR` lists the reasons"
+        );
     }
-    info!(rules = set.rules.len(), identities = set.identities.len(), files = set.files.len(), "detection rules loaded");
+    info!(
+        rules = set.rules.len(),
+        identities = set.identities.len(),
+        files = set.files.len(),
+        "detection rules loaded"
+    );
     Ok((Arc::new(set), Arc::new(sigma_set)))
 }
 

@@ -260,3 +260,61 @@ pub fn java_reenact(args: &[&str]) -> Command {
     cmd.arg(source).args(args);
     cmd
 }
+
+/// The same, as the EPMM Tomcat JVM: its command line carries `-Dcatalina.base`, which the
+/// default `tomcat` identity recognises.
+pub fn tomcat_reenact(args: &[&str]) -> Command {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("java/Reenact.java");
+    let mut cmd = Command::new("java");
+    cmd.arg("-Dcatalina.base=/tmp/e2e-tomcat")
+        .arg(source)
+        .args(args);
+    cmd
+}
+
+/// The SigmaHQ Linux rules shipped beside the project (`../shared/sigma`), or
+/// `SENSOR_SIGMA_DIR`.
+pub fn sigma_linux_rules() -> PathBuf {
+    let candidates = [
+        std::env::var_os("SENSOR_SIGMA_DIR").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/sigma")),
+        Some(PathBuf::from("/work/shared/sigma")),
+    ];
+    for dir in candidates.into_iter().flatten() {
+        let linux = dir.join("rules/linux");
+        if linux.is_dir() {
+            return linux;
+        }
+    }
+    panic!("the SigmaHQ rules are not at ../shared/sigma; set SENSOR_SIGMA_DIR to their directory")
+}
+
+/// `line["alert"]` when the line is an alert of rule `rule`.
+pub fn alert_of<'a>(line: &'a Value, rule: &str) -> Option<&'a Value> {
+    line.get("alert").filter(|a| a["ruleId"] == rule)
+}
+
+/// A scratch directory under /var/tmp that removes itself.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let dir = PathBuf::from("/var/tmp").join(marker(name));
+        std::fs::create_dir_all(&dir).expect("create scratch directory");
+        Scratch(dir)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    pub fn str(&self) -> &str {
+        self.0.to_str().expect("utf-8 path")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -413,16 +413,16 @@ impl Parser<'_> {
                 format!("unknown field or macro `{name}`"),
             ));
         };
-        if !applies.is_empty() {
-            if let Some(kind) = self.env.on.iter().find(|k| !applies.contains(&k.as_str())) {
-                return Err(ExprError::at(
-                    offset,
-                    format!(
-                        "field `{name}` is never set on `{kind}` events (only on: {})",
-                        applies.join(", ")
-                    ),
-                ));
-            }
+        if !applies.is_empty()
+            && let Some(kind) = self.env.on.iter().find(|k| !applies.contains(&k.as_str()))
+        {
+            return Err(ExprError::at(
+                offset,
+                format!(
+                    "field `{name}` is never set on `{kind}` events (only on: {})",
+                    applies.join(", ")
+                ),
+            ));
         }
         // The operator, if any.
         let op_offset = self.offset();

