@@ -6,10 +6,9 @@
 //! events and alerts still find their ancestry. Time is the events' boot clock, never the
 //! wall clock, so replaying a trace rebuilds the same table.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
+
+use rustc_hash::FxHashMap;
 
 use sensor_proto::v1::{Event, event};
 
@@ -97,7 +96,8 @@ pub struct TableStats {
 }
 
 pub struct ProcessTable {
-    procs: HashMap<u32, ProcessInfo>,
+    /// Keyed by pid; Fx hashing: pids are not attacker-chosen keys worth SipHash.
+    procs: FxHashMap<u32, ProcessInfo>,
     /// Exit order: (pid, exit boot time), oldest first.
     exited: VecDeque<(u32, u64)>,
     retention_ns: u64,
@@ -114,7 +114,7 @@ impl Default for ProcessTable {
 impl ProcessTable {
     pub fn new(capacity: usize, retention_ns: u64) -> Self {
         Self {
-            procs: HashMap::new(),
+            procs: FxHashMap::default(),
             exited: VecDeque::new(),
             retention_ns,
             capacity: capacity.max(16),

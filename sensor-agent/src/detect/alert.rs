@@ -50,24 +50,52 @@ pub fn process_info(p: &ProcessInfo, users: &UserNames, clock: &BootClock) -> pb
     }
 }
 
+/// A process tree, process or field value that groups events (collapsing repeats,
+/// sequence steps). Small and `Copy` on purpose: it is computed for many events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GroupKey {
+    /// A web-tier identity's process (pid, start).
+    Web(u32, u64),
+    /// The top of a process tree under init (pid, start).
+    Tree(u32, u64),
+    Pid(u32),
+    /// A hash of a field value.
+    Value(u64),
+}
+
+impl std::fmt::Display for GroupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GroupKey::Web(pid, start) => write!(f, "web:{pid}:{start}"),
+            GroupKey::Tree(pid, start) => write!(f, "tree:{pid}:{start}"),
+            GroupKey::Pid(pid) => write!(f, "pid:{pid}"),
+            GroupKey::Value(h) => write!(f, "value:{h:016x}"),
+        }
+    }
+}
+
 /// The process tree a process belongs to, for collapsing repeats and grouping sequence
 /// steps: its web-tier identity's process when it has one, else the top of its tree
 /// under init (a service's main process, a login).
-pub fn tree_key(table: &ProcessTable, pid: u32) -> String {
+pub fn tree_key(table: &ProcessTable, pid: u32) -> GroupKey {
     let Some(p) = table.get(pid) else {
-        return format!("pid:{pid}");
+        return GroupKey::Pid(pid);
     };
     if let Some(l) = &p.lineage {
-        return format!("web:{}:{}", l.source_pid, l.source_start_ns);
+        return GroupKey::Web(l.source_pid, l.source_start_ns);
     }
-    let ancestry = table.ancestry(pid);
-    let top = ancestry
-        .iter()
-        .rev()
-        .find(|a| a.pid != 1 && a.ppid != 0)
-        .copied()
-        .unwrap_or(p);
-    format!("tree:{}:{}", top.pid, top.start_boot_ns)
+    let mut top = p;
+    let mut current = p;
+    for _ in 0..crate::proctable::MAX_ANCESTRY {
+        let Some(parent) = table.parent_of(current) else {
+            break;
+        };
+        if parent.pid != 1 && parent.ppid != 0 {
+            top = parent;
+        }
+        current = parent;
+    }
+    GroupKey::Tree(top.pid, top.start_boot_ns)
 }
 
 /// Everything an alert is built from.

@@ -14,6 +14,8 @@ pub mod users;
 
 use std::{collections::HashMap, sync::Arc};
 
+use rustc_hash::FxHashMap;
+
 use sensor_proto::v1::{Alert, Event, event};
 
 use self::{
@@ -47,10 +49,10 @@ pub struct Engine {
     rules: Arc<RuleSet>,
     sigma: Arc<SigmaSet>,
     /// Single-event rules per event kind (indexes into `rules.rules`).
-    singles: HashMap<&'static str, Vec<usize>>,
+    singles: FxHashMap<&'static str, Vec<usize>>,
     /// Sequence rules with a step on each event kind.
-    sequences: HashMap<&'static str, Vec<usize>>,
-    trackers: HashMap<usize, Tracker>,
+    sequences: FxHashMap<&'static str, Vec<usize>>,
+    trackers: FxHashMap<usize, Tracker>,
     collapser: Collapser,
     users: UserNames,
     identity: AgentIdentity,
@@ -73,9 +75,9 @@ impl Engine {
         let mut engine = Self {
             rules: Arc::new(RuleSet::default()),
             sigma,
-            singles: HashMap::new(),
-            sequences: HashMap::new(),
-            trackers: HashMap::new(),
+            singles: FxHashMap::default(),
+            sequences: FxHashMap::default(),
+            trackers: FxHashMap::default(),
             collapser: Collapser::new(COLLAPSE_WINDOW_NS),
             users,
             identity,

@@ -1,16 +1,24 @@
 //! Sequences: a rule whose steps must match in order, within a time window, on events
 //! that share a key (the same process tree, process, or parent). Partial matches are kept
-//! per rule, bounded in number and expired by event time.
+//! per rule, indexed by (step awaited, key) so an event only looks at the partial matches
+//! it can continue, bounded in number and expired by event time.
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use sensor_proto::v1::Event;
 
 use super::{
-    alert::tree_key,
+    alert::{GroupKey, tree_key},
     fields::{Ctx, Value},
     rules::{Key, Step},
     users::UserNames,
 };
 use crate::proctable::ProcessTable;
+
+/// Partial matches kept per rule at most; the oldest go first.
+pub const MAX_PARTIALS: usize = 4096;
 
 /// What evaluating a step needs besides the event.
 pub struct Env<'a> {
@@ -19,14 +27,8 @@ pub struct Env<'a> {
     pub agent_pid: u32,
 }
 
-/// Partial matches kept per rule at most; the oldest go first.
-pub const MAX_PARTIALS: usize = 4096;
-
 #[derive(Clone, Debug)]
 struct Partial {
-    /// Index of the step it waits for.
-    next: usize,
-    key: String,
     started_ns: u64,
     vars: Vec<(String, String)>,
     evidence: Vec<Event>,
@@ -35,20 +37,29 @@ struct Partial {
 /// The partial matches of one sequence rule.
 #[derive(Default, Debug)]
 pub struct Tracker {
-    partials: Vec<Partial>,
+    /// (index of the step awaited, key) -> partial matches, oldest first.
+    waiting: FxHashMap<(usize, GroupKey), Vec<Partial>>,
+    /// Creation order, for expiry and the bound: (started, step, key).
+    order: VecDeque<(u64, usize, GroupKey)>,
+    count: usize,
 }
 
-fn key_of(key: Key, ctx: &Ctx<'_>) -> Option<String> {
+fn key_of(key: Key, ctx: &Ctx<'_>) -> Option<GroupKey> {
+    use std::hash::{Hash, Hasher};
     let ev = ctx.event;
     Some(match key {
         Key::Tree => tree_key(ctx.table, ev.pid),
-        Key::Process => format!("pid:{}", ev.pid),
-        Key::Parent => format!("pid:{}", ctx.proc?.ppid),
-        Key::Field(f) => match f.get(ctx) {
-            Value::Str(s) => format!("s:{s}"),
-            Value::Int(i) => format!("i:{i}"),
-            _ => return None,
-        },
+        Key::Process => GroupKey::Pid(ev.pid),
+        Key::Parent => GroupKey::Pid(ctx.proc?.ppid),
+        Key::Field(f) => {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            match f.get(ctx) {
+                Value::Str(s) => s.hash(&mut h),
+                Value::Int(i) => i.hash(&mut h),
+                _ => return None,
+            }
+            GroupKey::Value(h.finish())
+        }
     })
 }
 
@@ -64,6 +75,10 @@ fn capture(step: &Step, ctx: &Ctx<'_>, vars: &mut Vec<(String, String)>) {
     }
 }
 
+fn make_ctx<'a>(event: &'a Event, env: &'a Env<'_>, vars: &'a [(String, String)]) -> Ctx<'a> {
+    Ctx::new(event, env.table, env.users, env.agent_pid, vars)
+}
+
 impl Tracker {
     /// Feeds one event. Returns the evidence of every sequence it completes.
     pub fn feed(
@@ -74,83 +89,115 @@ impl Tracker {
         event: &Event,
         env: &Env<'_>,
     ) -> Vec<Vec<Event>> {
-        fn make_ctx<'a>(
-            event: &'a Event,
-            env: &'a Env<'_>,
-            vars: &'a [(String, String)],
-        ) -> Ctx<'a> {
-            Ctx::new(event, env.table, env.users, env.agent_pid, vars)
-        }
         let now = event.boot_ns;
-        self.partials
-            .retain(|p| now.saturating_sub(p.started_ns) <= within_ns);
+        self.expire(now, within_ns);
         let mut done = Vec::new();
-        let mut advanced = Vec::new();
-        // Advance partial matches waiting for a step this event can satisfy.
-        let mut i = 0;
-        while i < self.partials.len() {
-            let step = &steps[self.partials[i].next];
+        let mut advanced: Vec<(usize, GroupKey, Partial)> = Vec::new();
+        let plain = make_ctx(event, env, &[]);
+        // Continue the partial matches waiting for a step this event can be.
+        for (index, step) in steps.iter().enumerate().skip(1) {
             if !step.on.contains(&kind) {
-                i += 1;
                 continue;
             }
-            let matched = {
-                let p = &self.partials[i];
-                let ctx = make_ctx(event, env, &p.vars);
-                key_of(step.key, &ctx).is_some_and(|k| k == p.key) && step.cond.eval(&ctx)
+            let Some(key) = key_of(step.key, &plain) else {
+                continue;
             };
-            if matched {
-                let mut p = self.partials.swap_remove(i);
+            let Some(waiting) = self.waiting.get_mut(&(index, key)) else {
+                continue;
+            };
+            let mut i = 0;
+            while i < waiting.len() {
+                let p = &waiting[i];
+                if now.saturating_sub(p.started_ns) > within_ns
+                    || !step.cond.eval(&make_ctx(event, env, &p.vars))
+                {
+                    i += 1;
+                    continue;
+                }
+                let mut p = waiting.remove(i);
+                self.count -= 1;
                 let snapshot = p.vars.clone();
                 capture(step, &make_ctx(event, env, &snapshot), &mut p.vars);
                 p.evidence.push(event.clone());
-                p.next += 1;
-                if p.next == steps.len() {
+                if index + 1 == steps.len() {
                     done.push(p.evidence);
                 } else {
-                    advanced.push(p);
+                    advanced.push((index + 1, key, p));
                 }
-                continue;
             }
-            i += 1;
         }
         // Start a new partial match.
         let first = &steps[0];
-        if first.on.contains(&kind) {
-            let ctx = make_ctx(event, env, &[]);
-            if let Some(key) = key_of(first.key, &ctx)
-                && first.cond.eval(&ctx)
-            {
-                let mut vars = Vec::new();
-                capture(first, &ctx, &mut vars);
-                // A fresher start replaces an identical one still waiting for step 2.
-                self.partials
-                    .retain(|p| !(p.next == 1 && p.key == key && p.vars == vars));
-                if steps.len() > 1 {
-                    advanced.push(Partial {
-                        next: 1,
-                        key,
-                        started_ns: now,
-                        vars,
-                        evidence: vec![event.clone()],
-                    });
-                }
+        if steps.len() > 1
+            && first.on.contains(&kind)
+            && first.cond.eval(&plain)
+            && let Some(key) = key_of(first.key, &plain)
+        {
+            let mut vars = Vec::new();
+            capture(first, &plain, &mut vars);
+            // A fresher start replaces an identical one still waiting for step 2.
+            if let Some(waiting) = self.waiting.get_mut(&(1, key)) {
+                let before = waiting.len();
+                waiting.retain(|p| p.vars != vars);
+                self.count -= before - waiting.len();
             }
+            advanced.push((
+                1,
+                key,
+                Partial {
+                    started_ns: now,
+                    vars,
+                    evidence: vec![event.clone()],
+                },
+            ));
         }
-        self.partials.extend(advanced);
-        if self.partials.len() > MAX_PARTIALS {
-            self.partials.sort_by_key(|p| p.started_ns);
-            let excess = self.partials.len() - MAX_PARTIALS;
-            self.partials.drain(..excess);
+        for (index, key, p) in advanced {
+            self.order.push_back((p.started_ns, index, key));
+            self.waiting.entry((index, key)).or_default().push(p);
+            self.count += 1;
+        }
+        while self.count > MAX_PARTIALS {
+            if !self.drop_oldest() {
+                break;
+            }
         }
         done
     }
 
+    /// Drops partial matches started more than `within_ns` before `now`.
+    fn expire(&mut self, now: u64, within_ns: u64) {
+        while let Some((started, _, _)) = self.order.front() {
+            if now.saturating_sub(*started) <= within_ns {
+                break;
+            }
+            self.drop_oldest();
+        }
+    }
+
+    /// Removes the oldest partial match behind the oldest `order` entry (entries whose
+    /// partial already advanced or completed are skipped).
+    fn drop_oldest(&mut self) -> bool {
+        let Some((started, index, key)) = self.order.pop_front() else {
+            return false;
+        };
+        let slot = (index, key);
+        if let Some(waiting) = self.waiting.get_mut(&slot) {
+            if let Some(pos) = waiting.iter().position(|p| p.started_ns == started) {
+                waiting.remove(pos);
+                self.count -= 1;
+            }
+            if waiting.is_empty() {
+                self.waiting.remove(&slot);
+            }
+        }
+        true
+    }
+
     pub fn len(&self) -> usize {
-        self.partials.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.partials.is_empty()
+        self.count == 0
     }
 }
