@@ -426,6 +426,23 @@ fn decode_file(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<event::Kind>,
     })))
 }
 
+/// Removes `.` components and repeated slashes (`/tmp/./x` and `/tmp//x` are `/tmp/x`);
+/// `..` stays, since resolving it needs the filesystem (symbolic links).
+pub fn normalize(path: &str) -> String {
+    if path.is_empty() {
+        return String::new();
+    }
+    let mut out = String::with_capacity(path.len());
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        out.push('/');
+        out.push_str(part);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
 fn memfd_flag_names(flags: u32) -> Vec<String> {
     const NAMES: [(u32, &str); 5] = [
         (0x1, "MFD_CLOEXEC"),
@@ -832,6 +849,15 @@ mod more_tests {
         assert_eq!(proc_mem_target("/proc/12/oom_score_adj", 9), None);
         assert_eq!(proc_mem_target("/proc/sys/kernel/mem", 9), None);
         assert_eq!(proc_mem_target("/proc/12/task//mem", 9), None);
+    }
+
+    #[test]
+    fn paths_are_normalised_lexically() {
+        assert_eq!(normalize("/tmp/./x"), "/tmp/x");
+        assert_eq!(normalize("/var//tmp/y/."), "/var/tmp/y");
+        assert_eq!(normalize("/a/../b"), "/a/../b");
+        assert_eq!(normalize("/"), "/");
+        assert_eq!(normalize(""), "");
     }
 
     #[test]

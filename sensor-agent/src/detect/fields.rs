@@ -697,6 +697,14 @@ mod tests {
     }
 
     #[test]
+    fn every_field_is_documented() {
+        let doc = include_str!("../../../docs/rules.md");
+        for (name, ..) in FIELDS {
+            assert!(doc.contains(&format!("| `{name}` |")), "docs/rules.md does not list {name}");
+        }
+    }
+
+    #[test]
     fn public_addresses() {
         for a in [
             "8.8.8.8",
