@@ -700,7 +700,10 @@ mod tests {
     fn every_field_is_documented() {
         let doc = include_str!("../../../docs/rules.md");
         for (name, ..) in FIELDS {
-            assert!(doc.contains(&format!("| `{name}` |")), "docs/rules.md does not list {name}");
+            assert!(
+                doc.contains(&format!("| `{name}` |")),
+                "docs/rules.md does not list {name}"
+            );
         }
     }
 
