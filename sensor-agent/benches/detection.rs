@@ -126,6 +126,88 @@ fn cycle(pid: u32, t: u64, downloader: bool) -> Vec<Vec<u8>> {
     ]
 }
 
+fn pipeline(sigma: SigmaSet) -> Pipeline<Discard> {
+    let set =
+        rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
+            .unwrap();
+    let engine = Engine::new(
+        Arc::new(set),
+        Arc::new(sigma),
+        UserNames::default(),
+        AgentIdentity::default(),
+        BootClock::default(),
+        1,
+    );
+    Pipeline::new(
+        ProcessTable::default(),
+        engine,
+        Discard { alerts: 0 },
+        false,
+        DecodeContext::default(),
+    )
+}
+
+/// Live with `--record`: the same records, timed with the recorder writing a trace.
+fn run_recording(cycles: u32, dir: &std::path::Path) -> std::path::PathBuf {
+    let trace = dir.join("bench.trace.zst");
+    let mut p = pipeline(SigmaSet::default());
+    p.recorder = Some(
+        sensor_agent::trace::recorder::Recorder::new(
+            sensor_agent::trace::recorder::RecordOptions::new(trace.clone()),
+        )
+        .unwrap(),
+    );
+    let records: Vec<Vec<u8>> = (0..cycles)
+        .flat_map(|i| cycle(10_000 + (i % 30_000), u64::from(i) * 1_000_000, false))
+        .collect();
+    let start = Instant::now();
+    for (i, r) in records.iter().enumerate() {
+        p.handle_record(r);
+        if i % 50_000 == 0 {
+            p.flush_traces();
+        }
+    }
+    p.finish();
+    let secs = start.elapsed().as_secs_f64();
+    let events = p.stats.events;
+    let size = std::fs::metadata(&trace).map_or(0, |m| m.len());
+    println!(
+        "| default pack + recording (zstd) | 0 | {events} | {secs:.3} s | {:.0} | {} | trace {:.1} MiB, {:.1} bytes/event |",
+        events as f64 / secs,
+        p.sink.alerts,
+        size as f64 / 1048576.0,
+        size as f64 / events as f64
+    );
+    trace
+}
+
+/// Replay of the recorded trace: read, decompress, pipeline.
+fn run_replay(label: &str, trace: &std::path::Path, sigma: SigmaSet) {
+    let set = Arc::new(
+        rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
+            .unwrap(),
+    );
+    let sigma_rules = sigma.len();
+    let mut out = std::io::sink();
+    let start = Instant::now();
+    let summary = sensor_agent::replay::replay(
+        &sensor_agent::replay::ReplayOptions {
+            traces: vec![trace.to_path_buf()],
+            print_events: false,
+        },
+        set,
+        Arc::new(sigma),
+        &mut out,
+    );
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "| {label} | {sigma_rules} | {} | {secs:.3} s | {:.0} | {} |",
+        summary.events,
+        summary.events as f64 / secs,
+        summary.alerts
+    );
+}
+
 fn run(label: &str, sigma: SigmaSet, cycles: u32, downloader: bool) {
     let set =
         rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
@@ -178,13 +260,23 @@ fn main() {
         false,
     );
     run("default pack, curl mix", SigmaSet::default(), cycles, true);
-    if let Some(dir) = std::env::var_os("SENSOR_SIGMA_DIR") {
-        let sigma = SigmaSet::load(&[dir.into()]).expect("load Sigma rules");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let trace = run_recording(cycles, dir.path());
+    run_replay(
+        "replay of that trace, default pack",
+        &trace,
+        SigmaSet::default(),
+    );
+    if let Some(sigma_dir) = std::env::var_os("SENSOR_SIGMA_DIR") {
+        let sigma = SigmaSet::load(&[sigma_dir.clone().into()]).expect("load Sigma rules");
         run(
             "default pack + SigmaHQ, service mix",
             sigma,
             cycles / 10,
             false,
         );
+        let small = run_recording(cycles / 10, dir.path());
+        let sigma = SigmaSet::load(&[sigma_dir.into()]).expect("load Sigma rules");
+        run_replay("replay, default pack + SigmaHQ", &small, sigma);
     }
 }

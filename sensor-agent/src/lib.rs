@@ -13,4 +13,6 @@ pub mod pipeline;
 pub mod probes;
 pub mod proc_seed;
 pub mod proctable;
+pub mod replay;
 pub mod run;
+pub mod trace;

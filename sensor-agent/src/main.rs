@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use sensor_agent::{
     detect, identity,
     probes::{LoadOptions, watch},
-    run,
+    replay, run,
+    trace::{flight::FlightOptions, recorder::RecordOptions},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -33,6 +34,25 @@ enum Command {
     /// Work with rule files.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Run recorded traces through the same detection as a live run and print the same
+    /// JSON lines.
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// Trace files, in order (rotated files of one recording continue each other).
+    #[arg(required = true)]
+    traces: Vec<PathBuf>,
+    /// Also print every event.
+    #[arg(long)]
+    events: bool,
+    /// Rule directory (repeatable), after the embedded EPMM pack.
+    #[arg(long = "rules", value_name = "DIR")]
+    rules: Vec<PathBuf>,
+    /// SigmaHQ rule directory (repeatable).
+    #[arg(long = "sigma", value_name = "DIR")]
+    sigma: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +83,32 @@ struct RunArgs {
     /// and file_event rules.
     #[arg(long = "sigma", value_name = "DIR")]
     sigma: Vec<PathBuf>,
+    /// Record every event into trace files: a directory (files rotated by size and age,
+    /// oldest deleted past the total bound) or one file.
+    #[arg(long = "record", value_name = "FILE_OR_DIR")]
+    record: Option<PathBuf>,
+    /// Rotate a trace file past this size (MiB).
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    record_max_mib: u64,
+    /// Rotate a trace file past this age (seconds).
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    record_max_age: u64,
+    /// Delete the oldest trace files past this total (MiB).
+    #[arg(long, default_value_t = 1024, value_name = "MIB")]
+    record_max_total_mib: u64,
+    /// Flight recorder: write the seconds before and after each alert to this directory
+    /// (the alert names the file).
+    #[arg(long = "flight-dir", value_name = "DIR")]
+    flight_dir: Option<PathBuf>,
+    /// Seconds of events kept before an alert.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    flight_before: u64,
+    /// Seconds of events written after an alert.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    flight_after: u64,
+    /// Bound on the memory of the flight recorder's ring (MiB).
+    #[arg(long, default_value_t = 32, value_name = "MIB")]
+    flight_max_mib: usize,
     /// Agent id stamped on alerts (default: derived from /etc/machine-id).
     #[arg(long = "agent-id")]
     agent_id: Option<String>,
@@ -98,6 +144,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run_command(args),
         Command::Rules(RulesCommand::Check { dirs, sigma }) => rules_check(&dirs, &sigma),
+        Command::Replay(args) => replay_command(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -117,13 +164,60 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     for prefix in &args.watch {
         load.watch.push(watch::rule_for(prefix)?);
     }
+    const S: u64 = 1_000_000_000;
+    const MIB: u64 = 1024 * 1024;
+    let record = args.record.map(|path| RecordOptions {
+        path,
+        max_file_bytes: args.record_max_mib.max(1) * MIB,
+        max_file_age_ns: args.record_max_age.max(1) * S,
+        max_total_bytes: args.record_max_total_mib.max(1) * MIB,
+    });
+    let flight = args.flight_dir.map(|dir| FlightOptions {
+        dir,
+        before_ns: args.flight_before * S,
+        after_ns: args.flight_after * S,
+        max_bytes: args.flight_max_mib.max(1) * 1024 * 1024,
+    });
     runtime()?.block_on(run::run(run::RunOptions {
         print_events: args.events,
         load,
         rules: args.rules,
         sigma: args.sigma,
         identity: identity::detect(args.agent_id),
+        record,
+        flight,
     }))
+}
+
+fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {
+    let (rules, sigma) = run::load_detection(&args.rules, &args.sigma)?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let summary = replay::replay(
+        &replay::ReplayOptions {
+            traces: args.traces,
+            print_events: args.events,
+        },
+        rules,
+        sigma,
+        &mut out,
+    );
+    std::io::Write::flush(&mut out)?;
+    tracing::info!(
+        files = summary.files,
+        events = summary.events,
+        alerts = summary.alerts,
+        truncated = summary.truncated,
+        failed = summary.failed,
+        "replay done"
+    );
+    if summary.failed > 0 {
+        anyhow::bail!(
+            "{} trace file(s) could not be read completely",
+            summary.failed
+        );
+    }
+    Ok(())
 }
 
 /// `rules check`: every error on stdout as file:line:column, non-zero exit on any.

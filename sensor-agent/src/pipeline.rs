@@ -3,15 +3,39 @@
 //! Live runs feed raw ring-buffer records in; replay feeds decoded events in. Everything
 //! from `handle_event` on is the same code for both.
 
-use sensor_proto::v1::Event;
+use sensor_proto::v1::{Event, TraceHeader};
 use tracing::warn;
 
 use crate::{
-    decode::{self, DecodeContext},
+    decode::{self, BootClock, DecodeContext},
     detect::Engine,
     output::Sink,
     proctable::ProcessTable,
+    trace::{self, flight::FlightRecorder, recorder::Recorder},
 };
+
+/// The clock offset moves by less than this between readings without being a change
+/// worth recording (a reading's own jitter).
+const CLOCK_SLACK_NS: i128 = 1_000_000;
+
+/// A trace header describing the pipeline's state now.
+fn header(
+    table: &ProcessTable,
+    engine: &Engine,
+    decode: &DecodeContext,
+    reason: &str,
+    now_ns: u64,
+) -> TraceHeader {
+    trace::header(
+        reason,
+        engine.identity(),
+        table,
+        engine.users(),
+        &decode.clock,
+        decode.agent_pid,
+        now_ns,
+    )
+}
 
 /// What went through the pipeline.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -30,6 +54,10 @@ pub struct Pipeline<S: Sink> {
     pub print_events: bool,
     pub decode: DecodeContext,
     pub stats: PipelineStats,
+    /// `--record`: every event to trace files.
+    pub recorder: Option<Recorder>,
+    /// The last seconds of events, written out when an alert fires.
+    pub flight: Option<FlightRecorder>,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -47,6 +75,22 @@ impl<S: Sink> Pipeline<S> {
             print_events,
             decode,
             stats: PipelineStats::default(),
+            recorder: None,
+            flight: None,
+        }
+    }
+
+    /// A new reading of the boot clock offset; recorded when it really moved.
+    pub fn set_clock(&mut self, clock: BootClock) {
+        if (clock.boot_epoch_ns - self.decode.clock.boot_epoch_ns).abs() < CLOCK_SLACK_NS {
+            return;
+        }
+        self.decode.clock = clock;
+        self.engine.set_clock(clock);
+        if let Some(recorder) = self.recorder.as_mut()
+            && let Err(e) = recorder.clock(clock.boot_epoch_ns as i64)
+        {
+            warn!(error = %e, "cannot record the clock change");
         }
     }
 
@@ -66,30 +110,69 @@ impl<S: Sink> Pipeline<S> {
         }
     }
 
-    /// One decoded event: update the table, detect, then hand both on.
+    /// One decoded event: record it, update the table, detect, then hand both on.
     pub fn handle_event(&mut self, event: Event) {
         self.stats.events += 1;
+        if let Some(recorder) = self.recorder.as_mut() {
+            let (table, engine, decode) = (&self.table, &self.engine, &self.decode);
+            // Made only when a file starts: a header carries the whole process table.
+            let header = || header(table, engine, decode, "record", event.boot_ns);
+            if let Err(e) = recorder.record(&event, &header) {
+                warn!(error = %e, "recording stopped");
+                self.recorder = None;
+            }
+        }
+        if let Some(flight) = self.flight.as_mut() {
+            flight.on_event(&event);
+        }
         self.table.apply(&event);
-        let alerts = self.engine.on_event(&event, &mut self.table);
+        let mut alerts = self.engine.on_event(&event, &mut self.table);
         if self.print_events {
             self.sink.event(&event);
         }
-        for alert in &alerts {
+        for alert in &mut alerts {
+            if let Some(flight) = self.flight.as_mut() {
+                let (table, engine, decode) = (&self.table, &self.engine, &self.decode);
+                let reason = format!("flight:{}", alert.id);
+                let header = || header(table, engine, decode, &reason, event.boot_ns);
+                flight.on_alert(alert, event.boot_ns, &header);
+            }
             self.stats.alerts += 1;
             self.sink.alert(alert);
         }
     }
 
-    /// End of input: report the repeats still counted in open collapse windows.
+    /// End of input: report the repeats still counted in open collapse windows, and
+    /// complete the trace files.
     pub fn finish(&mut self) {
         for alert in self.engine.finish() {
             self.stats.alerts += 1;
             self.sink.alert(&alert);
+        }
+        if let Some(recorder) = self.recorder.as_mut()
+            && let Err(e) = recorder.finish()
+        {
+            warn!(error = %e, "the last trace file is incomplete");
+        }
+        if let Some(flight) = self.flight.as_mut() {
+            flight.close();
         }
         self.sink.flush();
     }
 
     pub fn flush(&mut self) {
         self.sink.flush();
+    }
+
+    /// Makes the trace files readable up to now (called about once a second).
+    pub fn flush_traces(&mut self) {
+        if let Some(recorder) = self.recorder.as_mut()
+            && let Err(e) = recorder.flush()
+        {
+            warn!(error = %e, "cannot flush the trace file");
+        }
+        if let Some(flight) = self.flight.as_mut() {
+            flight.flush();
+        }
     }
 }

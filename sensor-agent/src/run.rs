@@ -29,6 +29,10 @@ use crate::{
     probes::{LoadOptions, Probes},
     proc_seed,
     proctable::ProcessTable,
+    trace::{
+        flight::{FlightOptions, FlightRecorder},
+        recorder::{RecordOptions, Recorder},
+    },
 };
 
 /// Options of a live run.
@@ -41,6 +45,10 @@ pub struct RunOptions {
     /// SigmaHQ rule directories.
     pub sigma: Vec<PathBuf>,
     pub identity: AgentIdentity,
+    /// `--record`: where to write trace files.
+    pub record: Option<RecordOptions>,
+    /// Flight recorder: where to write the seconds around each alert.
+    pub flight: Option<FlightOptions>,
 }
 
 /// Loads the rule files and Sigma rules, refusing to start on any rule error.
@@ -104,6 +112,15 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             agent_pid: std::process::id(),
         },
     );
+    if let Some(record) = &options.record {
+        pipeline.recorder = Some(Recorder::new(record.clone()).context("cannot record")?);
+        info!(path = %record.path.display(), "recording events");
+    }
+    if let Some(flight) = &options.flight {
+        pipeline.flight =
+            Some(FlightRecorder::new(flight.clone()).context("cannot start the flight recorder")?);
+        info!(dir = %flight.dir.display(), "flight recorder on");
+    }
     info!(
         probes = probes.attached.len(),
         unavailable = probes.unavailable.len(),
@@ -153,8 +170,8 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
                 }
             }
             _ = housekeeping.tick() => {
-                pipeline.decode.clock = BootClock::now();
-                pipeline.engine.set_clock(pipeline.decode.clock);
+                pipeline.set_clock(BootClock::now());
+                pipeline.flush_traces();
                 report_losses(&lost, &mut last_lost);
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }

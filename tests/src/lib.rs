@@ -196,12 +196,16 @@ impl Agent {
         self.seen.iter().filter(|v| pred(v)).cloned().collect()
     }
 
-    /// Stops the agent with SIGTERM (by its pid) and waits for it, bounded.
-    pub fn stop(mut self) -> std::process::ExitStatus {
+    /// Stops the agent with SIGTERM (by its pid) and waits for it, bounded. The lines it
+    /// printed stay available to `collect`.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
         self.terminate()
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status;
+        }
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);

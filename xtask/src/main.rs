@@ -37,12 +37,21 @@ enum Cmd {
         /// Skip `cargo fmt --check` and `cargo clippy` (for quick iterations).
         #[arg(long)]
         no_lint: bool,
+        /// Skip the bounded fuzzing of the trace reader.
+        #[arg(long)]
+        no_fuzz: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
     },
     /// Benchmarks against the no-sensor baseline; results go to stdout.
     Bench(bench::BenchArgs),
+    /// Fuzz the trace reader for a bounded time (cargo-fuzz, nightly).
+    Fuzz {
+        /// Seconds of fuzzing.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -61,7 +70,15 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Test { no_lint, args } => test(no_lint, &args),
+        Cmd::Test {
+            no_lint,
+            no_fuzz,
+            args,
+        } => test(no_lint, no_fuzz, &args),
+        Cmd::Fuzz { seconds } => {
+            setup::ensure_all()?;
+            fuzz(seconds)
+        }
         Cmd::Bench(args) => {
             setup::ensure_all()?;
             bench::run(args)
@@ -69,7 +86,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn test(no_lint: bool, args: &[String]) -> Result<()> {
+fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
     setup::ensure_all()?;
     if !no_lint {
         step("cargo fmt --check");
@@ -91,7 +108,29 @@ fn test(no_lint: bool, args: &[String]) -> Result<()> {
         .args(["test", "--workspace"])
         .env("SENSOR_AGENT_BIN", &bin)
         .args(args);
-    run(&mut cmd)
+    run(&mut cmd)?;
+    if !no_fuzz {
+        fuzz(60)?;
+    }
+    Ok(())
+}
+
+/// Fuzzes the trace reader for `seconds`, seeded with the fixture traces.
+fn fuzz(seconds: u64) -> Result<()> {
+    setup::ensure_cargo_fuzz()?;
+    let corpus = workspace().join("fuzz/corpus/trace_reader");
+    std::fs::create_dir_all(&corpus)?;
+    for entry in std::fs::read_dir(workspace().join("rules/fixtures"))? {
+        let path = entry?.path();
+        if path.to_string_lossy().ends_with(".trace.zst") {
+            std::fs::copy(&path, corpus.join(path.file_name().unwrap_or_default()))?;
+        }
+    }
+    step(&format!("cargo fuzz run trace_reader ({seconds} s)"));
+    run(Command::new("cargo")
+        .current_dir(workspace().join("fuzz"))
+        .args(["+nightly", "fuzz", "run", "trace_reader", "--"])
+        .arg(format!("-max_total_time={seconds}")))
 }
 
 /// Runs `cargo` with `args` in the workspace.

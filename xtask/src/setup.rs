@@ -116,3 +116,13 @@ fn ensure_llvm() -> Result<()> {
     }
     Ok(())
 }
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and the test suite's bounded fuzzing).
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    if output(Command::new(crate::cargo_bin()).args(["fuzz", "--version"])).is_some() {
+        return Ok(());
+    }
+    step("cargo install cargo-fuzz");
+    run(Command::new(crate::cargo_bin()).args(["install", "cargo-fuzz", "--locked"]))
+        .context("cannot install cargo-fuzz")
+}

@@ -128,6 +128,14 @@ impl Engine {
         &self.sigma
     }
 
+    pub fn users(&self) -> &UserNames {
+        &self.users
+    }
+
+    pub fn identity(&self) -> &AgentIdentity {
+        &self.identity
+    }
+
     pub fn set_clock(&mut self, clock: BootClock) {
         self.clock = clock;
     }
