@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .compile_well_known_types(true)
+        // Users bring their own transport (tonic with rustls); the schema crate stays light.
+        .build_transport(false)
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
 

@@ -10,4 +10,7 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/sensor.v1.serde.rs"));
 }
 
+pub mod frames;
+pub mod pem;
+
 pub use pbjson_types::Timestamp;

@@ -6,6 +6,7 @@
 //! `run` is the live command.
 
 pub mod decode;
+pub mod delivery;
 pub mod detect;
 pub mod identity;
 pub mod output;

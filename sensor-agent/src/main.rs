@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 use sensor_agent::{
-    detect, identity,
+    delivery, detect, identity,
     probes::{LoadOptions, watch},
     replay, run,
     trace::{flight::FlightOptions, recorder::RecordOptions},
@@ -119,6 +119,40 @@ struct RunArgs {
     /// Do not attach this optional probe (repeatable); to measure what each costs.
     #[arg(long = "skip-probe", value_name = "PROBE")]
     skip_probes: Vec<String>,
+    /// Stream alerts to this collector: `https://HOST:PORT` (mutual TLS, with --tls-cert,
+    /// --tls-key and --tls-ca) or `http://127.0.0.1:PORT` (plaintext, loopback only).
+    #[arg(long, value_name = "URL")]
+    collector: Option<String>,
+    /// Also stream every event to the collector, not only alerts.
+    #[arg(long, requires = "collector")]
+    send_events: bool,
+    /// Where unacknowledged records wait for the collector (kept across restarts).
+    #[arg(
+        long,
+        default_value = "/var/lib/sensor-agent/spool",
+        value_name = "DIR"
+    )]
+    spool: PathBuf,
+    /// Bound on the spool (MiB); past it, the oldest events are shed first, then alerts,
+    /// and the collector is told exactly which.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    spool_max_mib: u64,
+    /// This agent's certificate (PEM) for mutual TLS with the collector.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) that signed the collector's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Seconds between heartbeats to the collector.
+    #[arg(long, default_value_t = 5, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat: u64,
+    /// Longest wait between reconnection attempts (seconds; exponential backoff with
+    /// jitter up to this).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    collector_retry_max: u64,
 }
 
 fn parse_ring_mib(value: &str) -> Result<u32, String> {
@@ -178,6 +212,19 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         after_ns: args.flight_after * S,
         max_bytes: args.flight_max_mib.max(1) * 1024 * 1024,
     });
+    let delivery = args.collector.map(|url| {
+        let mut d = delivery::DeliveryOptions::new(url, args.spool);
+        d.tls = delivery::TlsFiles {
+            cert: args.tls_cert,
+            key: args.tls_key,
+            ca: args.tls_ca,
+        };
+        d.spool.max_bytes = args.spool_max_mib.max(1) * MIB;
+        d.send_events = args.send_events;
+        d.heartbeat = std::time::Duration::from_secs(args.heartbeat);
+        d.backoff_max = std::time::Duration::from_secs(args.collector_retry_max);
+        d
+    });
     runtime()?.block_on(run::run(run::RunOptions {
         print_events: args.events,
         load,
@@ -186,6 +233,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         identity: identity::detect(args.agent_id),
         record,
         flight,
+        delivery,
     }))
 }
 

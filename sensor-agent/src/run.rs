@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     decode::{BootClock, DecodeContext},
+    delivery::{Delivery, DeliveryOptions, appliance},
     detect::{
         Engine,
         alert::AgentIdentity,
@@ -24,7 +25,7 @@ use crate::{
         sigma::SigmaSet,
         users::UserNames,
     },
-    output::{Sink, json::JsonLines},
+    output::json::JsonLines,
     pipeline::Pipeline,
     probes::{LoadOptions, Probes},
     proc_seed,
@@ -49,6 +50,33 @@ pub struct RunOptions {
     pub record: Option<RecordOptions>,
     /// Flight recorder: where to write the seconds around each alert.
     pub flight: Option<FlightOptions>,
+    /// `--collector`: stream alerts to a collector through the spool.
+    pub delivery: Option<DeliveryOptions>,
+}
+
+/// Where a live run's output goes: JSON lines on stdout, and the collector's spool.
+type Outputs = (
+    JsonLines<std::io::BufWriter<std::io::StdoutLock<'static>>>,
+    Option<Delivery>,
+);
+
+/// How long a stopping agent waits for the collector to acknowledge what it sent.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+/// What the agent tells the collector about itself.
+pub fn collector_identity(identity: &AgentIdentity) -> sensor_proto::v1::AgentIdentity {
+    let info = appliance::detect(Path::new("/"));
+    sensor_proto::v1::AgentIdentity {
+        agent_id: identity.agent_id.clone(),
+        host: identity.host.clone(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        epmm_version: info.epmm_version,
+        hotfix_installed: info.hotfix_installed,
+        hotfix_evidence: info.hotfix_evidence,
+    }
 }
 
 /// Loads the rule files and Sigma rules, refusing to start on any rule error.
@@ -85,6 +113,13 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let (rule_set, sigma_set) = load_detection(&options.rules, &options.sigma)?;
+    // Before the probes: a bad URL, TLS file or spool is an error at start, not later.
+    let delivery = options
+        .delivery
+        .as_ref()
+        .map(|d| Delivery::start(d, collector_identity(&options.identity)))
+        .transpose()
+        .context("cannot deliver to the collector")?;
     let probes = Probes::load(&options.load).context("cannot start the probes")?;
     // Seed after attaching: a process started in between is seen by both, and the events
     // (applied after the seed) bring it up to date.
@@ -105,7 +140,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(
         table,
         engine,
-        JsonLines::new(stdout),
+        (JsonLines::new(stdout), delivery),
         options.print_events,
         DecodeContext {
             clock,
@@ -130,7 +165,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     event_loop(probes, &mut pipeline).await
 }
 
-async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyhow::Result<()> {
+async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow::Result<()> {
     let Probes {
         ring,
         mut ebpf,
@@ -173,6 +208,9 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
                 pipeline.set_clock(BootClock::now());
                 pipeline.flush_traces();
                 report_losses(&lost, &mut last_lost);
+                if let Some(delivery) = pipeline.sink.1.as_mut() {
+                    delivery.tick(loss_map(&last_lost));
+                }
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
@@ -185,6 +223,10 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
     }
     pipeline.finish();
     report_losses(&lost, &mut last_lost);
+    if let Some(delivery) = pipeline.sink.1.as_mut() {
+        delivery.tick(loss_map(&last_lost));
+        delivery.close(CLOSE_WAIT).await;
+    }
     Probes::detach(&mut ebpf);
     let stats = pipeline.stats;
     let lost_total: u64 = last_lost.iter().sum();
@@ -198,6 +240,16 @@ async fn event_loop<S: Sink>(probes: Probes, pipeline: &mut Pipeline<S>) -> anyh
     );
     let _ = std::io::stderr().flush();
     Ok(())
+}
+
+/// Kernel losses by kind name, for heartbeats.
+fn loss_map(totals: &[u64]) -> std::collections::BTreeMap<String, u64> {
+    totals
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| (kind::name(k as u16).to_owned(), *n))
+        .collect()
 }
 
 /// Logs records lost in the kernel since the last call.

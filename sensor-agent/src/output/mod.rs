@@ -1,4 +1,5 @@
-//! Outputs: where events and alerts go after detection (stdout JSON lines for now).
+//! Outputs: where events and alerts go after detection: JSON lines on stdout and, with
+//! `--collector`, the spool that feeds the collector (`crate::delivery`).
 
 pub mod json;
 
@@ -10,4 +11,43 @@ pub trait Sink {
     fn alert(&mut self, alert: &Alert);
     /// Called after each batch of records, so lines reach readers within milliseconds.
     fn flush(&mut self);
+}
+
+/// Two destinations: both get everything.
+impl<A: Sink, B: Sink> Sink for (A, B) {
+    fn event(&mut self, event: &Event) {
+        self.0.event(event);
+        self.1.event(event);
+    }
+
+    fn alert(&mut self, alert: &Alert) {
+        self.0.alert(alert);
+        self.1.alert(alert);
+    }
+
+    fn flush(&mut self) {
+        self.0.flush();
+        self.1.flush();
+    }
+}
+
+/// A destination that may be off.
+impl<S: Sink> Sink for Option<S> {
+    fn event(&mut self, event: &Event) {
+        if let Some(s) = self {
+            s.event(event);
+        }
+    }
+
+    fn alert(&mut self, alert: &Alert) {
+        if let Some(s) = self {
+            s.alert(alert);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(s) = self {
+            s.flush();
+        }
+    }
 }
