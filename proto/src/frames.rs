@@ -90,14 +90,14 @@ impl Codec for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{Envelope, Shed, envelope};
+    use crate::v1::{Envelope, SeqRange, Shed, envelope};
 
     #[test]
     fn a_wrapped_envelope_is_the_agent_message_prost_would_encode() {
         let env = Envelope {
             seq: 300,
             body: Some(envelope::Body::Shed(Shed {
-                dropped: vec![1, 2, 3],
+                dropped: vec![SeqRange { first: 1, last: 3 }],
                 events: 3,
                 alerts: 0,
                 reason: "x".repeat(200),

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the probes and watch the host until SIGINT or SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Work with rule files.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -119,6 +119,10 @@ struct RunArgs {
     /// Do not attach this optional probe (repeatable); to measure what each costs.
     #[arg(long = "skip-probe", value_name = "PROBE")]
     skip_probes: Vec<String>,
+    /// Repeats of a rule on one process tree within this many seconds collapse into one
+    /// alert with a count (0: every match is its own alert).
+    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
+    collapse: u64,
     /// Stream alerts to this collector: `https://HOST:PORT` (mutual TLS, with --tls-cert,
     /// --tls-key and --tls-ca) or `http://127.0.0.1:PORT` (plaintext, loopback only).
     #[arg(long, value_name = "URL")]
@@ -176,7 +180,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_command(args),
+        Command::Run(args) => run_command(*args),
         Command::Rules(RulesCommand::Check { dirs, sigma }) => rules_check(&dirs, &sigma),
         Command::Replay(args) => replay_command(args),
     };
@@ -234,6 +238,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         record,
         flight,
         delivery,
+        collapse_window_ns: Some(args.collapse.saturating_mul(S)),
     }))
 }
 

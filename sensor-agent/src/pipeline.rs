@@ -127,7 +127,7 @@ impl<S: Sink> Pipeline<S> {
         }
         self.table.apply(&event);
         let mut alerts = self.engine.on_event(&event, &mut self.table);
-        if self.print_events {
+        if self.print_events || self.sink.wants_events() {
             self.sink.event(&event);
         }
         for alert in &mut alerts {

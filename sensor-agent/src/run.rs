@@ -52,6 +52,8 @@ pub struct RunOptions {
     pub flight: Option<FlightOptions>,
     /// `--collector`: stream alerts to a collector through the spool.
     pub delivery: Option<DeliveryOptions>,
+    /// `--collapse`: the collapse window, when not the default.
+    pub collapse_window_ns: Option<u64>,
 }
 
 /// Where a live run's output goes: JSON lines on stdout, and the collector's spool.
@@ -127,7 +129,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     let seeded = proc_seed::seed(&mut table, Path::new("/proc")).context("cannot read /proc")?;
     info!(agent_id = %options.identity.agent_id, host = %options.identity.host, "agent identity");
     let clock = BootClock::now();
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         rule_set,
         sigma_set,
         UserNames::load(Path::new("/etc/passwd")),
@@ -135,12 +137,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         clock,
         std::process::id(),
     );
+    if let Some(window) = options.collapse_window_ns {
+        engine.set_collapse_window(window);
+    }
     engine.label_table(&mut table);
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut pipeline = Pipeline::new(
         table,
         engine,
-        (JsonLines::new(stdout), delivery),
+        (
+            JsonLines::new(stdout).with_events(options.print_events),
+            delivery,
+        ),
         options.print_events,
         DecodeContext {
             clock,

@@ -23,6 +23,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long to wait for an expected line.
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(20);
 
+pub mod collector;
+
 /// Path of the agent binary under test.
 pub fn agent_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("SENSOR_AGENT_BIN") {
@@ -55,6 +57,64 @@ pub fn marker(name: &str) -> String {
     format!("e2e-{name}-{}-{n}", std::process::id())
 }
 
+/// A child's JSON lines (stdout) and log (stderr), read by threads.
+pub struct Output;
+
+impl Output {
+    /// Follows `child`'s output and waits for a log line containing `ready_word`, which it
+    /// returns; panics with the log when the child exits first or `timeout` passes.
+    pub fn follow(
+        mut child: Child,
+        what: &str,
+        ready_word: &'static str,
+        timeout: Duration,
+    ) -> (Child, Receiver<Value>, Arc<Mutex<Vec<String>>>, String) {
+        let (line_tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("a line that is not JSON ({e}): {line}"));
+                if line_tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains(ready_word) {
+                    let _ = ready_tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(line) = ready_rx.recv_timeout(Duration::from_millis(200)) {
+                return (child, lines, log, line);
+            }
+            let text = || log.lock().unwrap().join("\n");
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{what} exited with {status} before it was ready; its log:\n{}",
+                    text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} was not ready within {timeout:?}; its log:\n{}",
+                text()
+            );
+        }
+    }
+}
+
 /// A running agent and the lines it printed.
 pub struct Agent {
     child: Child,
@@ -75,7 +135,7 @@ impl Agent {
     /// Starts the agent with exactly `args` and waits for the `ready` log line.
     pub fn start_with(args: &[&str]) -> Agent {
         require_root();
-        let mut child = Command::new(agent_bin())
+        let child = Command::new(agent_bin())
             .args(args)
             .env("SENSOR_LOG", "info")
             .env("NO_COLOR", "1")
@@ -84,56 +144,20 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the agent");
-        let (line_tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("agent printed a line that is not JSON ({e}): {line}")
-                });
-                if line_tx.send(value).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr_lines = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = Arc::clone(&stderr_lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("ready") {
-                    let _ = ready_tx.send(());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut agent = Agent {
+        let (child, lines, stderr, _) = Output::follow(child, "the agent", "ready", READY_TIMEOUT);
+        Agent {
             child,
             lines,
             seen: Vec::new(),
-            stderr: stderr_lines,
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if ready_rx.recv_timeout(Duration::from_millis(200)).is_ok() {
-                break;
-            }
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                panic!(
-                    "the agent exited with {status} before it was ready; its log:\n{}",
-                    agent.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent was not ready within {READY_TIMEOUT:?}; its log:\n{}",
-                agent.log()
-            );
+            stderr,
         }
-        agent
+    }
+
+    /// Kills the agent with SIGKILL (by its pid): no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
     }
 
     pub fn pid(&self) -> u32 {

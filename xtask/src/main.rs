@@ -94,8 +94,14 @@ fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
         step("cargo clippy --all-targets -- -D warnings");
         cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     }
-    step("build the agent with its embedded probes");
-    cargo(&["build", "--package", "sensor-agent"])?;
+    step("build the agent with its embedded probes, and the collector");
+    cargo(&[
+        "build",
+        "--package",
+        "sensor-agent",
+        "--package",
+        "sensor-collector",
+    ])?;
     if !is_root() {
         bail!(
             "the end-to-end tests load the real probes and must run as root; rerun with sudo (CI runs as root)"
@@ -107,6 +113,10 @@ fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
     cmd.current_dir(workspace())
         .args(["test", "--workspace"])
         .env("SENSOR_AGENT_BIN", &bin)
+        .env(
+            "SENSOR_COLLECTOR_BIN",
+            workspace().join("target/debug/sensor-collector"),
+        )
         .args(args);
     run(&mut cmd)?;
     if !no_fuzz {

@@ -8,7 +8,7 @@
 //! de-duplicates by (agent id, sequence number).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, VecDeque},
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
@@ -32,12 +32,16 @@ use tracing::{debug, info, warn};
 use super::spool::Spool;
 
 /// Records sent and not yet acknowledged, at most.
-const WINDOW: u64 = 4096;
+const WINDOW: usize = 4096;
 /// Records taken from the spool at a time.
 const BATCH: usize = 256;
 /// Largest message either side accepts (an alert with its evidence is a few KiB).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 const BACKOFF_START: Duration = Duration::from_millis(250);
+/// Connecting, TLS and the stream's opening, at most.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Records sent and no acknowledgement for this long: the stream is stuck; reconnect.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Client certificate, key and the CA that signed the collector's certificate.
 #[derive(Clone, Debug, Default)]
@@ -216,14 +220,31 @@ impl Backoff {
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect: {}", chain(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("{0}")]
     Status(#[from] tonic::Status),
     #[error("the collector closed the stream")]
     Closed,
+    #[error("{0} within the time allowed")]
+    Stalled(&'static str),
     #[error("spool: {0}")]
     Spool(#[from] super::spool::SpoolError),
+}
+
+/// An error with its causes: "transport error: tcp connect error: Connection refused".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Runs until the task is dropped.
@@ -257,53 +278,73 @@ async fn session(
     options: &ClientOptions,
     acked_any: &mut bool,
 ) -> Result<(), SessionError> {
-    let channel: Channel = options.endpoint.connect().await?;
-    let mut grpc = tonic::client::Grpc::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let (tx, rx) = mpsc::channel::<Frame>(BATCH);
-    let (mut next, last_seq) = {
+    let (mut next, last_seq, first_seq) = {
         let spool = shared.spool();
-        (spool.acked() + 1, spool.last_seq())
+        (spool.acked() + 1, spool.last_seq(), spool.first_seq())
     };
+    let (tx, rx) = mpsc::channel::<Frame>(BATCH);
     let hello = Frame::message(agent_message::Msg::Hello(Hello {
         identity: Some(options.identity.clone()),
         last_seq,
+        first_seq,
     }));
     tx.send(hello).await.map_err(|_| SessionError::Closed)?;
-    let response = grpc
-        .streaming(
-            tonic::Request::new(ReceiverStream::new(rx)),
-            PathAndQuery::from_static(STREAM_PATH),
-            FrameCodec,
-        )
-        .await?;
+    // A peer that accepts TCP and then says nothing (or a connection to ourselves) must
+    // not hold the client: the whole opening is bounded.
+    let opening = async {
+        let channel: Channel = options.endpoint.connect().await?;
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let response = grpc
+            .streaming(
+                tonic::Request::new(ReceiverStream::new(rx)),
+                PathAndQuery::from_static(STREAM_PATH),
+                FrameCodec,
+            )
+            .await?;
+        Ok::<_, SessionError>(response)
+    };
+    let response = tokio::time::timeout(OPEN_TIMEOUT, opening)
+        .await
+        .map_err(|_| SessionError::Stalled("no answer to the stream's opening"))??;
     let mut inbound = response.into_inner();
     info!(collector = %options.url, resend_from = next, "connected to the collector");
     let mut durable_rx = shared.durable.subscribe();
     let mut heartbeat = tokio::time::interval(options.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_progress = Instant::now();
+    // Sequence numbers sent and not yet acknowledged, oldest first. The window counts
+    // records, not numbers: numbers are sparse where the spool shed.
+    let mut in_flight: VecDeque<u64> = VecDeque::new();
     loop {
         // Fill the window with what is durable.
         loop {
             let batch = {
-                let spool = shared.spool();
-                if next > spool.acked() + WINDOW {
+                let mut spool = shared.spool();
+                if let Some(rewind) = spool.take_rewind() {
+                    next = next.min(rewind);
+                }
+                while in_flight.front().is_some_and(|s| *s <= spool.acked()) {
+                    in_flight.pop_front();
+                }
+                if in_flight.len() >= WINDOW {
                     break;
                 }
                 next = next.max(spool.acked() + 1);
-                spool.from_seq(next, BATCH)
+                spool.from_seq(next, BATCH.min(WINDOW - in_flight.len()))
             };
             let Some(&(last, _)) = batch.last() else {
                 break;
             };
-            for (_, bytes) in &batch {
+            for (seq, bytes) in &batch {
                 tx.send(Frame::envelope(bytes))
                     .await
                     .map_err(|_| SessionError::Closed)?;
+                in_flight.push_back(*seq);
             }
             next = last + 1;
         }
@@ -321,6 +362,7 @@ async fn session(
                     debug!(acked, "collector acknowledged");
                     shared.acked.send_replace(acked);
                     *acked_any = true;
+                    last_progress = Instant::now();
                 }
             }
             changed = durable_rx.changed() => {
@@ -329,6 +371,13 @@ async fn session(
                 }
             }
             _ = heartbeat.tick() => {
+                let acked = shared.spool().acked();
+                let waiting = in_flight.iter().any(|s| *s > acked);
+                if !waiting {
+                    last_progress = Instant::now();
+                } else if last_progress.elapsed() > ACK_TIMEOUT {
+                    return Err(SessionError::Stalled("no acknowledgement of the records sent"));
+                }
                 let beat = Frame::message(agent_message::Msg::Heartbeat(shared.heartbeat()));
                 tx.send(beat).await.map_err(|_| SessionError::Closed)?;
             }

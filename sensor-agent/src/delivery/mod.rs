@@ -142,10 +142,15 @@ impl Sink for Delivery {
         self.push(output::Item::Alert(alert.clone()));
     }
 
+    fn wants_events(&self) -> bool {
+        self.send_events
+    }
+
     /// After each batch of kernel records: an alert in the batch is synced now (one
     /// `fdatasync` for the batch) and sent; events alone wait for the next tick.
     fn flush(&mut self) {
-        if self.shared.spool().alert_unsynced() {
+        let waiting = self.shared.spool().alert_unsynced();
+        if waiting {
             self.sync();
         }
     }

@@ -1,7 +1,7 @@
 //! The durable spool: every alert (and streamed event) waits here, on disk, until the
 //! collector acknowledges it, across collector outages, agent restarts and crashes.
 //!
-//! Layout: `DIR/state` (acknowledged sequence number and next sequence number, replaced
+//! Layout: `DIR/state` (acknowledged, next and first sequence numbers, replaced
 //! atomically) and `DIR/segment-<n>` files of records `[u32 length][u32 crc32][Envelope]`.
 //! A segment is deleted once nothing in it is pending.
 //!
@@ -25,7 +25,7 @@ use std::{
 };
 
 use prost::Message;
-use sensor_proto::v1::{Envelope, Output, Shed, envelope, output};
+use sensor_proto::v1::{Envelope, Output, SeqRange, Shed, envelope, output};
 use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
@@ -79,9 +79,14 @@ pub struct SpoolStats {
     pub acked: u64,
 }
 
+/// `acked`, `next_seq`, `first_seq` and a CRC32 of the three.
+const STATE_LEN: usize = 28;
+
 pub struct Spool {
     opts: SpoolOptions,
     next_seq: u64,
+    /// The first sequence number this spool assigned (told to the collector in `Hello`).
+    first_seq: u64,
     acked: u64,
     pending: BTreeMap<u64, Pending>,
     pending_bytes: u64,
@@ -93,6 +98,8 @@ pub struct Spool {
     unsynced_alert: bool,
     /// Every record up to this one is on disk: what the sender may send.
     durable: u64,
+    /// See [`Spool::take_rewind`].
+    rewind: Option<u64>,
     pub stats: SpoolStats,
 }
 
@@ -116,26 +123,37 @@ impl Spool {
     pub fn open(opts: SpoolOptions) -> Result<Self, SpoolError> {
         fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
         let state_path = opts.dir.join("state");
-        let (acked, mut next_seq) = match fs::read(&state_path) {
+        let (acked, mut next_seq, first_seq) = match fs::read(&state_path) {
             Ok(bytes) => {
-                if bytes.len() != 20
-                    || crc32fast::hash(&bytes[..16])
-                        != u32::from_le_bytes(bytes[16..20].try_into().unwrap_or_default())
+                let word = |i: usize| {
+                    u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default())
+                };
+                if bytes.len() != STATE_LEN
+                    || crc32fast::hash(&bytes[..24])
+                        != u32::from_le_bytes(bytes[24..28].try_into().unwrap_or_default())
                 {
                     return Err(SpoolError::State {
                         path: state_path.display().to_string(),
                     });
                 }
-                let acked = u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default());
-                let next = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or_default());
-                (acked, next)
+                (word(0), word(1), word(2))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (0, 1),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // A new spool numbers from the clock (microseconds), so that an agent whose
+                // spool was lost or wiped keeps increasing sequence numbers and the
+                // collector's de-duplication never mistakes its new records for old ones.
+                let first = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_micros() as u64)
+                    .max(1);
+                (first - 1, first, first)
+            }
             Err(e) => return Err(io_err(&state_path)(e)),
         };
         let mut spool = Self {
             opts,
             next_seq: next_seq.max(1),
+            first_seq,
             acked,
             pending: BTreeMap::new(),
             pending_bytes: 0,
@@ -144,6 +162,7 @@ impl Spool {
             unsynced: false,
             unsynced_alert: false,
             durable: 0,
+            rewind: None,
             stats: SpoolStats::default(),
         };
         let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&spool.opts.dir)
@@ -156,6 +175,9 @@ impl Spool {
             for (seq, bytes) in spool.recover_segment(path)? {
                 next_seq = next_seq.max(seq + 1);
                 if seq > spool.acked {
+                    // A later record of the same number (a Shed record in the place of a
+                    // shed one) replaces the earlier.
+                    spool.remove(seq);
                     let class = classify(&bytes);
                     spool.pending_bytes += bytes.len() as u64;
                     *spool.segments.entry(*id).or_default() += 1;
@@ -173,6 +195,28 @@ impl Spool {
         }
         spool.next_seq = spool.next_seq.max(next_seq);
         spool.durable = spool.last_seq();
+        // Records reported shed are still in their segment files: they stay dropped.
+        let shed: Vec<SeqRange> = spool
+            .pending
+            .values()
+            .filter(|p| p.class == Class::Shed)
+            .filter_map(|p| match Envelope::decode(&p.bytes[..]).ok()?.body? {
+                envelope::Body::Shed(shed) => Some(shed.dropped),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for range in shed {
+            let covered: Vec<u64> = spool
+                .pending
+                .range(range.first..=range.last)
+                .filter(|(_, p)| p.class != Class::Shed)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in covered {
+                spool.remove(seq);
+            }
+        }
         // Segments with nothing pending can go.
         let empty: Vec<u64> = spool
             .segments
@@ -224,6 +268,10 @@ impl Spool {
         self.acked
     }
 
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+
     /// The highest sequence number assigned so far.
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
@@ -249,6 +297,9 @@ impl Spool {
 
     /// Durable pending records from `seq` on, in order, as encoded Envelopes.
     pub fn from_seq(&self, seq: u64, limit: usize) -> Vec<(u64, Arc<[u8]>)> {
+        if seq > self.durable {
+            return Vec::new();
+        }
         self.pending
             .range(seq..=self.durable)
             .take(limit)
@@ -266,16 +317,21 @@ impl Spool {
             seq: self.next_seq,
             body: Some(envelope::Body::Output(output)),
         };
-        // Shedding may queue a Shed record first, which takes a sequence number: encode
-        // with the number this record really gets.
         self.make_room(env.encoded_len() as u64 + 2)?;
         env.seq = self.next_seq;
-        let seq = self.append(class, env.encode_to_vec())?;
+        let seq = self.append(class, env.encode_to_vec(), None)?;
         self.unsynced_alert |= class == Class::Alert;
         Ok(seq)
     }
 
-    fn append(&mut self, class: Class, bytes: Vec<u8>) -> Result<u64, SpoolError> {
+    /// Writes a record with a new sequence number, or (a Shed record) with `reuse`, the
+    /// number of a record it replaces.
+    fn append(
+        &mut self,
+        class: Class,
+        bytes: Vec<u8>,
+        reuse: Option<u64>,
+    ) -> Result<u64, SpoolError> {
         let needs_new = self
             .current
             .as_ref()
@@ -293,8 +349,10 @@ impl Spool {
             self.current = Some((id, file, 0));
             self.persist_state()?;
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = reuse.unwrap_or(self.next_seq);
+        if reuse.is_none() {
+            self.next_seq += 1;
+        }
         let Some((id, file, size)) = self.current.as_mut() else {
             unreachable!("a segment was just opened");
         };
@@ -322,11 +380,18 @@ impl Spool {
     }
 
     /// Sheds pending records until `incoming` more bytes fit: events first, oldest first.
+    /// It frees a sixteenth of the bound at once, so that a spool kept full by a long
+    /// outage sheds (and scans its records) once per many records, not at every one.
     fn make_room(&mut self, incoming: u64) -> Result<(), SpoolError> {
         if self.pending_bytes + incoming <= self.opts.max_bytes {
             return Ok(());
         }
-        let mut dropped = Vec::new();
+        let target = self
+            .opts
+            .max_bytes
+            .saturating_sub(self.opts.max_bytes / 16)
+            .saturating_sub(incoming);
+        let mut dropped: Vec<SeqRange> = Vec::new();
         let (mut events, mut alerts) = (0u64, 0u64);
         for class in [Class::Event, Class::Alert] {
             let victims: Vec<u64> = self
@@ -336,13 +401,13 @@ impl Spool {
                 .map(|(s, _)| *s)
                 .collect();
             for seq in victims {
-                // Room for the record and for the Shed record that reports the loss.
-                let shed_size = 64 + 10 * (dropped.len() as u64 + 1);
-                if self.pending_bytes + incoming + shed_size <= self.opts.max_bytes {
+                // Room for the Shed record that reports the loss, too.
+                let shed_size = 64 + 24 * (dropped.len() as u64 + 1);
+                if self.pending_bytes + shed_size <= target {
                     break;
                 }
                 if let Some(p) = self.remove(seq) {
-                    dropped.push(seq);
+                    add_to_ranges(&mut dropped, seq);
                     match p.class {
                         Class::Event => events += 1,
                         _ => alerts += 1,
@@ -356,7 +421,10 @@ impl Spool {
         self.stats.shed_events += events;
         self.stats.shed_alerts += alerts;
         warn!(events, alerts, "spool full: shed the oldest unsent records");
-        let seq = self.next_seq;
+        // The Shed record takes the place of the oldest record it reports, so that it is
+        // sent before everything after the loss: the collector can account for the loss
+        // before it needs to, whatever its window.
+        let seq = dropped[0].first;
         let env = Envelope {
             seq,
             body: Some(envelope::Body::Shed(Shed {
@@ -366,8 +434,15 @@ impl Spool {
                 reason: format!("spool full ({} bytes)", self.opts.max_bytes),
             })),
         };
-        self.append(Class::Shed, env.encode_to_vec())?;
+        self.append(Class::Shed, env.encode_to_vec(), Some(seq))?;
+        self.rewind = Some(self.rewind.map_or(seq, |r| r.min(seq)));
         self.sync()
+    }
+
+    /// The lowest sequence number written behind the sender's back since the last call
+    /// (a Shed record in the place of a record that may have been sent already).
+    pub fn take_rewind(&mut self) -> Option<u64> {
+        self.rewind.take()
     }
 
     fn remove(&mut self, seq: u64) -> Option<Pending> {
@@ -433,9 +508,10 @@ impl Spool {
     fn persist_state(&self) -> Result<(), SpoolError> {
         let path = self.opts.dir.join("state");
         let tmp = self.opts.dir.join("state.tmp");
-        let mut bytes = Vec::with_capacity(20);
+        let mut bytes = Vec::with_capacity(STATE_LEN);
         bytes.extend_from_slice(&self.acked.to_le_bytes());
         bytes.extend_from_slice(&self.next_seq.to_le_bytes());
+        bytes.extend_from_slice(&self.first_seq.to_le_bytes());
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         (|| -> io::Result<()> {
@@ -446,6 +522,31 @@ impl Spool {
             File::open(&self.opts.dir)?.sync_all()
         })()
         .map_err(io_err(&path))
+    }
+}
+
+/// Adds `seq` to sorted, disjoint ranges, merging neighbours.
+fn add_to_ranges(ranges: &mut Vec<SeqRange>, seq: u64) {
+    let at = ranges.partition_point(|r| r.last < seq);
+    if ranges.get(at).is_some_and(|r| r.first <= seq) {
+        return;
+    }
+    let joins_prev = at > 0 && ranges[at - 1].last + 1 == seq;
+    let joins_next = ranges.get(at).is_some_and(|r| r.first == seq + 1);
+    match (joins_prev, joins_next) {
+        (true, true) => {
+            ranges[at - 1].last = ranges[at].last;
+            ranges.remove(at);
+        }
+        (true, false) => ranges[at - 1].last = seq,
+        (false, true) => ranges[at].first = seq,
+        (false, false) => ranges.insert(
+            at,
+            SeqRange {
+                first: seq,
+                last: seq,
+            },
+        ),
     }
 }
 
@@ -494,25 +595,31 @@ mod tests {
         let mut opts = SpoolOptions::new(dir.path().to_path_buf());
         opts.segment_bytes = 300;
         let mut spool = Spool::open(opts.clone()).unwrap();
+        let base = spool.first_seq() - 1;
+        assert!(
+            base > 1_700_000_000_000_000,
+            "a new spool numbers from the clock"
+        );
         for n in 0..10 {
-            assert_eq!(spool.push(alert(n)).unwrap(), u64::from(n) + 1);
+            assert_eq!(spool.push(alert(n)).unwrap(), base + u64::from(n) + 1);
         }
         spool.sync().unwrap();
-        spool.ack(4).unwrap();
+        spool.ack(base + 4).unwrap();
         drop(spool);
 
         let mut spool = Spool::open(opts.clone()).unwrap();
-        assert_eq!(spool.acked(), 4);
+        assert_eq!(spool.first_seq(), base + 1);
+        assert_eq!(spool.acked(), base + 4);
         assert_eq!(spool.pending(), 6);
         let first = spool.from_seq(0, 100);
-        assert_eq!(first[0].0, 5);
-        assert_eq!(decode(&first[0].1).seq, 5);
+        assert_eq!(first[0].0, base + 5);
+        assert_eq!(decode(&first[0].1).seq, base + 5);
         assert_eq!(
             spool.push(alert(10)).unwrap(),
-            11,
+            base + 11,
             "sequence numbers are never reused"
         );
-        spool.ack(11).unwrap();
+        spool.ack(base + 11).unwrap();
         assert_eq!(spool.pending(), 0);
         let segments = fs::read_dir(dir.path())
             .unwrap()
@@ -532,9 +639,19 @@ mod tests {
         let spool = Spool::open(opts).unwrap();
         assert_eq!(
             spool.last_seq(),
-            11,
+            base + 11,
             "the counter survives even with nothing pending"
         );
+    }
+
+    #[test]
+    fn ranges_merge() {
+        let mut r = Vec::new();
+        for seq in [5, 7, 6, 1, 9, 2, 7] {
+            add_to_ranges(&mut r, seq);
+        }
+        let pairs: Vec<(u64, u64)> = r.iter().map(|r| (r.first, r.last)).collect();
+        assert_eq!(pairs, [(1, 2), (5, 7), (9, 9)]);
     }
 
     #[test]
@@ -548,8 +665,9 @@ mod tests {
         assert!(spool.from_seq(0, 10).is_empty());
         spool.sync().unwrap();
         assert!(!spool.alert_unsynced());
-        assert_eq!(spool.durable(), 2);
+        assert_eq!(spool.durable(), spool.first_seq() + 1);
         assert_eq!(spool.from_seq(0, 10).len(), 2);
+        assert!(spool.from_seq(spool.durable() + 1, 10).is_empty());
     }
 
     #[test]
@@ -578,7 +696,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut opts = SpoolOptions::new(dir.path().to_path_buf());
         opts.max_bytes = 3_000;
-        let mut spool = Spool::open(opts).unwrap();
+        let mut spool = Spool::open(opts.clone()).unwrap();
         let mut alerts = Vec::new();
         let mut events = Vec::new();
         for n in 0..40 {
@@ -599,8 +717,10 @@ mod tests {
             match decode(bytes).body {
                 Some(envelope::Body::Shed(shed)) => {
                     assert_eq!(shed.alerts, 0);
-                    assert_eq!(shed.events, shed.dropped.len() as u64);
-                    declared.extend(shed.dropped);
+                    let listed: Vec<u64> =
+                        shed.dropped.iter().flat_map(|r| r.first..=r.last).collect();
+                    assert_eq!(shed.events, listed.len() as u64);
+                    declared.extend(listed);
                 }
                 Some(envelope::Body::Output(_)) => {
                     assert!(alerts.contains(seq) || events.contains(seq))
@@ -611,7 +731,11 @@ mod tests {
         for a in &alerts {
             assert!(pending.iter().any(|(s, _)| s == a), "alert {a} kept");
         }
-        let present: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+        let present: Vec<u64> = pending
+            .iter()
+            .filter(|(_, b)| matches!(decode(b).body, Some(envelope::Body::Output(_))))
+            .map(|(s, _)| *s)
+            .collect();
         for e in &events {
             assert!(
                 present.contains(e) != declared.contains(e),
@@ -619,5 +743,20 @@ mod tests {
             );
         }
         assert_eq!(declared.len() as u64, spool.stats.shed_events);
+        // Each Shed record sits at the first number it reports, and the sender is told to
+        // look back there.
+        for (seq, bytes) in &pending {
+            if let Some(envelope::Body::Shed(shed)) = decode(bytes).body {
+                assert_eq!(shed.dropped[0].first, *seq);
+            }
+        }
+        assert!(spool.take_rewind().is_some());
+        // After a restart the shed records stay shed (their bytes are still in the
+        // segment files).
+        let before: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+        drop(spool);
+        let spool = Spool::open(opts).unwrap();
+        let after: Vec<u64> = spool.from_seq(0, 1000).iter().map(|(s, _)| *s).collect();
+        assert_eq!(before, after);
     }
 }

@@ -91,6 +91,12 @@ impl Engine {
         engine
     }
 
+    /// Repeats of a rule on one process tree within `window_ns` collapse into one alert
+    /// (0: every match is its own alert).
+    pub fn set_collapse_window(&mut self, window_ns: u64) {
+        self.collapser = Collapser::new(window_ns);
+    }
+
     /// Replaces the rule set (live reload): partial sequences of the old set are dropped.
     pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
         self.singles.clear();

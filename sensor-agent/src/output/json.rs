@@ -10,13 +10,25 @@ use super::Sink;
 
 pub struct JsonLines<W: Write> {
     out: W,
+    /// Print events (alerts are always printed).
+    events: bool,
     /// Set after the first write error (a closed pipe); later lines are dropped quietly.
     broken: bool,
 }
 
 impl<W: Write> JsonLines<W> {
     pub fn new(out: W) -> Self {
-        Self { out, broken: false }
+        Self {
+            out,
+            events: true,
+            broken: false,
+        }
+    }
+
+    /// Prints events only when `events` (the pipeline may hand events to other sinks).
+    pub fn with_events(mut self, events: bool) -> Self {
+        self.events = events;
+        self
     }
 
     pub fn into_inner(self) -> W {
@@ -42,7 +54,9 @@ impl<W: Write> JsonLines<W> {
 
 impl<W: Write> Sink for JsonLines<W> {
     fn event(&mut self, event: &Event) {
-        self.line("event", event);
+        if self.events {
+            self.line("event", event);
+        }
     }
 
     fn alert(&mut self, alert: &Alert) {

@@ -11,6 +11,10 @@ pub trait Sink {
     fn alert(&mut self, alert: &Alert);
     /// Called after each batch of records, so lines reach readers within milliseconds.
     fn flush(&mut self);
+    /// Wants every event even when they are not printed (`--send-events`).
+    fn wants_events(&self) -> bool {
+        false
+    }
 }
 
 /// Two destinations: both get everything.
@@ -28,6 +32,10 @@ impl<A: Sink, B: Sink> Sink for (A, B) {
     fn flush(&mut self) {
         self.0.flush();
         self.1.flush();
+    }
+
+    fn wants_events(&self) -> bool {
+        self.0.wants_events() || self.1.wants_events()
     }
 }
 
@@ -49,5 +57,9 @@ impl<S: Sink> Sink for Option<S> {
         if let Some(s) = self {
             s.flush();
         }
+    }
+
+    fn wants_events(&self) -> bool {
+        self.as_ref().is_some_and(Sink::wants_events)
     }
 }

@@ -1,0 +1,291 @@
+//! `sensor-collector`: the reference collector.
+//!
+//! `sensor-collector --listen ADDR --db FILE` receives agents' streams, stores what they
+//! send in SQLite and prints each new alert as a JSON line; `sensor-collector alerts`
+//! queries the stored alerts and `sensor-collector agents` lists the fleet.
+
+mod server;
+mod store;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use sensor_proto::{pem, v1::Severity};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "sensor-collector",
+    version,
+    about = "Reference collector of the EPMM sensor: receives agents' alert streams",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (HOST:PORT; port 0 picks a free one, logged at start).
+    /// Plaintext is served only on loopback addresses; anything else needs --tls-*.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// SQLite database file (created when missing).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+    /// The collector's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA (PEM) agents' client certificates must be signed by.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Close a stream that sends nothing (not even a heartbeat) for this many seconds.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    silence: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stored alerts as JSON lines, oldest first.
+    Alerts {
+        #[arg(long, value_name = "FILE")]
+        db: PathBuf,
+        /// Only this agent.
+        #[arg(long, value_name = "AGENT_ID")]
+        agent: Option<String>,
+        /// Only this rule id.
+        #[arg(long, value_name = "RULE_ID")]
+        rule: Option<String>,
+        /// At least this severity: low, medium, high, critical.
+        #[arg(long, value_parser = parse_severity)]
+        severity: Option<Severity>,
+        /// From this time: RFC 3339 (`2026-01-30T10:00:00Z`) or an age (`90m`, `2h`, `7d`).
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// Up to this time (same forms as --since).
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// The fleet: every agent with its EPMM version and hotfix status, vulnerable ones
+    /// flagged, and whether any sequence number is outstanding.
+    Agents {
+        #[arg(long, value_name = "FILE")]
+        db: PathBuf,
+        /// One JSON object per agent instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// An agent not heard from for this many seconds is flagged silent.
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        silent_after: u64,
+    },
+}
+
+fn parse_severity(s: &str) -> Result<Severity, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "low" => Ok(Severity::Low),
+        "medium" => Ok(Severity::Medium),
+        "high" => Ok(Severity::High),
+        "critical" => Ok(Severity::Critical),
+        _ => Err(format!("{s:?}: one of low, medium, high, critical")),
+    }
+}
+
+/// Nanoseconds since the epoch from RFC 3339 or an age before now.
+fn parse_time(s: &str) -> Result<i64, String> {
+    let time = match humantime::parse_rfc3339_weak(s) {
+        Ok(t) => t,
+        Err(_) => {
+            let age = humantime::parse_duration(s).map_err(|_| {
+                format!(
+                    "{s:?}: not an RFC 3339 time (2026-01-30T10:00:00Z) or an age (90m, 2h, 7d)"
+                )
+            })?;
+            std::time::SystemTime::now()
+                .checked_sub(age)
+                .ok_or_else(|| format!("{s:?}: before the epoch"))?
+        }
+    };
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .map_err(|_| format!("{s:?}: before the epoch"))
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_env("SENSOR_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Alerts {
+            db,
+            agent,
+            rule,
+            severity,
+            since,
+            until,
+            limit,
+        }) => alerts(
+            &db,
+            &store::AlertQuery {
+                agent,
+                rule,
+                severity,
+                since_ns: since,
+                until_ns: until,
+                limit,
+            },
+        ),
+        Some(Command::Agents {
+            db,
+            json,
+            silent_after,
+        }) => agents(&db, json, silent_after),
+        None => serve(cli.serve),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn alerts(db: &std::path::Path, query: &store::AlertQuery) -> anyhow::Result<()> {
+    let conn = store::open_existing(db)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in store::query_alerts(&conn, query).context("cannot query the alerts")? {
+        std::io::Write::write_all(&mut out, line.as_bytes())?;
+        std::io::Write::write_all(&mut out, b"\n")?;
+    }
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+fn agents(db: &std::path::Path, json: bool, silent_after: u64) -> anyhow::Result<()> {
+    let conn = store::open_existing(db)?;
+    let rows = store::query_agents(&conn, (silent_after as i64).saturating_mul(1_000_000_000))
+        .context("cannot query the agents")?;
+    if json {
+        for row in &rows {
+            println!("{}", serde_json::to_string(row)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<20} {:<20} {:<8} {:<11} {:<7} {:>7} {:>11} {:>6}",
+        "AGENT",
+        "HOST",
+        "EPMM",
+        "HOTFIX",
+        "CVE-2026-1281",
+        "STATUS",
+        "ALERTS",
+        "OUTSTANDING",
+        "SHED"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:<20} {:<20} {:<8} {:<13} {:<7} {:>7} {:>11} {:>6}",
+            r.agent_id,
+            r.host,
+            if r.epmm_version.is_empty() {
+                "-"
+            } else {
+                &r.epmm_version
+            },
+            if r.hotfix_installed { "yes" } else { "no" },
+            if r.vulnerable { "VULNERABLE" } else { "-" },
+            if r.silent { "silent" } else { "ok" },
+            r.alerts,
+            r.outstanding,
+            r.shed,
+        );
+    }
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let listen = args
+        .listen
+        .context("--listen ADDR is required (or a subcommand: alerts, agents)")?;
+    let db = args
+        .db
+        .context("--db FILE is required (or a subcommand: alerts, agents)")?;
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (None, None, None) => {
+            if !listen.ip().is_loopback() {
+                anyhow::bail!(
+                    "--listen {listen}: plaintext is served only on loopback addresses; \
+                     give --tls-cert, --tls-key and --tls-client-ca"
+                );
+            }
+            None
+        }
+        (Some(cert), Some(key), Some(ca)) => Some(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(
+                    pem::certificates(cert, "--tls-cert").map_err(anyhow::Error::msg)?,
+                    pem::private_key(key, "--tls-key").map_err(anyhow::Error::msg)?,
+                ))
+                .client_ca_root(Certificate::from_pem(
+                    pem::certificates(ca, "--tls-client-ca").map_err(anyhow::Error::msg)?,
+                )),
+        ),
+        _ => anyhow::bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-client-ca"),
+    };
+    let conn = store::open(&db)?;
+    let writer = store::Writer::start(conn, Box::new(std::io::stdout()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("--listen {listen}: cannot bind"))?;
+        let local = listener.local_addr()?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut builder = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        let secure = tls.is_some();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls).context("TLS configuration")?;
+        }
+        let service = sensor_proto::v1::collector_server::CollectorServer::new(server::Collector {
+            writer,
+            silence: Duration::from_secs(args.silence),
+        })
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
+        info!(address = %local, tls = secure, db = %db.display(), "listening");
+        let shutdown = async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+            }
+        };
+        builder
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .context("the server failed")
+    })
+}
