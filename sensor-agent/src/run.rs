@@ -56,10 +56,11 @@ pub struct RunOptions {
     pub collapse_window_ns: Option<u64>,
 }
 
-/// Where a live run's output goes: JSON lines on stdout, and the collector's spool.
+/// Where a live run's output goes: the collector's spool, then JSON lines on stdout (in
+/// that order: whatever was printed is already in the spool file when the agent dies).
 type Outputs = (
-    JsonLines<std::io::BufWriter<std::io::StdoutLock<'static>>>,
     Option<Delivery>,
+    JsonLines<std::io::BufWriter<std::io::StdoutLock<'static>>>,
 );
 
 /// How long a stopping agent waits for the collector to acknowledge what it sent.
@@ -146,8 +147,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         table,
         engine,
         (
-            JsonLines::new(stdout).with_events(options.print_events),
             delivery,
+            JsonLines::new(stdout).with_events(options.print_events),
         ),
         options.print_events,
         DecodeContext {
@@ -216,7 +217,7 @@ async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow:
                 pipeline.set_clock(BootClock::now());
                 pipeline.flush_traces();
                 report_losses(&lost, &mut last_lost);
-                if let Some(delivery) = pipeline.sink.1.as_mut() {
+                if let Some(delivery) = pipeline.sink.0.as_mut() {
                     delivery.tick(loss_map(&last_lost));
                 }
             }
@@ -231,7 +232,7 @@ async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow:
     }
     pipeline.finish();
     report_losses(&lost, &mut last_lost);
-    if let Some(delivery) = pipeline.sink.1.as_mut() {
+    if let Some(delivery) = pipeline.sink.0.as_mut() {
         delivery.tick(loss_map(&last_lost));
         delivery.close(CLOSE_WAIT).await;
     }

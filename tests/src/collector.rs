@@ -87,25 +87,22 @@ impl Collector {
         pred: impl Fn(&Value) -> bool,
     ) -> Vec<Value> {
         let deadline = Instant::now() + timeout;
-        loop {
-            let matching: Vec<Value> = self.seen.iter().filter(|v| pred(v)).cloned().collect();
-            if matching.len() >= n {
-                return matching;
-            }
+        let mut count = self.seen.iter().filter(|v| pred(v)).count();
+        while count < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .lines
-                .recv_timeout(left.min(Duration::from_millis(200)))
-            {
-                Ok(v) => self.seen.push(v),
+            match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(v) => {
+                    count += usize::from(pred(&v));
+                    self.seen.push(v);
+                }
                 Err(_) if left.is_zero() => panic!(
-                    "the collector printed {} of {n} expected alerts within {timeout:?}; its log:\n{}",
-                    matching.len(),
+                    "the collector printed {count} of {n} expected alerts within {timeout:?}; its log:\n{}",
                     self.log()
                 ),
                 Err(_) => {}
             }
         }
+        self.seen.iter().filter(|v| pred(v)).cloned().collect()
     }
 
     /// Stops the collector with SIGTERM (by its pid) and waits for it, bounded.

@@ -42,6 +42,9 @@ enum Workload {
     /// open(O_WRONLY|O_CREAT|O_TRUNC) and close of a file by relative path in a directory
     /// nobody watches: the most the file probes do for an open they do not report.
     OpenWrite,
+    /// Alerts from agent to collector over mutual TLS with fsync on both sides: latency
+    /// from exec to stored alert (`--iterations` samples) and a burst's alerts per second.
+    Delivery,
 }
 
 /// What one run with the agent cost and delivered.
@@ -55,6 +58,9 @@ struct AgentRun {
 pub fn run(args: BenchArgs) -> Result<()> {
     if !crate::is_root() {
         bail!("the benchmark loads the probes and must run as root");
+    }
+    if let Workload::Delivery = args.workload {
+        return delivery(&args);
     }
     step("build the agent (release)");
     cargo(&["build", "--release", "--package", "sensor-agent"])?;
@@ -111,6 +117,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs the delivery benchmark binary (tests/src/bin/delivery_bench.rs) against release
+/// builds of the agent and the collector.
+fn delivery(args: &BenchArgs) -> Result<()> {
+    step("build the agent, the collector and the delivery benchmark (release)");
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "sensor-agent",
+        "--package",
+        "sensor-collector",
+    ])?;
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "sensor-e2e",
+        "--bin",
+        "delivery-bench",
+    ])?;
+    let release = workspace().join("target/release");
+    let samples = args.iterations.min(10_000).to_string();
+    let status = Command::new(release.join("delivery-bench"))
+        .args([samples.as_str(), "2000"])
+        .env("SENSOR_AGENT_BIN", release.join("sensor-agent"))
+        .env("SENSOR_COLLECTOR_BIN", release.join("sensor-collector"))
+        .status()
+        .context("run delivery-bench")?;
+    if !status.success() {
+        bail!("delivery-bench failed ({status})");
+    }
+    Ok(())
+}
+
 fn median(mut values: Vec<Duration>) -> Duration {
     values.sort();
     values[values.len() / 2]
@@ -133,6 +173,7 @@ fn workload(kind: Workload, iterations: u32) -> Result<Duration> {
         Workload::Connect => connect_storm(iterations),
         Workload::Open => open_storm(iterations, false),
         Workload::OpenWrite => open_storm(iterations, true),
+        Workload::Delivery => bail!("the delivery benchmark has its own runner"),
     }
 }
 
