@@ -90,7 +90,10 @@ impl Collector {
         let mut count = self.seen.iter().filter(|v| pred(v)).count();
         while count < n {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
                 Ok(v) => {
                     count += usize::from(pred(&v));
                     self.seen.push(v);
