@@ -5,10 +5,12 @@
 //! `output` (JSON lines). `pipeline` strings the stages together for live runs and replay;
 //! `run` is the live command.
 
+pub mod config;
 pub mod decode;
 pub mod delivery;
 pub mod detect;
 pub mod identity;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod probes;

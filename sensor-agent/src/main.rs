@@ -4,8 +4,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 use sensor_agent::{
-    delivery, detect, identity,
-    probes::{LoadOptions, watch},
+    config, delivery, detect, identity,
+    probes::LoadOptions,
     replay, run,
     trace::{flight::FlightOptions, recorder::RecordOptions},
 };
@@ -68,95 +68,102 @@ enum RulesCommand {
     },
 }
 
+/// `run` flags. Each has a key in the configuration file (`--config`, default
+/// /etc/sensor-agent/agent.toml); a flag given here wins. Defaults are the file's.
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Also print every event as a JSON line (`{"event": {...}}`).
+    /// Configuration file (default /etc/sensor-agent/agent.toml when it exists).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Also print every event as a JSON line (`{"event": {...}}`). [agent] events
     #[arg(long)]
     events: bool,
-    /// Size of the kernel-to-agent ring buffer in MiB (a power of two).
-    #[arg(long, default_value_t = 16, value_parser = parse_ring_mib)]
-    ring_mib: u32,
-    /// Rule directory (repeatable), loaded after the embedded EPMM pack.
+    /// Size of the kernel-to-agent ring buffer in MiB, a power of two (16). [agent] ring_mib
+    #[arg(long, value_parser = parse_ring_mib, value_name = "MIB")]
+    ring_mib: Option<u32>,
+    /// Rule directory (repeatable), loaded after the embedded EPMM pack. [rules] dirs
     #[arg(long = "rules", value_name = "DIR")]
     rules: Vec<PathBuf>,
     /// SigmaHQ rule directory (repeatable): Linux process_creation, network_connection
-    /// and file_event rules.
+    /// and file_event rules. [rules] sigma
     #[arg(long = "sigma", value_name = "DIR")]
     sigma: Vec<PathBuf>,
     /// Record every event into trace files: a directory (files rotated by size and age,
-    /// oldest deleted past the total bound) or one file.
+    /// oldest deleted past the total bound) or one file. [record] path
     #[arg(long = "record", value_name = "FILE_OR_DIR")]
     record: Option<PathBuf>,
-    /// Rotate a trace file past this size (MiB).
-    #[arg(long, default_value_t = 64, value_name = "MIB")]
-    record_max_mib: u64,
-    /// Rotate a trace file past this age (seconds).
-    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
-    record_max_age: u64,
-    /// Delete the oldest trace files past this total (MiB).
-    #[arg(long, default_value_t = 1024, value_name = "MIB")]
-    record_max_total_mib: u64,
+    /// Rotate a trace file past this size (64 MiB). [record] max_mib
+    #[arg(long, value_name = "MIB")]
+    record_max_mib: Option<u64>,
+    /// Rotate a trace file past this age (3600 s). [record] max_age_seconds
+    #[arg(long, value_name = "SECONDS")]
+    record_max_age: Option<u64>,
+    /// Delete the oldest trace files past this total (1024 MiB). [record] max_total_mib
+    #[arg(long, value_name = "MIB")]
+    record_max_total_mib: Option<u64>,
     /// Flight recorder: write the seconds before and after each alert to this directory
-    /// (the alert names the file).
+    /// (the alert names the file). [flight] dir
     #[arg(long = "flight-dir", value_name = "DIR")]
     flight_dir: Option<PathBuf>,
-    /// Seconds of events kept before an alert.
-    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-    flight_before: u64,
-    /// Seconds of events written after an alert.
-    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
-    flight_after: u64,
-    /// Bound on the memory of the flight recorder's ring (MiB).
-    #[arg(long, default_value_t = 32, value_name = "MIB")]
-    flight_max_mib: usize,
-    /// Agent id stamped on alerts (default: derived from /etc/machine-id).
+    /// Seconds of events kept before an alert (30). [flight] before_seconds
+    #[arg(long, value_name = "SECONDS")]
+    flight_before: Option<u64>,
+    /// Seconds of events written after an alert (10). [flight] after_seconds
+    #[arg(long, value_name = "SECONDS")]
+    flight_after: Option<u64>,
+    /// Bound on the memory of the flight recorder's ring (32 MiB). [flight] max_mib
+    #[arg(long, value_name = "MIB")]
+    flight_max_mib: Option<usize>,
+    /// Agent id stamped on alerts (default: derived from /etc/machine-id). [agent] agent_id
     #[arg(long = "agent-id")]
     agent_id: Option<String>,
     /// Also report file activity under this absolute path prefix (repeatable), besides
-    /// the default watch list.
+    /// the default watch list. [rules] watch
     #[arg(long = "watch", value_name = "PATH")]
     watch: Vec<String>,
     /// Do not attach this optional probe (repeatable); to measure what each costs.
+    /// [agent] skip_probes
     #[arg(long = "skip-probe", value_name = "PROBE")]
     skip_probes: Vec<String>,
     /// Repeats of a rule on one process tree within this many seconds collapse into one
-    /// alert with a count (0: every match is its own alert).
-    #[arg(long, default_value_t = 60, value_name = "SECONDS")]
-    collapse: u64,
+    /// alert with a count; 0: every match is its own alert (60). [agent] collapse_seconds
+    #[arg(long, value_name = "SECONDS")]
+    collapse: Option<u64>,
     /// Stream alerts to this collector: `https://HOST:PORT` (mutual TLS, with --tls-cert,
     /// --tls-key and --tls-ca) or `http://127.0.0.1:PORT` (plaintext, loopback only).
+    /// [collector] url
     #[arg(long, value_name = "URL")]
     collector: Option<String>,
-    /// Also stream every event to the collector, not only alerts.
-    #[arg(long, requires = "collector")]
+    /// Also stream every event to the collector, not only alerts. [collector] send_events
+    #[arg(long)]
     send_events: bool,
-    /// Where unacknowledged records wait for the collector (kept across restarts).
-    #[arg(
-        long,
-        default_value = "/var/lib/sensor-agent/spool",
-        value_name = "DIR"
-    )]
-    spool: PathBuf,
-    /// Bound on the spool (MiB); past it, the oldest events are shed first, then alerts,
-    /// and the collector is told exactly which.
-    #[arg(long, default_value_t = 256, value_name = "MIB")]
-    spool_max_mib: u64,
-    /// This agent's certificate (PEM) for mutual TLS with the collector.
+    /// Where unacknowledged records wait for the collector, kept across restarts
+    /// (/var/lib/sensor-agent/spool). [collector] spool
+    #[arg(long, value_name = "DIR")]
+    spool: Option<PathBuf>,
+    /// Bound on the spool (256 MiB); past it, the oldest events are shed first, then
+    /// alerts, and the collector is told exactly which. [collector] spool_max_mib
+    #[arg(long, value_name = "MIB")]
+    spool_max_mib: Option<u64>,
+    /// This agent's certificate (PEM) for mutual TLS with the collector. [collector] tls_cert
     #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
-    /// The private key (PEM) of --tls-cert.
+    /// The private key (PEM) of --tls-cert. [collector] tls_key
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
-    /// The CA (PEM) that signed the collector's certificate.
+    /// The CA (PEM) that signed the collector's certificate. [collector] tls_ca
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<PathBuf>,
-    /// Seconds between heartbeats to the collector.
-    #[arg(long, default_value_t = 5, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
-    heartbeat: u64,
-    /// Longest wait between reconnection attempts (seconds; exponential backoff with
-    /// jitter up to this).
-    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
-    collector_retry_max: u64,
+    /// Seconds between heartbeats to the collector (5). [collector] heartbeat_seconds
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat: Option<u64>,
+    /// Longest wait between reconnection attempts, exponential backoff with jitter up to
+    /// this (30 s). [collector] retry_max_seconds
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    collector_retry_max: Option<u64>,
+    /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics. [metrics] listen
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_ring_mib(value: &str) -> Result<u32, String> {
@@ -194,51 +201,96 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
-    let mut load = LoadOptions {
-        ring_bytes: args.ring_mib * 1024 * 1024,
-        skip: args.skip_probes,
-        ..LoadOptions::default()
-    };
-    for prefix in &args.watch {
-        load.watch.push(watch::rule_for(prefix)?);
-    }
+    let (config, config_path) = config::load(args.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let c = &config;
     const S: u64 = 1_000_000_000;
     const MIB: u64 = 1024 * 1024;
-    let record = args.record.map(|path| RecordOptions {
-        path,
-        max_file_bytes: args.record_max_mib.max(1) * MIB,
-        max_file_age_ns: args.record_max_age.max(1) * S,
-        max_total_bytes: args.record_max_total_mib.max(1) * MIB,
-    });
-    let flight = args.flight_dir.map(|dir| FlightOptions {
-        dir,
-        before_ns: args.flight_before * S,
-        after_ns: args.flight_after * S,
-        max_bytes: args.flight_max_mib.max(1) * 1024 * 1024,
-    });
-    let delivery = args.collector.map(|url| {
-        let mut d = delivery::DeliveryOptions::new(url, args.spool);
-        d.tls = delivery::TlsFiles {
-            cert: args.tls_cert,
-            key: args.tls_key,
-            ca: args.tls_ca,
-        };
-        d.spool.max_bytes = args.spool_max_mib.max(1) * MIB;
-        d.send_events = args.send_events;
-        d.heartbeat = std::time::Duration::from_secs(args.heartbeat);
-        d.backoff_max = std::time::Duration::from_secs(args.collector_retry_max);
-        d
-    });
-    runtime()?.block_on(run::run(run::RunOptions {
-        print_events: args.events,
-        load,
+    let skip = if args.skip_probes.is_empty() {
+        c.agent.skip_probes.clone()
+    } else {
+        args.skip_probes
+    };
+    let load = LoadOptions {
+        ring_bytes: args.ring_mib.unwrap_or(c.agent.ring_mib) * 1024 * 1024,
+        skip,
+        ..LoadOptions::default()
+    };
+    let cli_sources = config::RuleSources {
         rules: args.rules,
         sigma: args.sigma,
-        identity: identity::detect(args.agent_id),
+        watch: args.watch,
+    };
+    let sources = config::RuleSources::resolve(c, &cli_sources);
+    let record = args
+        .record
+        .or(c.record.path.clone())
+        .map(|path| RecordOptions {
+            path,
+            max_file_bytes: args.record_max_mib.unwrap_or(c.record.max_mib).max(1) * MIB,
+            max_file_age_ns: args
+                .record_max_age
+                .unwrap_or(c.record.max_age_seconds)
+                .max(1)
+                * S,
+            max_total_bytes: args
+                .record_max_total_mib
+                .unwrap_or(c.record.max_total_mib)
+                .max(1)
+                * MIB,
+        });
+    let flight = args
+        .flight_dir
+        .or(c.flight.dir.clone())
+        .map(|dir| FlightOptions {
+            dir,
+            before_ns: args.flight_before.unwrap_or(c.flight.before_seconds) * S,
+            after_ns: args.flight_after.unwrap_or(c.flight.after_seconds) * S,
+            max_bytes: args.flight_max_mib.unwrap_or(c.flight.max_mib).max(1) * 1024 * 1024,
+        });
+    let delivery = args.collector.or(c.collector.url.clone()).map(|url| {
+        let spool = args.spool.clone().unwrap_or(c.collector.spool.clone());
+        let mut d = delivery::DeliveryOptions::new(url, spool);
+        d.tls = delivery::TlsFiles {
+            cert: args.tls_cert.clone().or(c.collector.tls_cert.clone()),
+            key: args.tls_key.clone().or(c.collector.tls_key.clone()),
+            ca: args.tls_ca.clone().or(c.collector.tls_ca.clone()),
+        };
+        d.spool.max_bytes = args
+            .spool_max_mib
+            .unwrap_or(c.collector.spool_max_mib)
+            .max(1)
+            * MIB;
+        d.send_events = args.send_events || c.collector.send_events;
+        d.heartbeat =
+            std::time::Duration::from_secs(args.heartbeat.unwrap_or(c.collector.heartbeat_seconds));
+        d.backoff_max = std::time::Duration::from_secs(
+            args.collector_retry_max
+                .unwrap_or(c.collector.retry_max_seconds),
+        );
+        d
+    });
+    if args.send_events && delivery.is_none() {
+        anyhow::bail!("--send-events needs a collector (--collector or [collector] url)");
+    }
+    let agent_id = args
+        .agent_id
+        .or_else(|| (!c.agent.agent_id.is_empty()).then(|| c.agent.agent_id.clone()));
+    runtime()?.block_on(run::run(run::RunOptions {
+        print_events: args.events || c.agent.events,
+        load,
+        sources,
+        identity: identity::detect(agent_id),
         record,
         flight,
         delivery,
-        collapse_window_ns: Some(args.collapse.saturating_mul(S)),
+        collapse_window_ns: Some(
+            args.collapse
+                .unwrap_or(c.agent.collapse_seconds)
+                .saturating_mul(S),
+        ),
+        metrics: args.metrics.or(c.metrics.listen),
+        config_path,
+        cli_sources,
     }))
 }
 

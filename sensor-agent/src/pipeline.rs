@@ -3,12 +3,14 @@
 //! Live runs feed raw ring-buffer records in; replay feeds decoded events in. Everything
 //! from `handle_event` on is the same code for both.
 
-use sensor_proto::v1::{Event, TraceHeader};
+use std::{collections::BTreeMap, time::Instant};
+
+use sensor_proto::v1::{Alert, Event, TraceHeader};
 use tracing::warn;
 
 use crate::{
     decode::{self, BootClock, DecodeContext},
-    detect::Engine,
+    detect::{Engine, fields},
     output::Sink,
     proctable::ProcessTable,
     trace::{self, flight::FlightRecorder, recorder::Recorder},
@@ -38,13 +40,22 @@ fn header(
 }
 
 /// What went through the pipeline.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PipelineStats {
     pub records: u64,
     pub decode_errors: u64,
     pub events: u64,
     pub alerts: u64,
+    /// Events by kind, indexed like `detect::fields::EVENT_KINDS` (last: none).
+    pub by_kind: [u64; EVENT_KIND_SLOTS],
+    /// Time spent in detection (the rules), in nanoseconds.
+    pub detect_ns: u64,
+    /// Alerts by (rule id, severity).
+    pub alerts_by: BTreeMap<(String, i32), u64>,
 }
+
+/// One slot per event kind, and one for events without a kind.
+pub const EVENT_KIND_SLOTS: usize = fields::EVENT_KINDS.len() + 1;
 
 pub struct Pipeline<S: Sink> {
     pub table: ProcessTable,
@@ -125,8 +136,11 @@ impl<S: Sink> Pipeline<S> {
         if let Some(flight) = self.flight.as_mut() {
             flight.on_event(&event);
         }
+        self.stats.by_kind[fields::event_kind_index(&event)] += 1;
         self.table.apply(&event);
+        let started = Instant::now();
         let mut alerts = self.engine.on_event(&event, &mut self.table);
+        self.stats.detect_ns += started.elapsed().as_nanos() as u64;
         if self.print_events || self.sink.wants_events() {
             self.sink.event(&event);
         }
@@ -137,16 +151,35 @@ impl<S: Sink> Pipeline<S> {
                 let header = || header(table, engine, decode, &reason, event.boot_ns);
                 flight.on_alert(alert, event.boot_ns, &header);
             }
-            self.stats.alerts += 1;
+            self.count_alert(alert);
             self.sink.alert(alert);
         }
+    }
+
+    fn count_alert(&mut self, alert: &Alert) {
+        self.stats.alerts += 1;
+        *self
+            .stats
+            .alerts_by
+            .entry((alert.rule_id.clone(), alert.severity))
+            .or_default() += 1;
+    }
+
+    /// An alert the agent raises about itself (`ops::health`): numbered, counted, and
+    /// sent to the outputs like any other.
+    pub fn raise_self(&mut self, alert: Alert) {
+        let alert = self.engine.stamp_self_alert(alert);
+        tracing::warn!(rule = %alert.rule_id, title = %alert.title, "self-health alert");
+        self.count_alert(&alert);
+        self.sink.alert(&alert);
+        self.sink.flush();
     }
 
     /// End of input: report the repeats still counted in open collapse windows, and
     /// complete the trace files.
     pub fn finish(&mut self) {
         for alert in self.engine.finish() {
-            self.stats.alerts += 1;
+            self.count_alert(&alert);
             self.sink.alert(&alert);
         }
         if let Some(recorder) = self.recorder.as_mut()

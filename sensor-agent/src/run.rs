@@ -1,6 +1,7 @@
 //! `sensor-agent run`: load the probes, seed the process table, stream until SIGINT/SIGTERM.
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     path::{Path, PathBuf},
     sync::Arc,
@@ -13,9 +14,10 @@ use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
+    config::RuleSources,
     decode::{BootClock, DecodeContext},
     delivery::{Delivery, DeliveryOptions, appliance},
     detect::{
@@ -24,6 +26,12 @@ use crate::{
         rules::{self, RuleSet},
         sigma::SigmaSet,
         users::UserNames,
+    },
+    ops::{
+        health::{self, Fingerprint, Liveness},
+        metrics::{self, Metrics, Snapshot},
+        notify::Notifier,
+        reload::{self, ReloadSource},
     },
     output::json::JsonLines,
     pipeline::Pipeline,
@@ -41,10 +49,8 @@ use crate::{
 pub struct RunOptions {
     pub print_events: bool,
     pub load: LoadOptions,
-    /// Extra rule directories, after the embedded EPMM pack.
-    pub rules: Vec<PathBuf>,
-    /// SigmaHQ rule directories.
-    pub sigma: Vec<PathBuf>,
+    /// Rule files, Sigma rules and extra watched paths in force at start.
+    pub sources: RuleSources,
     pub identity: AgentIdentity,
     /// `--record`: where to write trace files.
     pub record: Option<RecordOptions>,
@@ -54,6 +60,12 @@ pub struct RunOptions {
     pub delivery: Option<DeliveryOptions>,
     /// `--collapse`: the collapse window, when not the default.
     pub collapse_window_ns: Option<u64>,
+    /// `--metrics`: serve Prometheus text here.
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The configuration file read at start, read again on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// The command line's rule lists (they win over the file's on reload too).
+    pub cli_sources: RuleSources,
 }
 
 /// Where a live run's output goes: the collector's spool, then JSON lines on stdout (in
@@ -114,8 +126,9 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// quarter of the ring is full): the bound on event latency under light load.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
-pub async fn run(options: RunOptions) -> anyhow::Result<()> {
-    let (rule_set, sigma_set) = load_detection(&options.rules, &options.sigma)?;
+pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
+    let (rule_set, sigma_set) = load_detection(&options.sources.rules, &options.sources.sigma)?;
+    options.load.watch = reload::watch_rules(&options.sources.watch).map_err(anyhow::Error::msg)?;
     // Before the probes: a bad URL, TLS file or spool is an error at start, not later.
     let delivery = options
         .delivery
@@ -165,16 +178,77 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             Some(FlightRecorder::new(flight.clone()).context("cannot start the flight recorder")?);
         info!(dir = %flight.dir.display(), "flight recorder on");
     }
+    let metrics = match options.metrics {
+        Some(addr) => {
+            let metrics = Arc::new(Metrics::new());
+            metrics::serve(addr, Arc::clone(&metrics))
+                .await
+                .with_context(|| format!("--metrics {addr}: cannot listen"))?;
+            Some(metrics)
+        }
+        None => None,
+    };
+    // Probes the agent runs without (not those skipped on purpose) are its blind spots.
+    for (probe, reason) in &probes.unavailable {
+        if !options.load.skip.iter().any(|s| s == probe) {
+            pipeline.raise_self(health::probe_unavailable(probe, reason));
+        }
+    }
     info!(
         probes = probes.attached.len(),
         unavailable = probes.unavailable.len(),
         processes = seeded,
         "ready: all probes attached, process table seeded"
     );
-    event_loop(probes, &mut pipeline).await
+    let notifier = Notifier::from_env();
+    notifier.ready(&format!(
+        "watching: {} probes attached",
+        probes.attached.len()
+    ));
+    let ops = Ops {
+        notifier,
+        metrics,
+        reload: ReloadSource {
+            config_path: options.config_path.clone(),
+            cli: options.cli_sources.clone(),
+        },
+        watch: options.load.watch.clone(),
+        watched_files: watched_files(&options),
+    };
+    event_loop(probes, &mut pipeline, ops).await
 }
 
-async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow::Result<()> {
+/// What the event loop does besides events: systemd, metrics, reload, self-health.
+struct Ops {
+    notifier: Notifier,
+    metrics: Option<Arc<Metrics>>,
+    reload: ReloadSource,
+    /// The watch list in the probes now.
+    watch: Vec<crate::probes::watch::WatchRule>,
+    /// The configuration file and rule directories, watched for changes on disk.
+    watched_files: Vec<PathBuf>,
+}
+
+fn watched_files(options: &RunOptions) -> Vec<PathBuf> {
+    options
+        .config_path
+        .iter()
+        .cloned()
+        .chain(options.sources.rules.iter().cloned())
+        .chain(options.sources.sigma.iter().cloned())
+        .collect()
+}
+
+/// How often the configuration and rule files are checked for changes, and the probes
+/// for silence.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+const LIVENESS_EVERY: Duration = Duration::from_secs(30);
+
+async fn event_loop(
+    probes: Probes,
+    pipeline: &mut Pipeline<Outputs>,
+    mut ops: Ops,
+) -> anyhow::Result<()> {
     let Probes {
         ring,
         mut ebpf,
@@ -187,7 +261,14 @@ async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow:
         .context("cannot poll the probes' ring buffer")?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    let mut health = tokio::time::interval(HEALTH_EVERY);
+    let mut liveness_tick = tokio::time::interval(LIVENESS_EVERY);
+    let mut fingerprint = Fingerprint::read(&ops.watched_files);
+    let mut reported_change = false;
+    let mut liveness = Liveness::default();
+    let mut last_shed = (0u64, 0u64);
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_lost = vec![0u64; usize::from(kind::COUNT)];
@@ -216,28 +297,111 @@ async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow:
             _ = housekeeping.tick() => {
                 pipeline.set_clock(BootClock::now());
                 pipeline.flush_traces();
-                report_losses(&lost, &mut last_lost);
+                let lost_now = report_losses(&lost, &mut last_lost);
+                if let Some(alert) = health::loss(&lost_now, last_lost.iter().sum()) {
+                    pipeline.raise_self(alert);
+                }
+                let mut spool = (0, 0, 0, 0);
                 if let Some(delivery) = pipeline.sink.0.as_mut() {
                     delivery.tick(loss_map(&last_lost));
+                    spool = delivery.spool_counts();
                 }
+                let (records, bytes, shed_events, shed_alerts) = spool;
+                if let Some(alert) = health::shed(shed_events - last_shed.0, shed_alerts - last_shed.1) {
+                    pipeline.raise_self(alert);
+                }
+                last_shed = (shed_events, shed_alerts);
+                if let Some(metrics) = &ops.metrics {
+                    metrics.publish(&Snapshot {
+                        pipeline: pipeline.stats.clone(),
+                        lost: loss_map(&last_lost).into_iter().collect(),
+                        process_table: pipeline.table.len(),
+                        spool_records: records,
+                        spool_bytes: bytes,
+                        shed_events,
+                        shed_alerts,
+                    });
+                }
+                let status = format!(
+                    "events {}, alerts {}, lost {}",
+                    pipeline.stats.events,
+                    pipeline.stats.alerts,
+                    last_lost.iter().sum::<u64>()
+                );
+                ops.notifier.alive(&status);
+            }
+            _ = health.tick() => {
+                let now = Fingerprint::read(&ops.watched_files);
+                let changed = fingerprint.changes(&now);
+                if !changed.is_empty() && !reported_change {
+                    reported_change = true;
+                    pipeline.raise_self(health::config_changed(&changed));
+                }
+            }
+            _ = liveness_tick.tick() => {
+                let process_events = pipeline.stats.by_kind[0] + pipeline.stats.by_kind[2];
+                if let Some(pid) = health::last_pid()
+                    && let Some(created) = liveness.check(pid, process_events)
+                {
+                    pipeline.raise_self(health::probes_silent(created, LIVENESS_EVERY.as_secs()));
+                }
+            }
+            _ = sighup.recv() => {
+                info!("SIGHUP: reloading the rules");
+                ops.notifier.reloading();
+                match reload::prepare(&ops.reload) {
+                    Ok(new) => match reload::swap_watch(&mut ebpf, &ops.watch, &new.watch) {
+                        Ok(()) => {
+                            let (rules, sigma) = (new.rules.rules.len(), new.sigma.counts().0);
+                            pipeline.engine.set_rules(new.rules);
+                            pipeline.engine.set_sigma(new.sigma);
+                            ops.watch = new.watch;
+                            ops.watched_files = ops
+                                .reload
+                                .config_path
+                                .iter()
+                                .cloned()
+                                .chain(new.sources.rules.iter().cloned())
+                                .chain(new.sources.sigma.iter().cloned())
+                                .collect();
+                            fingerprint = Fingerprint::read(&ops.watched_files);
+                            reported_change = false;
+                            info!(rules, sigma, "reloaded");
+                            pipeline.raise_self(health::reloaded(rules, sigma, new.sources.watch.len()));
+                        }
+                        Err(e) => {
+                            error!(error = %e, "reload refused: cannot update the watched paths; the running rules stay in force");
+                            pipeline.raise_self(health::reload_refused(&e));
+                        }
+                    },
+                    Err(e) => {
+                        error!("reload refused; the running rules stay in force:\n{e}");
+                        pipeline.raise_self(health::reload_refused(&e));
+                    }
+                }
+                ops.notifier.ready("reloaded");
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
+    ops.notifier.stopping();
     // Drain what is already in the ring before leaving.
     let rb = ring.get_mut();
     while let Some(item) = rb.next() {
         pipeline.handle_record(&item);
     }
     pipeline.finish();
-    report_losses(&lost, &mut last_lost);
+    let lost_now = report_losses(&lost, &mut last_lost);
+    if let Some(alert) = health::loss(&lost_now, last_lost.iter().sum()) {
+        pipeline.raise_self(alert);
+    }
     if let Some(delivery) = pipeline.sink.0.as_mut() {
         delivery.tick(loss_map(&last_lost));
         delivery.close(CLOSE_WAIT).await;
     }
     Probes::detach(&mut ebpf);
-    let stats = pipeline.stats;
+    let stats = &pipeline.stats;
     let lost_total: u64 = last_lost.iter().sum();
     info!(
         records = stats.records,
@@ -252,7 +416,7 @@ async fn event_loop(probes: Probes, pipeline: &mut Pipeline<Outputs>) -> anyhow:
 }
 
 /// Kernel losses by kind name, for heartbeats.
-fn loss_map(totals: &[u64]) -> std::collections::BTreeMap<String, u64> {
+fn loss_map(totals: &[u64]) -> BTreeMap<String, u64> {
     totals
         .iter()
         .enumerate()
@@ -261,8 +425,12 @@ fn loss_map(totals: &[u64]) -> std::collections::BTreeMap<String, u64> {
         .collect()
 }
 
-/// Logs records lost in the kernel since the last call.
-fn report_losses(lost: &crate::probes::loader::LossCounters, last: &mut [u64]) {
+/// Logs records lost in the kernel since the last call; returns them by kind name.
+fn report_losses(
+    lost: &crate::probes::loader::LossCounters,
+    last: &mut [u64],
+) -> BTreeMap<String, u64> {
+    let mut new = BTreeMap::new();
     for (k, total) in lost.counts() {
         let slot = &mut last[usize::from(k)];
         if total > *slot {
@@ -272,7 +440,9 @@ fn report_losses(lost: &crate::probes::loader::LossCounters, last: &mut [u64]) {
                 total,
                 "records lost in the kernel: the ring buffer was full"
             );
+            new.insert(kind::name(k).to_owned(), total - *slot);
             *slot = total;
         }
     }
+    new
 }

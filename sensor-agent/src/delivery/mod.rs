@@ -113,6 +113,17 @@ impl Delivery {
         self.sync();
     }
 
+    /// Pending records and bytes, events and alerts shed since start.
+    pub fn spool_counts(&self) -> (u64, u64, u64, u64) {
+        let spool = self.shared.spool();
+        (
+            spool.pending() as u64,
+            spool.pending_bytes(),
+            spool.stats.shed_events,
+            spool.stats.shed_alerts,
+        )
+    }
+
     /// At shutdown: everything on disk, then a short wait for the collector to
     /// acknowledge it (what it does not acknowledge is resent by the next run).
     pub async fn close(&mut self, wait: Duration) {

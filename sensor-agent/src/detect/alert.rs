@@ -167,6 +167,7 @@ pub fn build(input: AlertInput<'_>) -> pb::Alert {
         dedup_key: format!("{}@{}", rule.id, tree_key(table, pid)),
         source: rule.source.to_string(),
         flight_record: String::new(),
+        details: Default::default(),
     }
 }
 

@@ -58,26 +58,34 @@ pub const EVENT_KINDS: &[&str] = &[
 
 /// The `on:` name of an event.
 pub fn event_kind(event: &Event) -> &'static str {
+    EVENT_KINDS
+        .get(event_kind_index(event))
+        .copied()
+        .unwrap_or("none")
+}
+
+/// The position of an event's kind in [`EVENT_KINDS`] (`EVENT_KINDS.len()` for none).
+pub fn event_kind_index(event: &Event) -> usize {
     match &event.kind {
-        Some(event::Kind::Exec(_)) => "exec",
-        Some(event::Kind::ExecFailed(_)) => "exec_failed",
-        Some(event::Kind::Fork(_)) => "fork",
-        Some(event::Kind::Exit(_)) => "exit",
-        Some(event::Kind::Connect(_)) => "connect",
-        Some(event::Kind::Accept(_)) => "accept",
-        Some(event::Kind::Bind(_)) => "bind",
-        Some(event::Kind::Listen(_)) => "listen",
-        Some(event::Kind::Socket(_)) => "socket",
-        Some(event::Kind::Dup(_)) => "dup",
-        Some(event::Kind::MemfdCreate(_)) => "memfd_create",
-        Some(event::Kind::Ptrace(_)) => "ptrace",
-        Some(event::Kind::ProcessVmWrite(_)) => "process_vm_write",
-        Some(event::Kind::File(_)) => "file",
-        Some(event::Kind::ProcMemWrite(_)) => "proc_mem_write",
-        Some(event::Kind::ModuleLoad(_)) => "module_load",
-        Some(event::Kind::BpfLoad(_)) => "bpf_load",
-        Some(event::Kind::Signal(_)) => "signal",
-        None => "none",
+        Some(event::Kind::Exec(_)) => 0,
+        Some(event::Kind::ExecFailed(_)) => 1,
+        Some(event::Kind::Fork(_)) => 2,
+        Some(event::Kind::Exit(_)) => 3,
+        Some(event::Kind::Connect(_)) => 4,
+        Some(event::Kind::Accept(_)) => 5,
+        Some(event::Kind::Bind(_)) => 6,
+        Some(event::Kind::Listen(_)) => 7,
+        Some(event::Kind::Socket(_)) => 8,
+        Some(event::Kind::Dup(_)) => 9,
+        Some(event::Kind::MemfdCreate(_)) => 10,
+        Some(event::Kind::Ptrace(_)) => 11,
+        Some(event::Kind::ProcessVmWrite(_)) => 12,
+        Some(event::Kind::File(_)) => 13,
+        Some(event::Kind::ProcMemWrite(_)) => 14,
+        Some(event::Kind::ModuleLoad(_)) => 15,
+        Some(event::Kind::BpfLoad(_)) => 16,
+        Some(event::Kind::Signal(_)) => 17,
+        None => EVENT_KINDS.len(),
     }
 }
 

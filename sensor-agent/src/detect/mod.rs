@@ -275,6 +275,20 @@ impl Engine {
         }
     }
 
+    /// Numbers and stamps an alert the agent raises about itself (SELF-*): no rule, no
+    /// collapse (the caller raises it once per occurrence).
+    pub fn stamp_self_alert(&mut self, mut alert: Alert) -> Alert {
+        alert.id = format!("{}:{}", self.identity.agent_id, self.next_alert);
+        alert.host = self.identity.host.clone();
+        alert.agent_id = self.identity.agent_id.clone();
+        alert.source = "agent".to_owned();
+        alert.count = 1;
+        self.next_alert += 1;
+        self.stats.raised += 1;
+        *self.stats.by_rule.entry(alert.rule_id.clone()).or_default() += 1;
+        alert
+    }
+
     fn count_repeats(&mut self, alerts: &[Alert]) {
         self.stats.raised += alerts.len() as u64;
     }

@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use sensor_proto::v1::{
-    Alert, BindEvent, ConnectEvent, DupEvent, Event, ExecEvent, FdInfo, FdKind, FileEvent, FileOp,
-    ForkEvent, ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent, SocketInfo, event,
+    Alert, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent, FdInfo, FdKind,
+    FileEvent, FileOp, ForkEvent, ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent,
+    SignalEvent, SocketInfo, event,
 };
 
 use super::{
@@ -23,6 +24,8 @@ const HELPER: u32 = 110;
 const TOMCAT: u32 = 200;
 const SSHD: u32 = 300;
 const ADMIN_SHELL: u32 = 310;
+/// The agent under test (`Engine::new`'s agent pid).
+const AGENT: u32 = 9999;
 
 struct World {
     table: ProcessTable,
@@ -52,7 +55,7 @@ impl World {
                 host: "epmm-test".into(),
             },
             BootClock::default(),
-            9999,
+            AGENT,
         );
         let mut w = World {
             table: ProcessTable::default(),
@@ -797,6 +800,58 @@ fn b25_new_listener() {
 }
 
 // ---- Benign EPMM activity stays quiet (THREATS.md 7) --------------------------------------
+
+#[test]
+fn self_tamper_signals_injection_and_kernel_code() {
+    let mut w = World::new();
+    let (tool, _) = w.spawn(ADMIN_SHELL, "/usr/bin/kill", &["kill", "-STOP", "999"]);
+    let signal = |name: &str| {
+        event::Kind::Signal(SignalEvent {
+            signal: 19,
+            signal_name: name.into(),
+            target_pid: AGENT,
+            ..Default::default()
+        })
+    };
+    assert!(has(&w.on(tool, signal("SIGSTOP")), "SELF-TAMPER-SIGNAL"));
+    // systemd stopping the service, and a reload, are expected.
+    assert!(!has(&w.on(INIT, signal("SIGTERM")), "SELF-TAMPER-SIGNAL"));
+    let (reloader, _) = w.spawn(ADMIN_SHELL, "/usr/bin/kill", &["kill", "-HUP", "999"]);
+    assert!(!has(
+        &w.on(reloader, signal("SIGHUP")),
+        "SELF-TAMPER-SIGNAL"
+    ));
+
+    let (gdb, _) = w.spawn(ADMIN_SHELL, "/usr/bin/gdb", &["gdb", "-p", "999"]);
+    let on_agent = event::Kind::Ptrace(PtraceEvent {
+        request: "PTRACE_ATTACH".into(),
+        target_pid: AGENT,
+        ..Default::default()
+    });
+    assert!(has(&w.on(gdb, on_agent), "SELF-TAMPER-INJECT"));
+    let elsewhere = event::Kind::ProcMemWrite(ProcMemWriteEvent {
+        target_pid: TOMCAT,
+        path: format!("/proc/{TOMCAT}/mem"),
+        ..Default::default()
+    });
+    assert!(!has(&w.on(gdb, elsewhere), "SELF-TAMPER-INJECT"));
+
+    let (loader, _) = w.spawn(
+        ADMIN_SHELL,
+        "/usr/sbin/bpftool",
+        &["bpftool", "prog", "load"],
+    );
+    let bpf = || {
+        event::Kind::BpfLoad(BpfLoadEvent {
+            prog_type: 2,
+            prog_name: "hide".into(),
+            ..Default::default()
+        })
+    };
+    assert!(has(&w.on(loader, bpf()), "SELF-TAMPER-KERNEL"));
+    let (systemd, _) = w.spawn(INIT, "/usr/lib/systemd/systemd", &["systemd", "--user"]);
+    assert!(!has(&w.on(systemd, bpf()), "SELF-TAMPER-KERNEL"));
+}
 
 #[test]
 fn benign_activity_is_quiet() {

@@ -1,0 +1,323 @@
+//! `--metrics ADDR`: Prometheus/OpenMetrics text at `http://ADDR/metrics`
+//! (prometheus-client).
+//!
+//! The event loop owns every counter it updates; once a second it publishes them here
+//! (`Metrics::publish`), so scrapes never touch the hot path and lag it by at most a
+//! second. The HTTP side is a few lines over tokio: one GET, no keep-alive, bounded
+//! request size and time (a web framework for one read-only page would be most of the
+//! agent's dependencies).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tracing::{debug, info, warn};
+
+use crate::{detect::fields::EVENT_KINDS, pipeline::PipelineStats};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    rule: String,
+    severity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: String,
+}
+
+/// Everything the agent publishes.
+pub struct Metrics {
+    registry: Registry,
+    events: Family<KindLabel, Counter>,
+    lost: Family<KindLabel, Counter>,
+    alerts: Family<AlertLabels, Counter>,
+    decode_errors: Counter,
+    detect_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    process_table: Gauge,
+    resident_bytes: Gauge,
+    spool_records: Gauge,
+    spool_bytes: Gauge,
+    spool_shed: Family<ClassLabel, Counter>,
+}
+
+/// A reading of the agent's counters, made by the event loop.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub pipeline: PipelineStats,
+    /// Kernel losses since start, by kind name.
+    pub lost: Vec<(String, u64)>,
+    pub process_table: usize,
+    pub spool_records: u64,
+    pub spool_bytes: u64,
+    pub shed_events: u64,
+    pub shed_alerts: u64,
+}
+
+fn severity_name(s: i32) -> String {
+    sensor_proto::v1::Severity::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("SEVERITY_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| s.to_string())
+}
+
+/// Sets a monotonic counter to `total` (counters only move forward).
+fn advance(counter: &Counter, total: u64) {
+    let now = counter.get();
+    if total > now {
+        counter.inc_by(total - now);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sensor");
+        let m = Self {
+            events: Family::default(),
+            lost: Family::default(),
+            alerts: Family::default(),
+            decode_errors: Counter::default(),
+            detect_seconds: Counter::default(),
+            process_table: Gauge::default(),
+            resident_bytes: Gauge::default(),
+            spool_records: Gauge::default(),
+            spool_bytes: Gauge::default(),
+            spool_shed: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "events",
+            "Events from the kernel probes, by kind",
+            m.events.clone(),
+        );
+        registry.register(
+            "kernel_lost_records",
+            "Records lost in the kernel because the ring buffer was full, by kind",
+            m.lost.clone(),
+        );
+        registry.register(
+            "alerts",
+            "Alerts raised, by rule and severity",
+            m.alerts.clone(),
+        );
+        registry.register(
+            "decode_errors",
+            "Kernel records the agent could not decode",
+            m.decode_errors.clone(),
+        );
+        registry.register(
+            "rule_evaluation_seconds",
+            "Time spent evaluating the rules (divide by sensor_events_total for the mean per event)",
+            m.detect_seconds.clone(),
+        );
+        registry.register(
+            "process_table_entries",
+            "Processes in the agent's process table",
+            m.process_table.clone(),
+        );
+        registry.register(
+            "resident_memory_bytes",
+            "Resident memory of the agent",
+            m.resident_bytes.clone(),
+        );
+        registry.register(
+            "spool_pending_records",
+            "Records waiting in the spool for the collector's acknowledgement",
+            m.spool_records.clone(),
+        );
+        registry.register(
+            "spool_pending_bytes",
+            "Bytes of the records waiting in the spool",
+            m.spool_bytes.clone(),
+        );
+        registry.register(
+            "spool_shed_records",
+            "Records the full spool shed before delivery, by class",
+            m.spool_shed.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn publish(&self, s: &Snapshot) {
+        for (i, n) in s.pipeline.by_kind.iter().enumerate() {
+            if *n > 0 {
+                let kind = EVENT_KINDS.get(i).copied().unwrap_or("none").to_owned();
+                advance(&self.events.get_or_create(&KindLabel { kind }), *n);
+            }
+        }
+        for (kind, n) in &s.lost {
+            advance(
+                &self.lost.get_or_create(&KindLabel { kind: kind.clone() }),
+                *n,
+            );
+        }
+        for ((rule, severity), n) in &s.pipeline.alerts_by {
+            let labels = AlertLabels {
+                rule: rule.clone(),
+                severity: severity_name(*severity),
+            };
+            advance(&self.alerts.get_or_create(&labels), *n);
+        }
+        advance(&self.decode_errors, s.pipeline.decode_errors);
+        let seconds = s.pipeline.detect_ns as f64 / 1e9;
+        let now = self.detect_seconds.get();
+        if seconds > now {
+            self.detect_seconds.inc_by(seconds - now);
+        }
+        self.process_table.set(s.process_table as i64);
+        self.resident_bytes.set(resident_bytes() as i64);
+        self.spool_records.set(s.spool_records as i64);
+        self.spool_bytes.set(s.spool_bytes as i64);
+        for (class, n) in [("event", s.shed_events), ("alert", s.shed_alerts)] {
+            advance(
+                &self.spool_shed.get_or_create(&ClassLabel {
+                    class: class.to_owned(),
+                }),
+                n,
+            );
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        if let Err(e) = encode(&mut text, &self.registry) {
+            warn!(error = %e, "cannot encode the metrics");
+        }
+        text
+    }
+}
+
+/// Resident set size from /proc/self/statm.
+pub fn resident_bytes() -> u64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page.max(0) as u64
+}
+
+/// Binds `addr` now (a bad address is an error at start) and serves in the background.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    info!(address = %local, "metrics at http://{local}/metrics");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, &metrics).await {
+                    debug!(%peer, error = %e, "metrics request failed");
+                }
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    // The request line and headers, at most 8 KiB and 5 s.
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if read.is_err() {
+        return Ok(());
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut words = head.split_whitespace();
+    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let (status, content_type, body) = if method == "GET" && (path == "/metrics" || path == "/") {
+        (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.render(),
+        )
+    } else {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "only GET /metrics\n".to_owned(),
+        )
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_moves_the_counters() {
+        let m = Metrics::new();
+        let mut s = Snapshot::default();
+        s.pipeline.by_kind[0] = 5;
+        s.pipeline.alerts_by.insert(
+            (
+                "EPMM-B2".into(),
+                sensor_proto::v1::Severity::Critical as i32,
+            ),
+            2,
+        );
+        s.lost.push(("exec".into(), 7));
+        s.process_table = 42;
+        m.publish(&s);
+        s.pipeline.by_kind[0] = 9;
+        m.publish(&s);
+        let text = m.render();
+        assert!(
+            text.contains("sensor_events_total{kind=\"exec\"} 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sensor_alerts_total{rule=\"EPMM-B2\",severity=\"critical\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sensor_kernel_lost_records_total{kind=\"exec\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("sensor_process_table_entries 42"), "{text}");
+        assert!(text.contains("sensor_resident_memory_bytes "), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,91 @@
+//! SIGHUP: re-read the configuration's `[rules]` (rule files, Sigma rules, watched
+//! paths), build everything new first, and swap only when all of it is good. A broken
+//! rule set is refused with its errors and the running set stays in force.
+
+use std::{path::PathBuf, sync::Arc};
+
+use aya::{
+    Ebpf,
+    maps::{
+        MapData,
+        lpm_trie::{Key, LpmTrie},
+    },
+};
+use sensor_common::WATCH_KEY_BYTES;
+
+use crate::{
+    config::{self, RuleSources},
+    detect::{rules::RuleSet, sigma::SigmaSet},
+    probes::watch::{self, WatchRule},
+    run::load_detection,
+};
+
+/// Where the running rules came from, to read them again.
+#[derive(Clone, Debug)]
+pub struct ReloadSource {
+    pub config_path: Option<PathBuf>,
+    /// The command line's lists, which win over the file's.
+    pub cli: RuleSources,
+}
+
+/// A complete new rule set, ready to swap in.
+pub struct Prepared {
+    pub sources: RuleSources,
+    pub rules: Arc<RuleSet>,
+    pub sigma: Arc<SigmaSet>,
+    pub watch: Vec<WatchRule>,
+}
+
+/// Reads and checks everything; changes nothing.
+pub fn prepare(source: &ReloadSource) -> Result<Prepared, String> {
+    let config = match &source.config_path {
+        Some(path) => config::load(Some(path))?.0,
+        None => config::Config::default(),
+    };
+    let sources = RuleSources::resolve(&config, &source.cli);
+    let (rules, sigma) =
+        load_detection(&sources.rules, &sources.sigma).map_err(|e| format!("{e:#}"))?;
+    let watch = watch_rules(&sources.watch)?;
+    Ok(Prepared {
+        sources,
+        rules,
+        sigma,
+        watch,
+    })
+}
+
+/// The default watch list plus `extra` prefixes.
+pub fn watch_rules(extra: &[String]) -> Result<Vec<WatchRule>, String> {
+    let mut rules = watch::default_rules();
+    for prefix in extra {
+        rules.push(watch::rule_for(prefix).map_err(|e| e.to_string())?);
+    }
+    for rule in &rules {
+        watch::validate(rule).map_err(|e| e.to_string())?;
+    }
+    Ok(rules)
+}
+
+/// Replaces the probes' watched prefixes: new entries are written before stale ones are
+/// removed, so no watched path is unwatched for a moment.
+pub fn swap_watch(ebpf: &mut Ebpf, old: &[WatchRule], new: &[WatchRule]) -> Result<(), String> {
+    let map = ebpf
+        .map_mut("WATCH")
+        .ok_or("the probes have no WATCH map")?;
+    let mut trie: LpmTrie<&mut MapData, [u8; WATCH_KEY_BYTES], u32> =
+        LpmTrie::try_from(map).map_err(|e| e.to_string())?;
+    let new_entries = watch::effective(new);
+    for (prefix, ops) in &new_entries {
+        let (bits, data) = watch::lpm_key(prefix);
+        trie.insert(&Key::new(bits, data), *ops, 0)
+            .map_err(|e| format!("watch {prefix}: {e}"))?;
+    }
+    for (prefix, _) in watch::effective(old) {
+        if !new_entries.iter().any(|(p, _)| *p == prefix) {
+            let (bits, data) = watch::lpm_key(&prefix);
+            trie.remove(&Key::new(bits, data))
+                .map_err(|e| format!("unwatch {prefix}: {e}"))?;
+        }
+    }
+    Ok(())
+}
