@@ -314,7 +314,13 @@ async fn event_loop(
                 if let Some(metrics) = &ops.metrics {
                     metrics.publish(&Snapshot {
                         pipeline: pipeline.stats.clone(),
-                        lost: loss_map(&last_lost).into_iter().collect(),
+                        lost: last_lost
+                            .iter()
+                            .enumerate()
+                            .map(|(k, n)| (kind::name(k as u16), *n))
+                            .filter(|(k, _)| *k != "unknown")
+                            .map(|(k, n)| (k.to_owned(), n))
+                            .collect(),
                         process_table: pipeline.table.len(),
                         spool_records: records,
                         spool_bytes: bytes,

@@ -134,9 +134,15 @@ impl Agent {
 
     /// Starts the agent with exactly `args` and waits for the `ready` log line.
     pub fn start_with(args: &[&str]) -> Agent {
+        Self::start_env(args, &[])
+    }
+
+    /// As `start_with`, with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
         require_root();
         let child = Command::new(agent_bin())
             .args(args)
+            .envs(env.iter().copied())
             .env("SENSOR_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -151,6 +157,12 @@ impl Agent {
             seen: Vec::new(),
             stderr,
         }
+    }
+
+    /// Sends `signal` to the agent (by its pid).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
     /// Kills the agent with SIGKILL (by its pid): no chance to flush or say goodbye.

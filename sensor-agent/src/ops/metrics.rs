@@ -160,11 +160,10 @@ impl Metrics {
     }
 
     pub fn publish(&self, s: &Snapshot) {
-        for (i, n) in s.pipeline.by_kind.iter().enumerate() {
-            if *n > 0 {
-                let kind = EVENT_KINDS.get(i).copied().unwrap_or("none").to_owned();
-                advance(&self.events.get_or_create(&KindLabel { kind }), *n);
-            }
+        // Every kind is exposed, at 0 until it is seen.
+        for (kind, n) in EVENT_KINDS.iter().zip(&s.pipeline.by_kind) {
+            let kind = (*kind).to_owned();
+            advance(&self.events.get_or_create(&KindLabel { kind }), *n);
         }
         for (kind, n) in &s.lost {
             advance(

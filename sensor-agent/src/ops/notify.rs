@@ -8,6 +8,17 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tracing::warn;
 
+/// `WATCHDOG_USEC`, when it is meant for this process: as libsystemd's
+/// `sd_watchdog_enabled`, an absent `WATCHDOG_PID` means this process (the sd-notify
+/// crate's own check requires it).
+fn watchdog_usec(usec: Option<&str>, pid: Option<&str>) -> Option<u64> {
+    let usec: u64 = usec?.parse().ok().filter(|u| *u > 0)?;
+    match pid {
+        None => Some(usec),
+        Some(pid) => (pid.parse::<u32>().ok()? == std::process::id()).then_some(usec),
+    }
+}
+
 pub struct Notifier {
     /// How often to ping the watchdog: half of `WATCHDOG_USEC`, when systemd set one.
     pub watchdog: Option<Duration>,
@@ -16,9 +27,11 @@ pub struct Notifier {
 
 impl Notifier {
     pub fn from_env() -> Self {
-        let mut usec = 0;
-        let watchdog = sd_notify::watchdog_enabled(false, &mut usec)
-            .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(100)));
+        let watchdog = watchdog_usec(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+        )
+        .map(|usec| Duration::from_micros(usec / 2).max(Duration::from_millis(100)));
         Self {
             watchdog,
             last_ping: None,
@@ -57,5 +70,21 @@ impl Notifier {
             self.last_ping = Some(now);
             self.send(&[NotifyState::Watchdog, NotifyState::Status(status)]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_is_ours_unless_another_pid_is_named() {
+        let me = std::process::id().to_string();
+        assert_eq!(watchdog_usec(Some("2000000"), None), Some(2_000_000));
+        assert_eq!(watchdog_usec(Some("2000000"), Some(&me)), Some(2_000_000));
+        assert_eq!(watchdog_usec(Some("2000000"), Some("1")), None);
+        assert_eq!(watchdog_usec(Some("0"), None), None);
+        assert_eq!(watchdog_usec(Some("soon"), None), None);
+        assert_eq!(watchdog_usec(None, None), None);
     }
 }
