@@ -2,6 +2,7 @@
 //! commands: each installs what is missing on a fresh machine, builds, and runs.
 
 mod bench;
+mod package;
 mod setup;
 
 use std::{
@@ -46,6 +47,8 @@ enum Cmd {
     },
     /// Benchmarks against the no-sensor baseline; results go to stdout.
     Bench(bench::BenchArgs),
+    /// Build the RPM and DEB packages (binaries, systemd unit, configuration, rules).
+    Package(package::PackageArgs),
     /// Fuzz the trace reader for a bounded time (cargo-fuzz, nightly).
     Fuzz {
         /// Seconds of fuzzing.
@@ -79,6 +82,10 @@ fn main() -> Result<()> {
             setup::ensure_all()?;
             fuzz(seconds)
         }
+        Cmd::Package(args) => {
+            setup::ensure_all()?;
+            package::run(&args)
+        }
         Cmd::Bench(args) => {
             setup::ensure_all()?;
             bench::run(args)
@@ -107,6 +114,11 @@ fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
             "the end-to-end tests load the real probes and must run as root; rerun with sudo (CI runs as root)"
         );
     }
+    setup::ensure_test_tools()?;
+    package::run(&package::PackageArgs {
+        out: PathBuf::from("target/packages/test"),
+        debug: true,
+    })?;
     step("cargo test --workspace");
     let bin = workspace().join("target/debug/sensor-agent");
     let mut cmd = Command::new(cargo_bin());
@@ -116,6 +128,10 @@ fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
         .env(
             "SENSOR_COLLECTOR_BIN",
             workspace().join("target/debug/sensor-collector"),
+        )
+        .env(
+            "SENSOR_PACKAGE_DIR",
+            workspace().join("target/packages/test"),
         )
         .args(args);
     run(&mut cmd)?;

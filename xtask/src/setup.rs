@@ -87,32 +87,43 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 fn ensure_llvm() -> Result<()> {
-    if Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists() {
+    ensure_apt(
+        "llvm-22-dev",
+        &Path::new(LLVM_PREFIX).join("lib/libLLVM.so"),
+    )
+}
+
+/// The tools the packaging tests read the unit and the packages with.
+pub fn ensure_test_tools() -> Result<()> {
+    ensure_apt("systemd", Path::new("/usr/bin/systemd-analyze"))?;
+    ensure_apt("dpkg", Path::new("/usr/bin/dpkg-deb"))
+}
+
+/// Installs an apt `package` unless `probe` (a file it provides) exists.
+fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
+    if probe.exists() {
         return Ok(());
     }
+    let missing = probe.display();
     if !is_root() {
-        bail!(
-            "LLVM 22 is missing ({LLVM_PREFIX}); install it with `sudo apt-get install llvm-22-dev`, then rerun"
-        );
+        bail!("{missing} is missing; install it with `sudo apt-get install {package}`, then rerun");
     }
     if output(Command::new("apt-get").arg("--version")).is_none() {
-        bail!(
-            "LLVM 22 is missing ({LLVM_PREFIX}) and apt-get is not available to install llvm-22-dev"
-        );
+        bail!("{missing} is missing and apt-get is not available to install {package}");
     }
-    step("apt-get install llvm-22-dev");
+    step(&format!("apt-get install {package}"));
     let install = || {
         run(Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "llvm-22-dev"])
+            .args(["install", "-y", "--no-install-recommends", package])
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
     if install().is_err() {
         // A fresh machine may have stale package lists.
         run(Command::new("apt-get").arg("update")).context("apt-get update failed")?;
-        install().context("apt-get install llvm-22-dev failed")?;
+        install().with_context(|| format!("apt-get install {package} failed"))?;
     }
-    if !Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists() {
-        bail!("llvm-22-dev is installed but {LLVM_PREFIX}/lib/libLLVM.so is missing");
+    if !probe.exists() {
+        bail!("{package} is installed but {missing} is missing");
     }
     Ok(())
 }
