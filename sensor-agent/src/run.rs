@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use sensor_common::kind;
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -214,6 +215,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         },
         watch: options.load.watch.clone(),
         watched_files: watched_files(&options),
+        ring_capacity: u64::from(options.load.ring_bytes),
     };
     event_loop(probes, &mut pipeline, ops).await
 }
@@ -227,6 +229,20 @@ struct Ops {
     watch: Vec<crate::probes::watch::WatchRule>,
     /// The configuration file and rule directories, watched for changes on disk.
     watched_files: Vec<PathBuf>,
+    /// Size of the kernel ring buffer in bytes.
+    ring_capacity: u64,
+}
+
+/// Hands every record waiting in the ring to the pipeline; returns the ring space they
+/// took (the kernel's 8-byte header per record, rounded up to 8 bytes): the depth of the
+/// kernel queue at the moment the agent came to drain it.
+fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline<Outputs>) -> u64 {
+    let mut bytes = 0u64;
+    while let Some(item) = ring.next() {
+        bytes += (item.len() as u64 + 8).next_multiple_of(8);
+        pipeline.handle_record(&item);
+    }
+    bytes
 }
 
 fn watched_files(options: &RunOptions) -> Vec<PathBuf> {
@@ -272,25 +288,24 @@ async fn event_loop(
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_lost = vec![0u64; usize::from(kind::COUNT)];
+    // Ring bytes read since start, and the deepest the ring was at a drain since the last
+    // metrics publication.
+    let (mut ring_read, mut ring_peak) = (0u64, 0u64);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    pipeline.handle_record(&item);
-                }
+                let depth = drain_ring(guard.get_inner_mut(), pipeline);
+                ring_read += depth;
+                ring_peak = ring_peak.max(depth);
                 guard.clear_ready();
                 pipeline.flush();
             }
             _ = drain.tick() => {
-                let rb = ring.get_mut();
-                let mut any = false;
-                while let Some(item) = rb.next() {
-                    pipeline.handle_record(&item);
-                    any = true;
-                }
-                if any {
+                let depth = drain_ring(ring.get_mut(), pipeline);
+                if depth > 0 {
+                    ring_read += depth;
+                    ring_peak = ring_peak.max(depth);
                     pipeline.flush();
                 }
             }
@@ -326,8 +341,12 @@ async fn event_loop(
                         spool_bytes: bytes,
                         shed_events,
                         shed_alerts,
+                        ring_capacity: ops.ring_capacity,
+                        ring_peak,
+                        ring_read,
                     });
                 }
+                ring_peak = 0;
                 let status = format!(
                     "events {}, alerts {}, lost {}",
                     pipeline.stats.events,
@@ -393,10 +412,7 @@ async fn event_loop(
     }
     ops.notifier.stopping();
     // Drain what is already in the ring before leaving.
-    let rb = ring.get_mut();
-    while let Some(item) = rb.next() {
-        pipeline.handle_record(&item);
-    }
+    drain_ring(ring.get_mut(), pipeline);
     pipeline.finish();
     let lost_now = report_losses(&lost, &mut last_lost);
     if let Some(alert) = health::loss(&lost_now, last_lost.iter().sum()) {

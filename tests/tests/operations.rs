@@ -200,6 +200,8 @@ fn metrics_expose_the_counters_and_they_move() {
         "sensor_resident_memory_bytes",
         "sensor_spool_pending_records",
         "sensor_decode_errors_total",
+        "sensor_ring_queue_peak_bytes",
+        "sensor_ring_read_bytes_total",
     ] {
         assert!(
             metric(&before, series).is_some(),
@@ -209,6 +211,9 @@ fn metrics_expose_the_counters_and_they_move() {
     let execs = metric(&before, "sensor_events_total{kind=\"exec\"}").unwrap();
     assert!(metric(&before, "sensor_process_table_entries").unwrap() > 10.0);
     assert!(metric(&before, "sensor_resident_memory_bytes").unwrap() > 1e6);
+    let capacity = metric(&before, "sensor_ring_capacity_bytes").unwrap();
+    assert_eq!(capacity, 16.0 * 1024.0 * 1024.0, "the default ring size");
+    let ring_read = metric(&before, "sensor_ring_read_bytes_total").unwrap();
 
     let prog = TmpProgram::new("metrics");
     for _ in 0..20 {
@@ -225,6 +230,13 @@ fn metrics_expose_the_counters_and_they_move() {
         );
         if moved && alerts.is_some_and(|n| n >= 20.0) {
             assert!(metric(&after, "sensor_rule_evaluation_seconds_total").unwrap() > 0.0);
+            // 20 exec records of at least a few hundred bytes each went through the ring.
+            let read = metric(&after, "sensor_ring_read_bytes_total").unwrap();
+            assert!(
+                read >= ring_read + 20.0 * 256.0,
+                "ring bytes read {ring_read} -> {read}"
+            );
+            assert!(metric(&after, "sensor_ring_queue_peak_bytes").unwrap() <= capacity);
             break;
         }
         assert!(

@@ -51,6 +51,9 @@ pub struct Metrics {
     spool_records: Gauge,
     spool_bytes: Gauge,
     spool_shed: Family<ClassLabel, Counter>,
+    ring_capacity: Gauge,
+    ring_peak: Gauge,
+    ring_read: Counter,
 }
 
 /// A reading of the agent's counters, made by the event loop.
@@ -64,6 +67,12 @@ pub struct Snapshot {
     pub spool_bytes: u64,
     pub shed_events: u64,
     pub shed_alerts: u64,
+    /// Size of the kernel ring buffer.
+    pub ring_capacity: u64,
+    /// The most bytes found waiting in the ring at one drain since the last snapshot.
+    pub ring_peak: u64,
+    /// Ring bytes read since start.
+    pub ring_read: u64,
 }
 
 fn severity_name(s: i32) -> String {
@@ -104,6 +113,9 @@ impl Metrics {
             spool_records: Gauge::default(),
             spool_bytes: Gauge::default(),
             spool_shed: Family::default(),
+            ring_capacity: Gauge::default(),
+            ring_peak: Gauge::default(),
+            ring_read: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -156,6 +168,21 @@ impl Metrics {
             "Records the full spool shed before delivery, by class",
             m.spool_shed.clone(),
         );
+        registry.register(
+            "ring_capacity_bytes",
+            "Size of the kernel ring buffer the probes write to",
+            m.ring_capacity.clone(),
+        );
+        registry.register(
+            "ring_queue_peak_bytes",
+            "Kernel queue depth: the most bytes waiting in the ring buffer when the agent drained it, over the last second",
+            m.ring_peak.clone(),
+        );
+        registry.register(
+            "ring_read_bytes",
+            "Bytes the agent read from the kernel ring buffer",
+            m.ring_read.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -187,6 +214,9 @@ impl Metrics {
         self.process_table.set(s.process_table as i64);
         self.resident_bytes.set(resident_bytes() as i64);
         self.spool_records.set(s.spool_records as i64);
+        self.ring_capacity.set(s.ring_capacity as i64);
+        self.ring_peak.set(s.ring_peak as i64);
+        advance(&self.ring_read, s.ring_read);
         self.spool_bytes.set(s.spool_bytes as i64);
         for (class, n) in [("event", s.shed_events), ("alert", s.shed_alerts)] {
             advance(
