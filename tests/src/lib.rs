@@ -139,10 +139,15 @@ impl Agent {
 
     /// As `start_with`, with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Agent {
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(args).envs(env.iter().copied());
+        Self::start_command(cmd)
+    }
+
+    /// Starts `cmd` (the agent, or a wrapper that runs it) and waits for `ready`.
+    pub fn start_command(mut cmd: Command) -> Agent {
         require_root();
-        let child = Command::new(agent_bin())
-            .args(args)
-            .envs(env.iter().copied())
+        let child = cmd
             .env("SENSOR_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -184,9 +189,17 @@ impl Agent {
     /// Waits until a line matching `pred` arrives (or was already seen) and returns it.
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.try_wait_for(LINE_TIMEOUT, &pred).unwrap_or_else(|| {
+            let alerts: Vec<String> = self
+                .seen
+                .iter()
+                .filter(|l| l.get("alert").is_some())
+                .take(20)
+                .map(|l| l.to_string())
+                .collect();
             panic!(
-                "no line with {what} within {LINE_TIMEOUT:?}; {} lines seen; agent log:\n{}",
+                "no line with {what} within {LINE_TIMEOUT:?}; {} lines seen; alerts seen:\n{}\nagent log:\n{}",
                 self.seen.len(),
+                alerts.join("\n"),
                 self.log()
             )
         })

@@ -6,7 +6,10 @@ use std::{
     process::Command,
 };
 
-use sensor_e2e::{Scratch, agent_bin};
+use sensor_e2e::{
+    Agent, Scratch, agent_bin,
+    collector::{TmpProgram, b17_of},
+};
 
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -289,4 +292,63 @@ fn the_rpm_holds_what_is_documented() {
         assert_eq!(u32::from(entry.mode.permissions()), *mode, "{dir}");
     }
     assert_eq!(entries.len(), EXPECTED.len() + EXPECTED_DIRS.len());
+}
+
+/// The unit's `CapabilityBoundingSet`, in setpriv's spelling: `-all,+bpf,+perfmon,...`.
+fn unit_bounding_set() -> String {
+    let unit = std::fs::read_to_string(workspace().join("packaging/sensor-agent.service")).unwrap();
+    let caps = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit has a CapabilityBoundingSet");
+    std::iter::once("-all".to_owned())
+        .chain(
+            caps.split_whitespace()
+                .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_ascii_lowercase())),
+        )
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs the agent as systemd would under the unit: root, the unit's bounding set, no
+/// inheritable capabilities, no new privileges (setpriv does what the unit asks of
+/// systemd). With exactly those capabilities the agent must attach and detect; with the
+/// BPF ones removed it must refuse to start, saying which are missing.
+#[test]
+fn the_units_capabilities_are_enough_and_needed() {
+    let setpriv = tool("setpriv");
+    let bounding = unit_bounding_set();
+    let wrapped = |bounding: &str| {
+        let mut cmd = Command::new(&setpriv);
+        cmd.args([
+            "--bounding-set",
+            bounding,
+            "--inh-caps=-all",
+            "--no-new-privs",
+            "--",
+        ])
+        .arg(agent_bin())
+        .args(["run", "--collapse", "0"]);
+        cmd
+    };
+    let mut agent = Agent::start_command(wrapped(&bounding));
+    let prog = TmpProgram::new("caps");
+    prog.run();
+    agent.wait_for("B17 under the unit's capabilities", |l| {
+        b17_of(l, prog.exe())
+    });
+    agent.stop();
+
+    let without_bpf: String = bounding
+        .split(',')
+        .filter(|c| !["+bpf", "+perfmon", "+sys_admin"].contains(c))
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = wrapped(&without_bpf).env("NO_COLOR", "1").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)"),
+        "{stderr}"
+    );
 }

@@ -132,7 +132,15 @@ fn replay_is_deterministic_and_prints_events_on_request() {
 #[test]
 fn the_flight_record_of_an_alert_holds_what_came_before_it() {
     let flights = Scratch::new("flight");
-    let mut agent = Agent::start(&["--flight-dir", flights.str(), "--flight-after", "1"]);
+    // No collapse: another test's reverse shell, seen first, must not absorb this one.
+    let mut agent = Agent::start(&[
+        "--flight-dir",
+        flights.str(),
+        "--flight-after",
+        "1",
+        "--collapse",
+        "0",
+    ]);
     let before = marker("before");
     let status = Command::new("/bin/echo")
         .arg(&before)

@@ -10,9 +10,9 @@ pub const TRACEFS: &str = "/sys/kernel/tracing";
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
     #[error(
-        "the agent must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE); it runs as uid {uid} without them. Start it with sudo, or through the systemd unit"
+        "the agent must run as root with CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN); it runs as uid {uid} with effective capabilities {caps:#x}, which lack them. Start it with sudo, or through the systemd unit (its CapabilityBoundingSet has what is needed)"
     )]
-    NotPrivileged { uid: u32 },
+    NotPrivileged { uid: u32, caps: u64 },
     #[error(
         "this kernel exposes no BTF at {VMLINUX_BTF}; the probes need a kernel built with CONFIG_DEBUG_INFO_BTF=y"
     )]
@@ -41,10 +41,12 @@ pub fn check_privileges() -> Result<(), PreflightError> {
     const CAP_BPF: u64 = 1 << 39;
     let caps = effective_caps();
     let uid = nix::unistd::geteuid().as_raw();
-    if uid == 0 || caps & CAP_SYS_ADMIN != 0 || (caps & CAP_BPF != 0 && caps & CAP_PERFMON != 0) {
+    // Being uid 0 is not enough: a bounding set or a container may have taken the
+    // capabilities away, and the map creation would then fail with a bare EPERM.
+    if caps & CAP_SYS_ADMIN != 0 || (caps & CAP_BPF != 0 && caps & CAP_PERFMON != 0) {
         Ok(())
     } else {
-        Err(PreflightError::NotPrivileged { uid })
+        Err(PreflightError::NotPrivileged { uid, caps })
     }
 }
 
