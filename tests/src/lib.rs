@@ -186,6 +186,20 @@ impl Agent {
         self.stderr.lock().unwrap().join("\n")
     }
 
+    /// Waits (bounded) until the agent's stderr contains `text`: stderr is read by its own
+    /// thread, so a log line may trail the stdout line written after it.
+    pub fn wait_for_log(&self, text: &str) {
+        let deadline = Instant::now() + LINE_TIMEOUT;
+        while !self.log().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {text:?} within {LINE_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until a line matching `pred` arrives (or was already seen) and returns it.
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.try_wait_for(LINE_TIMEOUT, &pred).unwrap_or_else(|| {

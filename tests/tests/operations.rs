@@ -156,7 +156,7 @@ fn sighup_applies_a_good_rule_set_and_refuses_a_broken_one() {
         .unwrap()
         .to_owned();
     assert!(error.contains("local.yaml:"), "{error}");
-    assert!(agent.log().contains("reload refused"), "{}", agent.log());
+    agent.wait_for_log("reload refused");
     let three = format!("{two}-again");
     echo(&three);
     agent.wait_for("E2E-TWO still in force", |l| {
