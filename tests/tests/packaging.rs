@@ -146,6 +146,60 @@ fn find(ext: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("no {ext} in {}", package_dir().display()))
 }
 
+/// dpkg itself installs the DEB into a scratch root: every documented path lands with its
+/// mode, and dpkg records agent.toml as a conffile. (Dependencies are forced: the scratch
+/// root has no systemd; the postinst's `systemctl daemon-reload` tolerates its absence.)
+#[test]
+fn dpkg_installs_the_deb() {
+    use std::os::unix::fs::PermissionsExt;
+    let deb = find("_amd64.deb");
+    let dpkg = tool("dpkg");
+    let root = Scratch::new("dpkg-root");
+    for dir in ["var/lib/dpkg/info", "var/lib/dpkg/updates"] {
+        std::fs::create_dir_all(root.path(dir)).unwrap();
+    }
+    std::fs::write(root.path("var/lib/dpkg/status"), "").unwrap();
+    let out = Command::new(&dpkg)
+        .arg(format!("--root={}", root.str()))
+        .args([
+            "--force-depends",
+            "--force-script-chrootless",
+            "--no-triggers",
+            "-i",
+        ])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dpkg -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (path, mode, _) in EXPECTED {
+        let meta = std::fs::metadata(root.path(&path[1..]))
+            .unwrap_or_else(|e| panic!("{path} not installed: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o7777, *mode, "{path}");
+    }
+    for (path, mode) in EXPECTED_DIRS {
+        let meta = std::fs::metadata(root.path(&path[1..])).unwrap();
+        assert!(meta.is_dir(), "{path}");
+        assert_eq!(meta.permissions().mode() & 0o7777, *mode, "{path}");
+    }
+    let conffiles =
+        std::fs::read_to_string(root.path("var/lib/dpkg/info/sensor-agent.conffiles")).unwrap();
+    assert_eq!(conffiles.trim(), "/etc/sensor-agent/agent.toml");
+    // The installed agent is the one built: it runs and knows its version.
+    let out = Command::new(root.path("usr/bin/sensor-agent"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 #[test]
 fn the_deb_holds_what_is_documented() {
     let deb = find("_amd64.deb");
