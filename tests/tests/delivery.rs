@@ -9,7 +9,7 @@ use std::{
 
 use prost::Message;
 use sensor_e2e::{
-    Agent, Scratch,
+    Agent, Scratch, alert_of,
     collector::{Certs, Collector, TmpProgram, alert_pid, b17_of, free_port, query},
     num,
 };
@@ -441,4 +441,17 @@ fn a_full_spool_sheds_events_first_and_reports_exactly_what_it_shed() {
         "the events that fit were delivered: {row}"
     );
     agent.stop();
+    // The operator was told too: SELF-SHED alerts, whose counts add up to the same number.
+    let told: u64 = agent
+        .collect(Duration::from_millis(100), |l| {
+            alert_of(l, "SELF-SHED").is_some()
+        })
+        .iter()
+        .map(|l| {
+            let details = &l["alert"]["details"];
+            assert_eq!(num(&details["shed_alerts"]), 0, "alerts kept: {l}");
+            num(&details["shed_events"])
+        })
+        .sum();
+    assert_eq!(told, logged, "SELF-SHED counts");
 }
