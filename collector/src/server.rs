@@ -48,6 +48,33 @@ fn check_identity(identity: Option<AgentIdentity>) -> Result<AgentIdentity, Stat
     Ok(identity)
 }
 
+/// Under mutual TLS an agent may only speak for itself: its agent id must be one of the DNS
+/// names (subjectAltName) of the client certificate it connected with, so that a
+/// compromised appliance holding a valid certificate cannot store alerts, acknowledge
+/// numbers or report heartbeats in another agent's name. Plaintext (loopback only) binds
+/// nothing. The chain itself was verified during the handshake.
+fn check_certificate_binding(
+    agent_id: &str,
+    certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+) -> Result<(), Status> {
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return Ok(());
+    };
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| {
+        Status::permission_denied(format!("the client certificate cannot be read: {e}"))
+    })?;
+    let name = rustls_pki_types::ServerName::try_from(agent_id).map_err(|_| {
+        Status::permission_denied(format!(
+            "agent id {agent_id:?} is not a DNS name; under mutual TLS the agent id must be one of its certificate's DNS names"
+        ))
+    })?;
+    cert.verify_is_valid_for_subject_name(&name).map_err(|_| {
+        Status::permission_denied(format!(
+            "agent id {agent_id:?} is not a DNS name of the client certificate; under mutual TLS an agent may only stream as the name its certificate was issued for"
+        ))
+    })
+}
+
 async fn ask(
     writer: &Writer,
     make: impl FnOnce(oneshot::Sender<Result<u64, String>>) -> StoreRequest,
@@ -76,6 +103,7 @@ impl collector_server::Collector for Collector {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let certs = request.peer_certs();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.silence, inbound.message())
             .await
@@ -87,9 +115,14 @@ impl collector_server::Collector for Collector {
                 return Err(Status::invalid_argument("the first message must be Hello"));
             }
         };
-        let identity = check_identity(hello.identity).inspect_err(|e| {
-            warn!(%peer, error = %e.message(), "stream refused");
-        })?;
+        let identity = check_identity(hello.identity)
+            .and_then(|identity| {
+                check_certificate_binding(&identity.agent_id, certs.as_deref().map(Vec::as_slice))?;
+                Ok(identity)
+            })
+            .inspect_err(|e| {
+                warn!(%peer, error = %e.message(), "stream refused");
+            })?;
         let agent_id = identity.agent_id.clone();
         let contiguous = ask(&self.writer, |reply| StoreRequest::Hello {
             identity: identity.clone(),
@@ -196,5 +229,41 @@ async fn serve(
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair};
+
+    fn cert_for(names: &[&str]) -> rustls_pki_types::CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn an_agent_streams_only_as_a_name_of_its_certificate() {
+        let certs = [cert_for(&["agent-a", "epmm-1.example.org"])];
+        assert!(check_certificate_binding("agent-a", Some(&certs)).is_ok());
+        assert!(check_certificate_binding("epmm-1.example.org", Some(&certs)).is_ok());
+        let other = check_certificate_binding("agent-b", Some(&certs)).unwrap_err();
+        assert_eq!(other.code(), tonic::Code::PermissionDenied);
+        assert!(
+            other
+                .message()
+                .contains("\"agent-b\" is not a DNS name of the client certificate")
+        );
+        let odd = check_certificate_binding("agent@a", Some(&certs)).unwrap_err();
+        assert!(
+            odd.message().contains("is not a DNS name;"),
+            "{}",
+            odd.message()
+        );
+        // Plaintext (loopback only): nothing to bind to.
+        assert!(check_certificate_binding("anything", None).is_ok());
     }
 }

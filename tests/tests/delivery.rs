@@ -172,7 +172,7 @@ fn an_agent_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
 }
 
 #[test]
-fn mutual_tls_serves_two_agents_at_once_and_refuses_a_foreign_ca() {
+fn mutual_tls_serves_two_agents_and_refuses_a_foreign_ca_and_an_impostor() {
     let certs = Certs::new();
     let scratch = Scratch::new("deliver-tls");
     let db = scratch.path("c.db");
@@ -194,6 +194,8 @@ fn mutual_tls_serves_two_agents_at_once_and_refuses_a_foreign_ca() {
     let mut a = start("agent-a", "agent-a");
     let mut b = start("agent-b", "agent-b");
     let mut rogue = start("agent-r", "rogue");
+    // A valid certificate, but another agent's name: an agent speaks only for itself.
+    let mut impostor = start("agent-x", "agent-a");
 
     let prog = TmpProgram::new("tls");
     let mut pids = BTreeSet::new();
@@ -227,7 +229,29 @@ fn mutual_tls_serves_two_agents_at_once_and_refuses_a_foreign_ca() {
         "the foreign-CA agent got through: {agents:#?}"
     );
     assert!(stored_pids(&db, "agent-r", prog.exe()).is_empty());
-    for agent in [&mut a, &mut b, &mut rogue] {
+
+    let refused = |log: String| {
+        log.lines().any(|l| {
+            l.contains("agent-x") && l.contains("is not a DNS name of the client certificate")
+        })
+    };
+    let deadline = Instant::now() + STORE_TIMEOUT;
+    while !(refused(impostor.log()) && refused(collector.log())) {
+        assert!(
+            Instant::now() < deadline,
+            "the impostor was not refused with the reason:\n{}\n{}",
+            impostor.log(),
+            collector.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let agents = query("agents", &db, &["--json"]);
+    assert!(
+        agents.iter().all(|r| r["agentId"] != "agent-x"),
+        "the impostor got through: {agents:#?}"
+    );
+    assert!(stored_pids(&db, "agent-x", prog.exe()).is_empty());
+    for agent in [&mut a, &mut b, &mut rogue, &mut impostor] {
         agent.stop();
     }
 }

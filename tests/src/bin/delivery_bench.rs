@@ -60,8 +60,9 @@ fn main() {
         &url,
         "--spool",
         spool.to_str().unwrap(),
+        // Under mutual TLS the agent id is a name of the agent's certificate.
         "--agent-id",
-        "bench",
+        "agent-a",
     ]
     .iter()
     .map(|s| s.to_string())
