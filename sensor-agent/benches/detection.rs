@@ -268,7 +268,13 @@ fn main() {
         SigmaSet::default(),
     );
     if let Some(sigma_dir) = std::env::var_os("SENSOR_SIGMA_DIR") {
-        let sigma = SigmaSet::load(&[sigma_dir.clone().into()]).expect("load Sigma rules");
+        // cargo runs benches from the package directory: a relative path is taken from the
+        // workspace root, where the command is typed.
+        let sigma_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(sigma_dir);
+        let sigma = SigmaSet::load(std::slice::from_ref(&sigma_dir))
+            .unwrap_or_else(|e| panic!("load Sigma rules from {}: {e}", sigma_dir.display()));
         run(
             "default pack + SigmaHQ, service mix",
             sigma,
