@@ -282,7 +282,7 @@ fn main() {
             false,
         );
         let small = run_recording(cycles / 10, dir.path());
-        let sigma = SigmaSet::load(&[sigma_dir.into()]).expect("load Sigma rules");
+        let sigma = SigmaSet::load(&[sigma_dir]).expect("load Sigma rules");
         run_replay("replay, default pack + SigmaHQ", &small, sigma);
     }
 }
