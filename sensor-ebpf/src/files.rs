@@ -348,14 +348,8 @@ handler!(open_files, |sc| {
 });
 
 handler!(path_files, |sc| {
-    let a = [
-        sc.arg(0),
-        sc.arg(1),
-        sc.arg(2),
-        sc.arg(3),
-        sc.arg(4),
-        sc.arg(5),
-    ];
+    // The arguments the operations below use (none takes a sixth).
+    let a = [sc.arg(0), sc.arg(1), sc.arg(2), sc.arg(3), sc.arg(4)];
     // (op, path, flags, mode) of the one-path operations; renames apart.
     let (op, source, flags, mode) = match sc.slot {
         slot::RENAMEAT2 => return rename(sc, user(a[0], a[1]), user(a[2], a[3]), a[4]),

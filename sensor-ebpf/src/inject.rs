@@ -21,14 +21,6 @@ handler!(inject, |sc| match sc.slot {
 
 #[inline(always)]
 fn memfd_create(sc: &Syscall) {
-    let a = [
-        sc.arg(0),
-        sc.arg(1),
-        sc.arg(2),
-        sc.arg(3),
-        sc.arg(4),
-        sc.arg(5),
-    ];
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -36,9 +28,9 @@ fn memfd_create(sc: &Syscall) {
     let r = unsafe { &mut *(scratch as *mut MemfdRecord) };
     let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<MemfdRecord>());
     fill_header(&mut r.hdr, kind::MEMFD_CREATE, 0);
-    r.flags = a[1] as u32;
+    r.flags = sc.arg(1) as u32;
     r._pad = 0;
-    let n = read_user_str(data, MEMFD_NAME_MAX, a[0] as KPtr).unwrap_or(0);
+    let n = read_user_str(data, MEMFD_NAME_MAX, sc.arg(0) as KPtr).unwrap_or(0);
     let n = if n > 0 { n - 1 } else { 0 };
     r.name_len = n as u16;
     let size = core::mem::size_of::<MemfdRecord>() + n;
@@ -57,16 +49,9 @@ const PTRACE_SEIZE: u64 = 0x4206;
 
 #[inline(always)]
 fn ptrace(sc: &Syscall) {
-    let a = [
-        sc.arg(0),
-        sc.arg(1),
-        sc.arg(2),
-        sc.arg(3),
-        sc.arg(4),
-        sc.arg(5),
-    ];
+    let request = sc.arg(0);
     if !matches!(
-        a[0],
+        request,
         PTRACE_POKETEXT
             | PTRACE_POKEDATA
             | PTRACE_POKEUSER
@@ -89,23 +74,15 @@ fn ptrace(sc: &Syscall) {
         kind::PTRACE,
         core::mem::size_of::<PtraceRecord>(),
     );
-    r.request = a[0] as i64;
-    r.target = a[1] as i32;
-    r.addr = a[2];
+    r.request = request as i64;
+    r.target = sc.arg(1) as i32;
+    r.addr = sc.arg(2);
     r.result = sc.ret as i32;
     entry.submit(wakeup_flags());
 }
 
 #[inline(always)]
 fn vm_write(sc: &Syscall) {
-    let a = [
-        sc.arg(0),
-        sc.arg(1),
-        sc.arg(2),
-        sc.arg(3),
-        sc.arg(4),
-        sc.arg(5),
-    ];
     let Some(mut entry) = EVENTS.reserve::<VmWriteRecord>(0) else {
         count_lost(kind::VM_WRITE);
         return;
@@ -117,10 +94,10 @@ fn vm_write(sc: &Syscall) {
         kind::VM_WRITE,
         core::mem::size_of::<VmWriteRecord>(),
     );
-    r.target = a[0] as i32;
+    r.target = sc.arg(0) as i32;
     r._pad = 0;
     r.result = sc.ret;
-    r.local_iovecs = a[2];
-    r.remote_iovecs = a[4];
+    r.local_iovecs = sc.arg(2);
+    r.remote_iovecs = sc.arg(4);
     entry.submit(wakeup_flags());
 }
