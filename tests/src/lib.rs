@@ -221,14 +221,14 @@ impl Agent {
         self.stderr.lock().unwrap().join("\n")
     }
 
-    /// Waits (bounded) until the agent's stderr contains `text`: stderr is read by its own
-    /// thread, so a log line may trail the stdout line written after it.
-    pub fn wait_for_log(&self, text: &str) {
-        let deadline = Instant::now() + LINE_TIMEOUT;
+    /// Waits up to `timeout` until the agent's stderr contains `text`. (stderr is read by
+    /// its own thread, so a log line may trail the stdout line written after it.)
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while !self.log().contains(text) {
             assert!(
                 Instant::now() < deadline,
-                "no log line with {text:?} within {LINE_TIMEOUT:?}:\n{}",
+                "no log line with {text:?} within {timeout:?}:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));

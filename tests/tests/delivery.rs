@@ -214,15 +214,7 @@ fn mutual_tls_serves_two_agents_and_refuses_a_foreign_ca_and_an_impostor() {
             b17_of(l, prog.exe()) && alert_pid(l) == *pid
         });
     }
-    let deadline = Instant::now() + STORE_TIMEOUT;
-    while !rogue.log().contains("collector unreachable") {
-        assert!(
-            Instant::now() < deadline,
-            "the refused agent says nothing:\n{}",
-            rogue.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    rogue.wait_for_log("collector unreachable", STORE_TIMEOUT);
     let agents = query("agents", &db, &["--json"]);
     assert!(
         agents.iter().all(|r| r["agentId"] != "agent-r"),
@@ -420,15 +412,7 @@ fn a_full_spool_sheds_events_first_and_reports_exactly_what_it_shed() {
             b17_of(l, prog.exe()) && alert_pid(l) == *pid
         });
     }
-    let deadline = Instant::now() + STORE_TIMEOUT;
-    while !agent.log().contains("spool full") {
-        assert!(
-            Instant::now() < deadline,
-            "the spool never filled:\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    agent.wait_for_log("spool full", STORE_TIMEOUT);
 
     let mut collector = Collector::start(&db, &format!("127.0.0.1:{port}"), &[]);
     collector.wait_alerts(pids.len(), STORE_TIMEOUT, |l| b17_of(l, prog.exe()));

@@ -9,7 +9,7 @@ use std::{
 };
 
 use sensor_e2e::{
-    Agent, Scratch, agent_bin, alert_of,
+    Agent, LINE_TIMEOUT, Scratch, agent_bin, alert_of,
     collector::{TmpProgram, b17_of, free_port},
     event_of, marker, num,
 };
@@ -156,7 +156,7 @@ fn sighup_applies_a_good_rule_set_and_refuses_a_broken_one() {
         .unwrap()
         .to_owned();
     assert!(error.contains("local.yaml:"), "{error}");
-    agent.wait_for_log("reload refused");
+    agent.wait_for_log("reload refused", LINE_TIMEOUT);
     let three = format!("{two}-again");
     echo(&three);
     agent.wait_for("E2E-TWO still in force", |l| {
