@@ -54,6 +54,16 @@ pub struct PipelineStats {
     pub alerts_by: BTreeMap<(String, i32), u64>,
 }
 
+impl PipelineStats {
+    /// Events of `kind` (a name of `detect::fields::EVENT_KINDS`) so far.
+    pub fn events_of(&self, kind: &str) -> u64 {
+        fields::EVENT_KINDS
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.by_kind[i])
+    }
+}
+
 /// One slot per event kind, and one for events without a kind.
 pub const EVENT_KIND_SLOTS: usize = fields::EVENT_KINDS.len() + 1;
 
@@ -207,5 +217,22 @@ impl<S: Sink> Pipeline<S> {
         if let Some(flight) = self.flight.as_mut() {
             flight.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_of_reads_the_slot_of_the_named_kind() {
+        let mut stats = PipelineStats::default();
+        for (i, slot) in stats.by_kind.iter_mut().enumerate() {
+            *slot = i as u64 + 1;
+        }
+        for (i, kind) in fields::EVENT_KINDS.iter().enumerate() {
+            assert_eq!(stats.events_of(kind), i as u64 + 1, "{kind}");
+        }
+        assert_eq!(stats.events_of("no such kind"), 0);
     }
 }

@@ -214,7 +214,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
             cli: options.cli_sources.clone(),
         },
         watch: options.load.watch.clone(),
-        watched_files: watched_files(&options),
+        watched_files: watched_files(options.config_path.as_ref(), &options.sources),
         ring_capacity: u64::from(options.load.ring_bytes),
     };
     event_loop(probes, &mut pipeline, ops).await
@@ -245,13 +245,13 @@ fn drain_ring(ring: &mut RingBuf<MapData>, pipeline: &mut Pipeline<Outputs>) -> 
     bytes
 }
 
-fn watched_files(options: &RunOptions) -> Vec<PathBuf> {
-    options
-        .config_path
-        .iter()
+/// The configuration file and the rule directories in force: what SELF-CONFIG watches.
+fn watched_files(config: Option<&PathBuf>, sources: &RuleSources) -> Vec<PathBuf> {
+    config
+        .into_iter()
+        .chain(&sources.rules)
+        .chain(&sources.sigma)
         .cloned()
-        .chain(options.sources.rules.iter().cloned())
-        .chain(options.sources.sigma.iter().cloned())
         .collect()
 }
 
@@ -364,7 +364,7 @@ async fn event_loop(
                 }
             }
             _ = liveness_tick.tick() => {
-                let process_events = pipeline.stats.by_kind[0] + pipeline.stats.by_kind[2];
+                let process_events = pipeline.stats.events_of("exec") + pipeline.stats.events_of("fork");
                 if let Some(pid) = health::last_pid()
                     && let Some(created) = liveness.check(pid, process_events)
                 {
@@ -381,14 +381,8 @@ async fn event_loop(
                             pipeline.engine.set_rules(new.rules);
                             pipeline.engine.set_sigma(new.sigma);
                             ops.watch = new.watch;
-                            ops.watched_files = ops
-                                .reload
-                                .config_path
-                                .iter()
-                                .cloned()
-                                .chain(new.sources.rules.iter().cloned())
-                                .chain(new.sources.sigma.iter().cloned())
-                                .collect();
+                            ops.watched_files =
+                                watched_files(ops.reload.config_path.as_ref(), &new.sources);
                             fingerprint = Fingerprint::read(&ops.watched_files);
                             reported_change = false;
                             info!(rules, sigma, "reloaded");
