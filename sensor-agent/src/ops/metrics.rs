@@ -349,4 +349,39 @@ mod tests {
         assert!(text.contains("sensor_resident_memory_bytes "), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
+
+    /// Sends `request` on a new connection and returns the whole answer.
+    async fn ask(addr: SocketAddr, request: &[u8]) -> String {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may answer (and close) before it has read all of a long request.
+        let _ = conn.write_all(request).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_a_404_and_do_not_stop_the_server() {
+        let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        // A client that connects and says nothing holds only its own connection.
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for request in [
+            &b"POST /metrics HTTP/1.1\r\n\r\n"[..],
+            b"GET /etc/passwd HTTP/1.1\r\n\r\n",
+            b"\x00\xff garbage \r\n\r\n",
+            &[b'A'; 20_000][..],
+        ] {
+            let answer = ask(addr, request).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 404 Not Found\r\n"),
+                "{:?}: {answer}",
+                String::from_utf8_lossy(&request[..request.len().min(40)])
+            );
+        }
+        let answer = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("# EOF\n"), "{answer}");
+    }
 }
