@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use sensor_agent::{
     config, delivery, detect, identity,
-    probes::LoadOptions,
+    probes::{LoadOptions, Probe, SyscallHooks},
     replay, run,
     trace::{flight::FlightOptions, recorder::RecordOptions},
 };
@@ -124,7 +124,11 @@ struct RunArgs {
     /// Do not attach this optional probe (repeatable); to measure what each costs.
     /// [agent] skip_probes
     #[arg(long = "skip-probe", value_name = "PROBE")]
-    skip_probes: Vec<String>,
+    skip_probes: Vec<Probe>,
+    /// How syscalls are hooked: `auto` (fexit on the syscalls' own functions where the
+    /// kernel offers it, else the sys_exit dispatcher) or `sys_exit`. [agent] syscall_hooks
+    #[arg(long = "syscall-hooks", value_name = "HOOKS")]
+    syscall_hooks: Option<SyscallHooks>,
     /// Repeats of a rule on one process tree within this many seconds collapse into one
     /// alert with a count; 0: every match is its own alert (60). [agent] collapse_seconds
     #[arg(long, value_name = "SECONDS")]
@@ -213,6 +217,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let load = LoadOptions {
         ring_bytes: args.ring_mib.unwrap_or(c.agent.ring_mib) * 1024 * 1024,
         skip,
+        syscall_hooks: args.syscall_hooks.unwrap_or(c.agent.syscall_hooks),
         ..LoadOptions::default()
     };
     let cli_sources = config::RuleSources {

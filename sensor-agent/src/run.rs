@@ -36,7 +36,7 @@ use crate::{
     },
     output::json::JsonLines,
     pipeline::Pipeline,
-    probes::{LoadOptions, Probes},
+    probes::{LoadOptions, Probes, loader::State},
     proc_seed,
     proctable::ProcessTable,
     trace::{
@@ -190,21 +190,56 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     // Probes the agent runs without (not those skipped on purpose) are its blind spots.
-    for (probe, reason) in &probes.unavailable {
-        if !options.load.skip.iter().any(|s| s == probe) {
-            pipeline.raise_self(health::probe_unavailable(probe, reason));
-        }
+    let unavailable: Vec<(&str, &str)> = probes.unavailable().collect();
+    if let Some(alert) = health::probes_unavailable(&unavailable) {
+        pipeline.raise_self(alert);
     }
-    info!(
-        probes = probes.attached.len(),
-        unavailable = probes.unavailable.len(),
-        processes = seeded,
-        "ready: all probes attached, process table seeded"
-    );
+    if let Some(metrics) = &metrics {
+        metrics.set_probes(&probes.status);
+    }
+    let attached = probes
+        .status
+        .iter()
+        .filter(|s| s.state == State::Attached)
+        .count();
+    let skipped = probes
+        .status
+        .iter()
+        .filter(|s| s.state == State::Skipped)
+        .count();
+    let summary = probes.summary();
+    if !unavailable.is_empty() {
+        let why: Vec<String> = unavailable
+            .iter()
+            .map(|(probe, reason)| format!("{probe} ({reason})"))
+            .collect();
+        warn!(
+            processes = seeded,
+            probes = %summary,
+            "ready, DEGRADED: {} of {} probes attached; unavailable: {}",
+            attached,
+            probes.status.len(),
+            why.join("; ")
+        );
+    } else if skipped > 0 {
+        info!(
+            processes = seeded,
+            probes = %summary,
+            "ready: {attached} of {} probes attached, {skipped} skipped as asked; process table seeded",
+            probes.status.len()
+        );
+    } else {
+        info!(
+            processes = seeded,
+            probes = %summary,
+            "ready: all probes attached, process table seeded"
+        );
+    }
     let notifier = Notifier::from_env();
     notifier.ready(&format!(
-        "watching: {} probes attached",
-        probes.attached.len()
+        "watching: {attached} of {} probes attached{}",
+        probes.status.len(),
+        if unavailable.is_empty() { "" } else { " (degraded)" }
     ));
     let ops = Ops {
         notifier,

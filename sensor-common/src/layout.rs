@@ -36,6 +36,8 @@ pub struct KernelLayout {
 
     pub file_f_path: u16,
     pub file_f_inode: u16,
+    pub file_f_flags: u16,
+    pub file_f_mode: u16,
     pub file_private_data: u16,
 
     pub path_mnt: u16,

@@ -21,8 +21,10 @@ pub const MAX_ARGS: usize = 4096;
 pub const MAX_FILENAME: usize = 1024;
 /// Maximum bytes of one path component (NAME_MAX + NUL).
 pub const MAX_COMPONENT: usize = 256;
-/// Maximum path components walked for one path (exe, cwd, file).
+/// Maximum path components walked for one path (exe, cwd, file) with `bpf_loop`.
 pub const MAX_DEPTH: usize = 48;
+/// The same for kernels without `bpf_loop` (5.10), where the verifier checks every step.
+pub const BOUNDED_DEPTH: usize = 24;
 /// Bound on the offset at which a variable-length field may start inside a record's data.
 pub const DATA_OFFSET_LIMIT: usize = 8192;
 /// Size of the per-CPU scratch buffer a record is assembled in before it is copied out.

@@ -8,13 +8,22 @@ use sensor_common::{DupRecord, dup_call, kind, slot};
 use crate::{
     kernel::{KPtr, describe_file, task_fd_file},
     maps::{EVENTS, count_lost, wakeup_flags},
-    syscalls::{fill_header, handler},
+    syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
 
 const F_DUPFD: u64 = 0;
 const F_DUPFD_CLOEXEC: u64 = 1030;
 
-handler!(dup, |sc| {
+handler!(dup, on_dup);
+fexit_syscalls!(on_dup;
+    fx_dup "__x64_sys_dup" slot::DUP,
+    fx_dup2 "__x64_sys_dup2" slot::DUP2,
+    fx_dup3 "__x64_sys_dup3" slot::DUP3,
+    fx_fcntl "__x64_sys_fcntl" slot::FCNTL,
+);
+
+#[inline(always)]
+fn on_dup(sc: &Syscall) {
     let (call, newfd) = match sc.slot {
         slot::DUP => (dup_call::DUP, -1),
         slot::DUP2 => (dup_call::DUP2, sc.arg(1) as i32),
@@ -50,4 +59,4 @@ handler!(dup, |sc| {
     let task = unsafe { bpf_get_current_task() } as KPtr;
     describe_file(task_fd_file(task, fd), &mut r.file);
     entry.submit(wakeup_flags());
-});
+}

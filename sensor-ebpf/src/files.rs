@@ -1,28 +1,33 @@
 //! File activity in watched places: writes and creations, truncation, renames onto or
 //! away from, unlinks, chmod adding execute, timestamp changes and links.
 //!
+//! Opens are seen where the kernel offers fentry at `security_file_open` (fexit, for the
+//! verdict): the path is that of the file actually opened, walked up from its dentry, so a
+//! symbolic link, `/proc/self/root/...` or a bind mount leads to the real place. Elsewhere
+//! the open syscalls' exits are the fallback, with the path the caller named.
+//!
 //! Cost: most opens are read-only and return after one flag test. A candidate builds the
-//! absolute path (the cwd or directory descriptor's path, walked backwards, then the
-//! argument) and asks an LPM trie of watched prefixes and a few watched suffixes; only a
-//! match is remembered until the syscall returns, when the record is built with the result.
+//! absolute path (walked backwards from a dentry, then for a syscall the argument) and asks
+//! an LPM trie of watched prefixes and a few watched suffixes; only a match is reported.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_task, bpf_probe_read_kernel},
-    macros::map,
+    helpers::generated::bpf_get_current_task,
+    macros::{fexit, map},
     maps::LpmTrie,
+    programs::FExitContext,
 };
-use core::ffi::c_void;
 use sensor_common::{
     FileRecord, MAX_WATCH_SUFFIXES, WATCH_KEY_BYTES, WatchSuffix, file_op, kind, slot,
 };
 
 use crate::{
     kernel::{
-        KPtr, PATH_AREA, off, read_path, read_ptr, read_user, read_user_str, task_fd_file,
-        walk_path_backwards,
+        KPtr, bounded, copy_kernel, get, get_ptr, off, read_ptr, read_user, read_user_str,
+        task_fd_file,
     },
-    maps::{PATHBUF, SCRATCH, submit_scratch},
-    syscalls::{Syscall, fill_header, handler},
+    maps::{SCRATCH, submit_scratch},
+    path::{PATH_AREA, PATHBUF, read_path, walk_path_backwards},
+    syscalls::{Syscall, fexit_syscalls, fill_header, handler, watching},
 };
 
 /// Watched path prefixes: key = path bytes, value = `file_op` bits wanted.
@@ -50,6 +55,8 @@ const O_CREAT: u64 = 0o100;
 const O_TRUNC: u64 = 0o1000;
 const O_APPEND: u64 = 0o2000;
 const S_IXUGO: u64 = 0o111;
+/// `file->f_mode`: this open created the file.
+const FMODE_CREATED: u32 = 0x100000;
 
 /// Where a path comes from.
 #[derive(Clone, Copy)]
@@ -58,6 +65,8 @@ enum Source {
     User { dirfd: i64, path: u64 },
     /// The file open at a descriptor.
     Fd(i64),
+    /// A `struct file`.
+    File(KPtr),
 }
 
 /// A built path: `len` bytes at `start` in the PATHBUF area.
@@ -76,7 +85,7 @@ fn current_task() -> KPtr {
 
 /// Assembles the absolute path of `source` in this CPU's PATHBUF area.
 #[inline(always)]
-fn build(source: Source) -> Option<Built> {
+fn build<const LOOP: bool>(source: Source) -> Option<Built> {
     let buf = PATHBUF.get_ptr_mut(0)?;
     // SAFETY: this CPU's buffer.
     let area = unsafe { (*buf).area.as_mut_ptr() };
@@ -122,8 +131,9 @@ fn build(source: Source) -> Option<Built> {
             read_path(task_fd_file(task, fd as u32), off!(file_f_path)).ok()?,
             0,
         ),
+        Source::File(file) => (read_path(file, off!(file_f_path)).ok()?, 0),
     };
-    let walk = walk_path_backwards(DIR_END, dir, root);
+    let walk = walk_path_backwards::<LOOP>(DIR_END, dir, root);
     Some(Built {
         start: walk.end,
         len: DIR_END - walk.end + tail,
@@ -146,14 +156,11 @@ fn wanted(built: &Built) -> u32 {
         built.len
     };
     buf.key.prefix_len = (len * 8) as u32;
-    // SAFETY: copies inside this CPU's buffer; lengths bounded above.
-    unsafe {
-        bpf_probe_read_kernel(
-            core::ptr::addr_of_mut!(buf.key.data) as *mut c_void,
-            len as u32,
-            buf.area.as_ptr().wrapping_add(start) as *const c_void,
-        );
-    }
+    copy_kernel(
+        core::ptr::addr_of_mut!(buf.key.data) as *mut u8,
+        bounded(len, 2 * WATCH_KEY_BYTES - 1),
+        buf.area.as_ptr().wrapping_add(start),
+    );
     let mut ops = WATCH.get(&buf.key).copied().unwrap_or(0);
 
     // The last 16 bytes of the path against the watched suffixes.
@@ -188,11 +195,11 @@ fn wanted(built: &Built) -> u32 {
 
 /// Builds `source` and returns it when a watch rule wants any of `bits` on it.
 #[inline(always)]
-fn watched(source: Source, bits: u32) -> Option<Built> {
+fn watched<const LOOP: bool>(source: Source, bits: u32) -> Option<Built> {
     if bits == 0 {
         return None;
     }
-    let built = build(source)?;
+    let built = build::<LOOP>(source)?;
     (wanted(&built) & bits != 0).then_some(built)
 }
 
@@ -207,22 +214,18 @@ fn copy_path(built: &Built, dst: *mut u8) -> usize {
     } else {
         built.len
     };
-    // SAFETY: bounded copy out of this CPU's PATHBUF.
-    unsafe {
-        bpf_probe_read_kernel(
-            dst as *mut c_void,
-            len as u32,
-            (*buf).area.as_ptr().wrapping_add(built.start & (AREA - 1)) as *const c_void,
-        );
-    }
+    // SAFETY: this CPU's buffer.
+    let src = unsafe { (*buf).area.as_ptr() }.wrapping_add(built.start & (AREA - 1));
+    copy_kernel(dst, bounded(len, AREA - 1), src);
     len
 }
 
 /// Submits a FileRecord for `path` (already built and matched) and, for renames, the
 /// other name, built after the first is copied out.
 #[inline(always)]
-fn emit(
-    sc: &Syscall,
+#[allow(clippy::too_many_arguments)]
+fn emit<const LOOP: bool>(
+    result: i64,
     op: u16,
     flags: u64,
     mode: u64,
@@ -241,12 +244,12 @@ fn emit(
     r.path_is_source = path_is_source as u16;
     r.flags = flags as u32;
     r.mode = mode as u32;
-    r.result = sc.ret as i32;
+    r.result = result as i32;
     r.truncated = path.truncated as u32;
     r.path_len = copy_path(path, data) as u16;
     r.other_len = 0;
     if let Some(other) = other
-        && let Some(built) = build(other)
+        && let Some(built) = build::<LOOP>(other)
     {
         let at = (r.path_len as usize) & (AREA - 1);
         r.other_len = copy_path(&built, data.wrapping_add(at)) as u16;
@@ -308,7 +311,10 @@ fn fd(fd: u64) -> Source {
     Source::Fd(fd as i32 as i64)
 }
 
-handler!(open_files, |sc| {
+handler!(open_files, open_files_bounded, on_open);
+
+#[inline(always)]
+fn on_open<const LOOP: bool>(sc: &Syscall) {
     // The flags first: most opens are read-only and end here, after one register read.
     let flags = match sc.slot {
         slot::OPENAT => sc.arg(2),
@@ -342,19 +348,103 @@ handler!(open_files, |sc| {
         }
     };
     let bits = open_bits(flags, mode);
-    if let Some(path) = watched(source, bits) {
-        emit(sc, open_op(bits), flags, mode, &path, None, false);
+    if let Some(path) = watched::<LOOP>(source, bits) {
+        emit::<LOOP>(sc.ret, open_op(bits), flags, mode, &path, None, false);
     }
-});
+}
 
-handler!(path_files, |sc| {
+/// `security_file_open(struct file *file)`, after the LSMs gave their verdict (the return
+/// value, 0 when the open goes ahead).
+#[fexit(function = "security_file_open")]
+pub fn fx_file_open(ctx: FExitContext) -> i32 {
+    if watching() {
+        on_file_open::<true>(ctx.arg(0), ctx.arg(1));
+    }
+    0
+}
+
+#[fexit(function = "security_file_open")]
+pub fn fxb_file_open(ctx: FExitContext) -> i32 {
+    if watching() {
+        on_file_open::<false>(ctx.arg(0), ctx.arg(1));
+    }
+    0
+}
+
+/// The flags are the open's own (the kernel clears O_CREAT and O_TRUNC from `f_flags`
+/// only after this hook); the mode is the new inode's when this open created the file, so
+/// an O_CREAT open of an existing file is never taken for a new executable.
+#[inline(always)]
+fn on_file_open<const LOOP: bool>(file: KPtr, verdict: i64) {
+    let flags = u64::from(get::<u32>(file, off!(file_f_flags)));
+    if flags & (O_WRONLY | O_RDWR | O_APPEND | O_CREAT | O_TRUNC) == 0 {
+        return;
+    }
+    let f_mode = get::<u32>(file, off!(file_f_mode));
+    let mode = if f_mode & FMODE_CREATED != 0 {
+        u64::from(get::<u16>(get_ptr(file, off!(file_f_inode)), off!(inode_i_mode))) & 0o7777
+    } else {
+        0
+    };
+    let bits = open_bits(flags, mode);
+    if let Some(path) = watched::<LOOP>(Source::File(file), bits) {
+        emit::<LOOP>(verdict, open_op(bits), flags, mode, &path, None, false);
+    }
+}
+
+handler!(path_files, path_files_bounded, on_path);
+fexit_syscalls!(on_path::<true>;
+    fx_renameat2 "__x64_sys_renameat2" slot::RENAMEAT2,
+    fx_renameat "__x64_sys_renameat" slot::RENAMEAT,
+    fx_rename "__x64_sys_rename" slot::RENAME,
+    fx_unlinkat "__x64_sys_unlinkat" slot::UNLINKAT,
+    fx_unlink "__x64_sys_unlink" slot::UNLINK,
+    fx_fchmodat "__x64_sys_fchmodat" slot::FCHMODAT,
+    fx_fchmodat2 "__x64_sys_fchmodat2" slot::FCHMODAT2,
+    fx_chmod "__x64_sys_chmod" slot::CHMOD,
+    fx_fchmod "__x64_sys_fchmod" slot::FCHMOD,
+    fx_utimensat "__x64_sys_utimensat" slot::UTIMENSAT,
+    fx_utimes "__x64_sys_utimes" slot::UTIMES,
+    fx_futimesat "__x64_sys_futimesat" slot::FUTIMESAT,
+    fx_utime "__x64_sys_utime" slot::UTIME,
+    fx_truncate "__x64_sys_truncate" slot::TRUNCATE,
+    fx_ftruncate "__x64_sys_ftruncate" slot::FTRUNCATE,
+    fx_linkat "__x64_sys_linkat" slot::LINKAT,
+    fx_link "__x64_sys_link" slot::LINK,
+    fx_symlinkat "__x64_sys_symlinkat" slot::SYMLINKAT,
+);
+fexit_syscalls!(on_path::<false>;
+    fxb_renameat2 "__x64_sys_renameat2" slot::RENAMEAT2,
+    fxb_renameat "__x64_sys_renameat" slot::RENAMEAT,
+    fxb_rename "__x64_sys_rename" slot::RENAME,
+    fxb_unlinkat "__x64_sys_unlinkat" slot::UNLINKAT,
+    fxb_unlink "__x64_sys_unlink" slot::UNLINK,
+    fxb_fchmodat "__x64_sys_fchmodat" slot::FCHMODAT,
+    fxb_fchmodat2 "__x64_sys_fchmodat2" slot::FCHMODAT2,
+    fxb_chmod "__x64_sys_chmod" slot::CHMOD,
+    fxb_fchmod "__x64_sys_fchmod" slot::FCHMOD,
+    fxb_utimensat "__x64_sys_utimensat" slot::UTIMENSAT,
+    fxb_utimes "__x64_sys_utimes" slot::UTIMES,
+    fxb_futimesat "__x64_sys_futimesat" slot::FUTIMESAT,
+    fxb_utime "__x64_sys_utime" slot::UTIME,
+    fxb_truncate "__x64_sys_truncate" slot::TRUNCATE,
+    fxb_ftruncate "__x64_sys_ftruncate" slot::FTRUNCATE,
+    fxb_linkat "__x64_sys_linkat" slot::LINKAT,
+    fxb_link "__x64_sys_link" slot::LINK,
+    fxb_symlinkat "__x64_sys_symlinkat" slot::SYMLINKAT,
+);
+
+#[inline(always)]
+fn on_path<const LOOP: bool>(sc: &Syscall) {
     // The arguments the operations below use (none takes a sixth).
     let a = [sc.arg(0), sc.arg(1), sc.arg(2), sc.arg(3), sc.arg(4)];
     // (op, path, flags, mode) of the one-path operations; renames apart.
     let (op, source, flags, mode) = match sc.slot {
-        slot::RENAMEAT2 => return rename(sc, user(a[0], a[1]), user(a[2], a[3]), a[4]),
-        slot::RENAMEAT => return rename(sc, user(a[0], a[1]), user(a[2], a[3]), 0),
-        slot::RENAME => return rename(sc, cwd(a[0]), cwd(a[1]), 0),
+        slot::RENAMEAT2 => {
+            return rename::<LOOP>(sc, user(a[0], a[1]), user(a[2], a[3]), a[4]);
+        }
+        slot::RENAMEAT => return rename::<LOOP>(sc, user(a[0], a[1]), user(a[2], a[3]), 0),
+        slot::RENAME => return rename::<LOOP>(sc, cwd(a[0]), cwd(a[1]), 0),
         slot::UNLINKAT => (file_op::UNLINK, user(a[0], a[1]), a[2], 0),
         slot::UNLINK => (file_op::UNLINK, cwd(a[0]), 0, 0),
         // chmod matters here when the new mode makes the file executable.
@@ -375,19 +465,19 @@ handler!(path_files, |sc| {
         slot::SYMLINKAT => (file_op::LINK, user(a[1], a[2]), 0, 0),
         _ => return,
     };
-    if let Some(path) = watched(source, file_op::bit(op)) {
-        emit(sc, op, flags, mode, &path, None, false);
+    if let Some(path) = watched::<LOOP>(source, file_op::bit(op)) {
+        emit::<LOOP>(sc.ret, op, flags, mode, &path, None, false);
     }
-});
+}
 
 /// Renames: the new name watched (something moved onto a watched path), or the old one
 /// (a watched file moved away, as `sed -i` and log cleaners do).
 #[inline(always)]
-fn rename(sc: &Syscall, old: Source, new: Source, flags: u64) {
+fn rename<const LOOP: bool>(sc: &Syscall, old: Source, new: Source, flags: u64) {
     let bit = file_op::bit(file_op::RENAME);
-    if let Some(path) = watched(new, bit) {
-        emit(sc, file_op::RENAME, flags, 0, &path, Some(old), false);
-    } else if let Some(path) = watched(old, bit) {
-        emit(sc, file_op::RENAME, flags, 0, &path, Some(new), true);
+    if let Some(path) = watched::<LOOP>(new, bit) {
+        emit::<LOOP>(sc.ret, file_op::RENAME, flags, 0, &path, Some(old), false);
+    } else if let Some(path) = watched::<LOOP>(old, bit) {
+        emit::<LOOP>(sc.ret, file_op::RENAME, flags, 0, &path, Some(new), true);
     }
 }

@@ -6,18 +6,28 @@ use sensor_common::{MemfdRecord, PtraceRecord, VmWriteRecord, kind, slot};
 use crate::{
     kernel::{KPtr, read_user_str},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
-    syscalls::{Syscall, fill_header, handler},
+    syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
 
 /// `MFD_NAME_MAX_LEN` plus the NUL.
 const MEMFD_NAME_MAX: u32 = 250;
 
-handler!(inject, |sc| match sc.slot {
-    slot::MEMFD_CREATE => memfd_create(sc),
-    slot::PTRACE => ptrace(sc),
-    slot::PROCESS_VM_WRITEV => vm_write(sc),
-    _ => {}
-});
+handler!(inject, on_inject);
+fexit_syscalls!(on_inject;
+    fx_memfd_create "__x64_sys_memfd_create" slot::MEMFD_CREATE,
+    fx_ptrace "__x64_sys_ptrace" slot::PTRACE,
+    fx_process_vm_writev "__x64_sys_process_vm_writev" slot::PROCESS_VM_WRITEV,
+);
+
+#[inline(always)]
+fn on_inject(sc: &Syscall) {
+    match sc.slot {
+        slot::MEMFD_CREATE => memfd_create(sc),
+        slot::PTRACE => ptrace(sc),
+        slot::PROCESS_VM_WRITEV => vm_write(sc),
+        _ => {}
+    }
+}
 
 #[inline(always)]
 fn memfd_create(sc: &Syscall) {

@@ -18,14 +18,6 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(kind::COUNT as
 #[map]
 pub static SCRATCH: PerCpuArray<[u8; SCRATCH_SIZE]> = PerCpuArray::with_max_entries(1, 0);
 
-/// State of the path walk in progress on each CPU (see `kernel::walk_path`).
-#[map]
-pub static WALK: PerCpuArray<crate::kernel::WalkState> = PerCpuArray::with_max_entries(1, 0);
-
-/// Per-CPU space where the file probes assemble a path (see `kernel::PathBuf`).
-#[map]
-pub static PATHBUF: PerCpuArray<crate::kernel::PathBuf> = PerCpuArray::with_max_entries(1, 0);
-
 /// Bytes waiting in `EVENTS` above which a record wakes the agent up (set by the agent).
 /// Below it records are written without a wake-up and the agent drains the ring on a short
 /// timer: a wake-up per record costs the traced workload a context switch each time.
@@ -60,12 +52,15 @@ pub fn count_lost(kind: u16) {
 /// Copies `len` bytes of the scratch buffer into the ring buffer, or counts the loss.
 #[inline(always)]
 pub fn submit_scratch(scratch: *mut [u8; SCRATCH_SIZE], len: usize, kind: u16) {
-    let len = if len > SCRATCH_SIZE {
-        SCRATCH_SIZE
+    // Records are smaller than the scratch buffer by construction; the clamp and mask keep
+    // the verifier sure of it.
+    let len = if len >= SCRATCH_SIZE {
+        SCRATCH_SIZE - 1
     } else {
         len
     };
-    // SAFETY: `len` is bounded by the scratch size just above.
+    let len = crate::kernel::bounded(len, SCRATCH_SIZE - 1) as usize;
+    // SAFETY: `len` is below the scratch size.
     let data = unsafe { core::slice::from_raw_parts(scratch as *const u8, len) };
     if EVENTS.output::<[u8]>(data, wakeup_flags()).is_err() {
         count_lost(kind);

@@ -5,9 +5,9 @@ use aya_ebpf::helpers::generated::bpf_get_current_task;
 use sensor_common::{FdInfo, NetRecord, SocketRecord, kind, slot};
 
 use crate::{
-    kernel::{KPtr, describe_file, read_user, task_fd_file},
+    kernel::{KPtr, bounded, describe_file, read_user, task_fd_file},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
-    syscalls::{Syscall, fill_header, handler},
+    syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
 
 const AF_UNIX: u16 = 1;
@@ -64,7 +64,7 @@ fn read_sockaddr(addr: u64, len: u64, out: &mut FdInfo, remote: bool, path: *mut
         } else {
             len
         } - 2;
-        if read_user(path, n as u32, (addr + 2) as KPtr).is_ok() {
+        if read_user(path, bounded(n as usize, 127), (addr + 2) as KPtr).is_ok() {
             return n as u16;
         }
     }
@@ -101,7 +101,18 @@ fn submit_net(kind: u16, fd: i32, result: i32, backlog: i32, sockaddr: Option<(u
     submit_scratch(scratch, size, kind);
 }
 
-handler!(net, |sc| {
+handler!(net, on_net);
+fexit_syscalls!(on_net;
+    fx_connect "__x64_sys_connect" slot::CONNECT,
+    fx_accept "__x64_sys_accept" slot::ACCEPT,
+    fx_accept4 "__x64_sys_accept4" slot::ACCEPT4,
+    fx_bind "__x64_sys_bind" slot::BIND,
+    fx_listen "__x64_sys_listen" slot::LISTEN,
+    fx_socket "__x64_sys_socket" slot::SOCKET,
+);
+
+#[inline(always)]
+fn on_net(sc: &Syscall) {
     let fd = sc.arg(0) as i32;
     let result = sc.ret as i32;
     match sc.slot {
@@ -127,7 +138,7 @@ handler!(net, |sc| {
         slot::SOCKET => submit_socket(sc),
         _ => {}
     }
-});
+}
 
 #[inline(always)]
 fn submit_socket(sc: &Syscall) {

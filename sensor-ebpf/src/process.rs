@@ -10,11 +10,12 @@ use sensor_common::{
 
 use crate::{
     kernel::{
-        KPtr, agent_tgid, describe_file, layout_ready, off, read, read_into, read_kernel_str,
-        read_path, read_ptr, read_user, read_user_str, task_fd_file, walk_path,
+        KPtr, agent_tgid, bounded, describe_file, get, get_ptr, layout_ready, off, read, read_into,
+        read_kernel_str, read_ptr, read_user, read_user_str, task_fd_file,
     },
+    path::{read_path, walk_path},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
-    syscalls::{fill_header, handler},
+    syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
 
 #[inline(always)]
@@ -28,13 +29,22 @@ const DATA_BASE: usize = core::mem::size_of::<ExecRecord>();
 #[btf_tracepoint(function = "sched_process_exec")]
 pub fn sched_process_exec(ctx: BtfTracePointContext) -> i32 {
     if layout_ready() && !is_agent() {
-        let _ = on_exec(&ctx);
+        let _ = on_exec::<true>(&ctx);
+    }
+    0
+}
+
+/// The same without `bpf_loop` (see `path.rs`).
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec_bounded(ctx: BtfTracePointContext) -> i32 {
+    if layout_ready() && !is_agent() {
+        let _ = on_exec::<false>(&ctx);
     }
     0
 }
 
 #[inline(always)]
-fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
+fn on_exec<const LOOP: bool>(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let task: KPtr = ctx.arg(0);
     let old_tid: i32 = ctx.arg(1);
     let bprm: KPtr = ctx.arg(2);
@@ -48,34 +58,34 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     r.old_tid = old_tid as u32;
     r.exec_flags = 0;
     // execveat of a descriptor (fexecve) leaves the descriptor's path in bprm->fdpath.
-    if off!(bprm_fdpath) != 0 && read::<u64>(bprm, off!(bprm_fdpath)).unwrap_or(0) != 0 {
+    if off!(bprm_fdpath) != 0 && get::<u64>(bprm, off!(bprm_fdpath)) != 0 {
         r.exec_flags = exec_flags::EXECVEAT;
     }
 
     let parent = read_ptr(task, off!(task_real_parent))?;
-    r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
+    r.ppid = get::<u32>(parent, off!(task_tgid));
     read_into(
         r.parent_thread_comm.as_mut_ptr(),
         TASK_COMM_LEN as u32,
         parent,
         off!(task_comm),
     );
-    r.start_boot_ns = read::<u64>(task, off!(task_start_boottime)).unwrap_or(0);
+    r.start_boot_ns = get::<u64>(task, off!(task_start_boottime));
     let cred = read_ptr(task, off!(task_real_cred))?;
     r.euid = read::<u32>(cred, off!(cred_euid)).unwrap_or(u32::MAX);
     r.egid = read::<u32>(cred, off!(cred_egid)).unwrap_or(u32::MAX);
 
     // argv as the kernel just laid it out in the new program's memory.
     let mm = read_ptr(task, off!(task_mm))?;
-    let arg_start = read::<u64>(mm, off!(mm_arg_start)).unwrap_or(0);
-    let arg_end = read::<u64>(mm, off!(mm_arg_end)).unwrap_or(0);
+    let arg_start = get::<u64>(mm, off!(mm_arg_start));
+    let arg_end = get::<u64>(mm, off!(mm_arg_end));
     let mut len = arg_end.wrapping_sub(arg_start);
     if len > MAX_ARGS as u64 {
         len = MAX_ARGS as u64;
         r.exec_flags |= exec_flags::ARGS_TRUNCATED;
     }
     let mut end = 0usize;
-    if len > 0 && read_user(data, len as u32, arg_start as KPtr).is_ok() {
+    if len > 0 && read_user(data, bounded(len as usize, 2 * MAX_ARGS - 1), arg_start as KPtr).is_ok() {
         end = len as usize;
     } else {
         r.exec_flags |= exec_flags::ARGS_UNREADABLE;
@@ -83,7 +93,7 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     r.args_len = end as u16;
 
     // The filename the caller asked for (`/proc/self/fd/3`, a symlink, a script...).
-    let filename = read_ptr(bprm, off!(bprm_filename)).unwrap_or(core::ptr::null());
+    let filename = get_ptr(bprm, off!(bprm_filename));
     let dst = data.wrapping_add(end & (DATA_OFFSET_LIMIT - 1));
     let n = read_kernel_str(dst, MAX_FILENAME as u32, filename).unwrap_or(0);
     let n = if n > 0 { n - 1 } else { 0 };
@@ -102,17 +112,17 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     r.exe_fs_magic = 0;
     if let Ok(exe) = read_ptr(mm, off!(mm_exe_file)) {
         if let Ok(inode) = read_ptr(exe, off!(file_f_inode)) {
-            r.exe_ino = read::<u64>(inode, off!(inode_i_ino)).unwrap_or(0);
-            r.exe_nlink = read::<u32>(inode, off!(inode_i_nlink)).unwrap_or(0);
+            r.exe_ino = get::<u64>(inode, off!(inode_i_ino));
+            r.exe_nlink = get::<u32>(inode, off!(inode_i_nlink));
             if let Ok(sb) = read_ptr(inode, off!(inode_i_sb)) {
-                r.exe_fs_magic = read::<u64>(sb, off!(sb_s_magic)).unwrap_or(0);
+                r.exe_fs_magic = get::<u64>(sb, off!(sb_s_magic));
             }
             if r.exe_nlink == 0 {
                 r.exec_flags |= exec_flags::EXE_UNLINKED;
             }
         }
         if let Ok(path) = read_path(exe, off!(file_f_path)) {
-            let walk = walk_path(DATA_BASE, end, path, root);
+            let walk = walk_path::<LOOP>(DATA_BASE, end, path, root);
             if walk.truncated {
                 r.exec_flags |= exec_flags::EXE_PATH_TRUNCATED;
             }
@@ -127,7 +137,7 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // The working directory.
     r.cwd_len = 0;
     if let Ok(pwd) = read_path(fs, off!(fs_pwd)) {
-        let walk = walk_path(DATA_BASE, end, pwd, root);
+        let walk = walk_path::<LOOP>(DATA_BASE, end, pwd, root);
         if walk.truncated {
             r.exec_flags |= exec_flags::CWD_TRUNCATED;
         }
@@ -135,11 +145,11 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
         end = walk.end;
     }
 
-    // What the new program reads from and writes to.
-    for fd in 0..3u32 {
-        let file = task_fd_file(task, fd);
-        describe_file(file, &mut r.stdio[fd as usize]);
-    }
+    // What the new program reads from and writes to. Written out, not a loop: a loop
+    // left the compiler a first iteration whose spilled values 5.10 saw as never written.
+    describe_file(task_fd_file(task, 0), &mut r.stdio[0]);
+    describe_file(task_fd_file(task, 1), &mut r.stdio[1]);
+    describe_file(task_fd_file(task, 2), &mut r.stdio[2]);
 
     let size = core::mem::size_of::<ExecRecord>() + end;
     r.hdr.size = size as u32;
@@ -147,7 +157,14 @@ fn on_exec(ctx: &BtfTracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-handler!(exec_failed, |sc| {
+handler!(exec_failed, on_exec_failed);
+fexit_syscalls!(on_exec_failed;
+    fx_execve "__x64_sys_execve" slot::EXECVE,
+    fx_execveat "__x64_sys_execveat" slot::EXECVEAT,
+);
+
+#[inline(always)]
+fn on_exec_failed(sc: &Syscall) {
     // A successful exec returns 0 in the new program; sched_process_exec reported it.
     if sc.ret >= 0 {
         return;
@@ -177,7 +194,7 @@ handler!(exec_failed, |sc| {
     let size = core::mem::size_of::<ExecFailedRecord>() + n;
     r.hdr.size = size as u32;
     submit_scratch(scratch, size, kind::EXEC_FAILED);
-});
+}
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
@@ -198,8 +215,8 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: every field is written below before submit.
     let r = unsafe { &mut *entry.as_mut_ptr() };
     fill_header(&mut r.hdr, kind::FORK, core::mem::size_of::<ForkRecord>());
-    let child_pid = read::<u32>(child, off!(task_pid)).unwrap_or(0);
-    let child_tgid = read::<u32>(child, off!(task_tgid)).unwrap_or(0);
+    let child_pid = get::<u32>(child, off!(task_pid));
+    let child_tgid = get::<u32>(child, off!(task_tgid));
     r.hdr.pid = child_tgid;
     r.hdr.tid = child_pid;
     read_into(
@@ -208,15 +225,15 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         child,
         off!(task_comm),
     );
-    r.parent_tid = read::<u32>(parent, off!(task_pid)).unwrap_or(0);
-    r.parent_pid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
+    r.parent_tid = get::<u32>(parent, off!(task_pid));
+    r.parent_pid = get::<u32>(parent, off!(task_tgid));
     read_into(
         r.parent_thread_comm.as_mut_ptr(),
         TASK_COMM_LEN as u32,
         parent,
         off!(task_comm),
     );
-    r.child_start_boot_ns = read::<u64>(child, off!(task_start_boottime)).unwrap_or(0);
+    r.child_start_boot_ns = get::<u64>(child, off!(task_start_boottime));
     r.is_thread = (child_pid != child_tgid) as u32;
     r._pad = 0;
     entry.submit(wakeup_flags());
@@ -248,10 +265,10 @@ fn on_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: every field is written below before submit.
     let r = unsafe { &mut *entry.as_mut_ptr() };
     fill_header(&mut r.hdr, kind::EXIT, core::mem::size_of::<ExitRecord>());
-    let parent = read_ptr(task, off!(task_real_parent)).unwrap_or(core::ptr::null());
-    r.ppid = read::<u32>(parent, off!(task_tgid)).unwrap_or(0);
-    r.exit_code = read::<u32>(task, off!(task_exit_code)).unwrap_or(0);
-    r.start_boot_ns = read::<u64>(task, off!(task_start_boottime)).unwrap_or(0);
+    let parent = get_ptr(task, off!(task_real_parent));
+    r.ppid = get::<u32>(parent, off!(task_tgid));
+    r.exit_code = get::<u32>(task, off!(task_exit_code));
+    r.start_boot_ns = get::<u64>(task, off!(task_start_boottime));
     entry.submit(wakeup_flags());
     Ok(())
 }

@@ -5,17 +5,27 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use sensor_common::{BpfRecord, ModuleRecord, SignalRecord, kind, slot};
 
 use crate::{
-    kernel::{KPtr, agent_tgid, layout_ready, off, read, read_user},
+    kernel::{KPtr, agent_tgid, get, layout_ready, off, read, read_user},
     maps::{EVENTS, count_lost, wakeup_flags},
-    syscalls::{Syscall, fill_header, handler},
+    syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
 
-handler!(tamper, |sc| match sc.slot {
-    slot::INIT_MODULE => module_load(0, -1),
-    slot::FINIT_MODULE => module_load(1, sc.arg(0) as i32),
-    slot::BPF if sc.arg(0) == BPF_PROG_LOAD => bpf_load(sc),
-    _ => {}
-});
+handler!(tamper, on_tamper);
+fexit_syscalls!(on_tamper;
+    fx_init_module "__x64_sys_init_module" slot::INIT_MODULE,
+    fx_finit_module "__x64_sys_finit_module" slot::FINIT_MODULE,
+    fx_bpf "__x64_sys_bpf" slot::BPF,
+);
+
+#[inline(always)]
+fn on_tamper(sc: &Syscall) {
+    match sc.slot {
+        slot::INIT_MODULE => module_load(0, -1),
+        slot::FINIT_MODULE => module_load(1, sc.arg(0) as i32),
+        slot::BPF if sc.arg(0) == BPF_PROG_LOAD => bpf_load(sc),
+        _ => {}
+    }
+}
 
 #[inline(always)]
 fn module_load(call: u32, fd: i32) {
@@ -90,7 +100,7 @@ pub fn signal_generate(ctx: BtfTracePointContext) -> i32 {
     );
     r.signal = ctx.arg(0);
     r.target_pid = target_pid;
-    r.target_tid = read::<u32>(target, off!(task_pid)).unwrap_or(0);
+    r.target_tid = get::<u32>(target, off!(task_pid));
     r.result = ctx.arg(4);
     entry.submit(wakeup_flags());
     0

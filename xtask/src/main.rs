@@ -2,6 +2,7 @@
 //! commands: each installs what is missing on a fresh machine, builds, and runs.
 
 mod bench;
+mod kmatrix;
 mod package;
 mod setup;
 
@@ -49,6 +50,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Build the RPM and DEB packages (binaries, systemd unit, configuration, rules).
     Package(package::PackageArgs),
+    /// Boot the release agent on the Debian kernel matrix (5.10, 6.1, 6.12, 7.x) under
+    /// qemu and check every probe loads and every event kind arrives (as root).
+    Kmatrix(kmatrix::KmatrixArgs),
     /// Fuzz the trace reader for a bounded time (cargo-fuzz, nightly).
     Fuzz {
         /// Seconds of fuzzing.
@@ -85,6 +89,10 @@ fn main() -> Result<()> {
         Cmd::Package(args) => {
             setup::ensure_all()?;
             package::run(&args)
+        }
+        Cmd::Kmatrix(args) => {
+            setup::ensure_all()?;
+            kmatrix::run(&args)
         }
         Cmd::Bench(args) => {
             setup::ensure_all()?;

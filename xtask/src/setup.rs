@@ -100,7 +100,7 @@ pub fn ensure_test_tools() -> Result<()> {
 }
 
 /// Installs an apt `package` unless `probe` (a file it provides) exists.
-fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
+pub fn ensure_apt(package: &str, probe: &Path) -> Result<()> {
     if probe.exists() {
         return Ok(());
     }

@@ -98,18 +98,25 @@ pub fn shed(events: u64, alerts: u64) -> Option<Alert> {
     ))
 }
 
-/// A probe the agent runs without.
-pub fn probe_unavailable(probe: &str, reason: &str) -> Alert {
-    alert(
+/// The probes the agent runs without, once at start: each with why it did not attach.
+pub fn probes_unavailable(unavailable: &[(&str, &str)]) -> Option<Alert> {
+    if unavailable.is_empty() {
+        return None;
+    }
+    let names: Vec<&str> = unavailable.iter().map(|(p, _)| *p).collect();
+    Some(alert(
         "SELF-PROBE",
-        format!("probe {probe} is not attached: the agent is blind to what it reports"),
+        format!(
+            "probes not attached: {}: the agent is blind to what they report",
+            names.join(", ")
+        ),
         Severity::High,
         "A probe that does not run leaves a class of behaviour unseen.",
-        BTreeMap::from([
-            ("probe".to_owned(), probe.to_owned()),
-            ("reason".to_owned(), reason.to_owned()),
-        ]),
-    )
+        unavailable
+            .iter()
+            .map(|(probe, reason)| (format!("probe.{probe}"), (*reason).to_owned()))
+            .collect(),
+    ))
 }
 
 /// The process probes fell silent: processes were created, no fork was seen.

@@ -38,6 +38,16 @@ struct ClassLabel {
     class: String,
 }
 
+/// One concern of the probes: how it is attached (`mode`, `walk`), or why not (`reason`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    probe: String,
+    state: String,
+    mode: String,
+    walk: String,
+    reason: String,
+}
+
 /// Everything the agent publishes.
 pub struct Metrics {
     registry: Registry,
@@ -54,6 +64,7 @@ pub struct Metrics {
     ring_capacity: Gauge,
     ring_peak: Gauge,
     ring_read: Counter,
+    probes: Family<ProbeLabels, Gauge>,
 }
 
 /// A reading of the agent's counters, made by the event loop.
@@ -116,6 +127,7 @@ impl Metrics {
             ring_capacity: Gauge::default(),
             ring_peak: Gauge::default(),
             ring_read: Counter::default(),
+            probes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,7 +195,33 @@ impl Metrics {
             "Bytes the agent read from the kernel ring buffer",
             m.ring_read.clone(),
         );
+        registry.register(
+            "probes",
+            "The probes' concerns, 1 per concern: state attached, skipped or unavailable (with the reason), mode tp_btf, fexit or sys_exit, path walk bpf_loop or bounded",
+            m.probes.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Publishes how every concern of the probes is attached (once, at start).
+    pub fn set_probes(&self, status: &[crate::probes::loader::ProbeStatus]) {
+        use crate::probes::loader::State;
+        for s in status {
+            let (state, reason) = match &s.state {
+                State::Attached => ("attached", String::new()),
+                State::Skipped => ("skipped", String::new()),
+                State::Unavailable(reason) => ("unavailable", reason.clone()),
+            };
+            self.probes
+                .get_or_create(&ProbeLabels {
+                    probe: s.name.to_owned(),
+                    state: state.to_owned(),
+                    mode: s.mode.map_or("", |m| m.name()).to_owned(),
+                    walk: s.walk.map_or("", |w| w.name()).to_owned(),
+                    reason,
+                })
+                .set(1);
+        }
     }
 
     pub fn publish(&self, s: &Snapshot) {

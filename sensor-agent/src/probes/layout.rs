@@ -58,6 +58,8 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         mm_exe_file: r.offset("mm_struct", "exe_file")?,
         file_f_path: r.offset("file", "f_path")?,
         file_f_inode: r.offset("file", "f_inode")?,
+        file_f_flags: r.offset("file", "f_flags")?,
+        file_f_mode: r.offset("file", "f_mode")?,
         file_private_data: r.offset("file", "private_data")?,
         path_mnt: r.offset("path", "mnt")?,
         path_dentry: r.offset("path", "dentry")?,

@@ -1,4 +1,5 @@
-//! Loads the embedded probe object, fills in the kernel layout and attaches every program.
+//! Loads the embedded probe object, fills in the kernel layout and attaches every concern
+//! in the best mode the kernel offers (`catalog.rs`), saying for each what it got and why.
 //!
 //! The object is compiled by `build.rs` and embedded in the binary: nothing is read from
 //! disk at run time except the kernel's own BTF.
@@ -9,63 +10,18 @@ use aya::{
         Array, MapData, PerCpuArray, ProgramArray, RingBuf,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{BtfTracePoint, Program, ProgramError, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FExit, Program, ProgramError, ProgramFd, RawTracePoint},
 };
 use sensor_common::{KernelLayout, WATCH_KEY_BYTES, kind};
 use tracing::{debug, info, warn};
 
 use super::{
+    catalog::{self, Flavours, Probe, SYSCALL_CONCERNS, SyscallConcern, SyscallHooks},
     layout, preflight, syscalls,
     watch::{self, WatchError, WatchRule},
 };
 
 static PROBE_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sensor"));
-
-/// Where a program attaches.
-#[derive(Clone, Copy, Debug)]
-pub enum Attach {
-    /// A BTF-typed raw tracepoint (`tp_btf/<name>`).
-    Btf(&'static str),
-    /// A classic tracepoint `category/name`.
-    Tracepoint(&'static str, &'static str),
-    /// A raw tracepoint (`raw_tp`), by tracepoint name.
-    RawTracepoint(&'static str),
-}
-
-/// One program of the probe object.
-#[derive(Clone, Copy, Debug)]
-pub struct ProbeSpec {
-    pub program: &'static str,
-    pub attach: Attach,
-    /// Without a required probe the agent refuses to start; without an optional one it
-    /// logs what it cannot see and goes on.
-    pub required: bool,
-}
-
-/// A BTF tracepoint whose program has the tracepoint's name.
-const fn btf(name: &'static str, required: bool) -> ProbeSpec {
-    ProbeSpec {
-        program: name,
-        attach: Attach::Btf(name),
-        required,
-    }
-}
-
-/// Every attached program. The process lifecycle is required: without it there is no
-/// process tree. The rest degrade with a log line saying what the agent no longer sees.
-/// The syscall handlers (`syscalls::HANDLERS`) are not attached: `sys_exit` tail-calls
-/// them.
-pub const PROBES: &[ProbeSpec] = &[
-    btf("sched_process_fork", true),
-    btf("sched_process_exec", true),
-    btf("sched_process_exit", true),
-    btf("signal_generate", false),
-    ProbeSpec {
-        program: "sys_exit",
-        attach: Attach::RawTracepoint("sys_exit"),
-        required: false,
-    },
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -77,18 +33,10 @@ pub enum LoadError {
     Btf(#[from] aya::BtfError),
     #[error("loading the probe object failed: {0}")]
     Object(#[from] aya::EbpfError),
-    #[error("probe {program}: {source}")]
-    Program {
-        program: &'static str,
-        #[source]
-        source: ProgramError,
-    },
+    #[error("the process lifecycle probes are required and did not attach: {0}")]
+    Required(String),
     #[error(transparent)]
     Watch(#[from] WatchError),
-    #[error("probe {0} is required and cannot be skipped")]
-    Required(&'static str),
-    #[error("probe object has no program {0}; the agent and its embedded probes disagree")]
-    MissingProgram(&'static str),
     #[error("probe object map {name}: {reason}")]
     Map { name: &'static str, reason: String },
 }
@@ -99,7 +47,9 @@ pub struct LoadOptions {
     /// Size of the kernel-to-agent ring buffer, bytes (a power of two, page multiple).
     pub ring_bytes: u32,
     /// Optional probes not to attach (to measure what each attach point costs).
-    pub skip: Vec<String>,
+    pub skip: Vec<Probe>,
+    /// How syscalls are hooked.
+    pub syscall_hooks: SyscallHooks,
     /// Watched path prefixes for the file probes.
     pub watch: Vec<WatchRule>,
     /// Watched path suffixes (at most four, 16 bytes each).
@@ -119,8 +69,86 @@ impl Default for LoadOptions {
         Self {
             ring_bytes: 16 * 1024 * 1024,
             skip: Vec::new(),
+            syscall_hooks: SyscallHooks::Auto,
             watch: watch::default_rules(),
             watch_suffixes: watch::default_suffixes(),
+        }
+    }
+}
+
+/// Where a concern's programs attach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// BTF tracepoints (`tp_btf`).
+    TpBtf,
+    /// `fexit` on the kernel functions themselves.
+    Fexit,
+    /// The raw `sys_exit` tracepoint's dispatcher.
+    SysExit,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::TpBtf => "tp_btf",
+            Mode::Fexit => "fexit",
+            Mode::SysExit => "sys_exit",
+        }
+    }
+}
+
+/// How a concern's programs walk paths (`path.rs` in the probes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walk {
+    BpfLoop,
+    /// Without `bpf_loop`: paths up to `sensor_common::BOUNDED_DEPTH` components.
+    Bounded,
+}
+
+impl Walk {
+    pub fn name(self) -> &'static str {
+        match self {
+            Walk::BpfLoop => "bpf_loop",
+            Walk::Bounded => "bounded",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    Attached,
+    /// Left out on purpose (`--skip-probe`).
+    Skipped,
+    /// Could not attach: why, in one line.
+    Unavailable(String),
+}
+
+/// What became of one concern.
+#[derive(Clone, Debug)]
+pub struct ProbeStatus {
+    /// `process` for the lifecycle, else the probe's name.
+    pub name: &'static str,
+    pub mode: Option<Mode>,
+    pub walk: Option<Walk>,
+    pub state: State,
+}
+
+impl ProbeStatus {
+    fn new(name: &'static str, state: State) -> Self {
+        Self {
+            name,
+            mode: None,
+            walk: None,
+            state,
+        }
+    }
+
+    fn attached(name: &'static str, mode: Mode, walk: Option<Walk>) -> Self {
+        Self {
+            name,
+            mode: Some(mode),
+            walk,
+            state: State::Attached,
         }
     }
 }
@@ -131,15 +159,15 @@ pub struct Probes {
     pub ebpf: Ebpf,
     pub ring: RingBuf<MapData>,
     pub lost: LossCounters,
-    pub attached: Vec<&'static str>,
-    /// Optional probes that could not attach, with the reason.
-    pub unavailable: Vec<(&'static str, String)>,
+    /// Every concern: how it is attached, or why not.
+    pub status: Vec<ProbeStatus>,
 }
 
 impl Probes {
     pub fn load(options: &LoadOptions) -> Result<Self, LoadError> {
         preflight::check_privileges()?;
         preflight::check_btf()?;
+        preflight::check_kernel()?;
         if preflight::ensure_tracefs()? {
             info!(path = preflight::TRACEFS, "mounted tracefs");
         }
@@ -161,31 +189,40 @@ impl Probes {
             .override_global("WATCH_SUFFIXES", &suffixes, true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .load(PROBE_OBJECT)?;
-
         fill_watch(&mut ebpf, &options.watch)?;
-        let mut attached = Vec::new();
-        let mut unavailable = Vec::new();
-        // Handlers first: once sys_exit is attached it dispatches to them.
-        load_handlers(&mut ebpf, &options.skip, &mut unavailable)?;
-        for spec in PROBES {
-            if options.skip.iter().any(|s| s == spec.program) {
-                if spec.required {
-                    return Err(LoadError::Required(spec.program));
-                }
-                info!(probe = spec.program, "not attached, as asked");
-                unavailable.push((spec.program, "skipped by --skip-probe".to_owned()));
-                continue;
+
+        let mut loader = Loader {
+            ebpf: &mut ebpf,
+            btf: &btf,
+            // SENSOR_PROBE_WALK=bounded loads the flavour of kernels without bpf_loop
+            // here too: to measure its verifier cost on a development machine.
+            bpf_loop: preflight::has_bpf_loop()
+                && std::env::var("SENSOR_PROBE_WALK").as_deref() != Ok("bounded"),
+        };
+        let mut status = vec![loader.process()?];
+        status.extend(loader.syscalls(options)?);
+        status.push(if options.skip.contains(&Probe::SignalGenerate) {
+            ProbeStatus::new(catalog::SIGNAL, State::Skipped)
+        } else {
+            match loader.btf_tracepoint(catalog::SIGNAL) {
+                Ok(()) => ProbeStatus::attached(catalog::SIGNAL, Mode::TpBtf, None),
+                Err(reason) => ProbeStatus::new(catalog::SIGNAL, State::Unavailable(reason)),
             }
-            match attach(&mut ebpf, spec, &btf) {
-                Ok(()) => {
-                    debug!(probe = spec.program, "attached");
-                    attached.push(spec.program);
-                }
-                Err(err) if !spec.required => {
-                    warn!(probe = spec.program, error = %err, "optional probe unavailable; the agent is blind to what it reports");
-                    unavailable.push((spec.program, err.to_string()));
-                }
-                Err(err) => return Err(err),
+        });
+        for s in &status {
+            match &s.state {
+                State::Attached => debug!(
+                    probe = s.name,
+                    mode = s.mode.map_or("-", Mode::name),
+                    walk = s.walk.map_or("-", Walk::name),
+                    "attached"
+                ),
+                State::Skipped => info!(probe = s.name, "not attached, as asked"),
+                State::Unavailable(reason) => warn!(
+                    probe = s.name,
+                    %reason,
+                    "probe unavailable; the agent is blind to what it reports"
+                ),
             }
         }
 
@@ -195,13 +232,35 @@ impl Probes {
             ebpf,
             ring,
             lost: LossCounters(lost),
-            attached,
-            unavailable,
+            status,
         })
     }
-}
 
-impl Probes {
+    /// Concerns that could not attach (not those skipped on purpose), with the reason.
+    pub fn unavailable(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.status.iter().filter_map(|s| match &s.state {
+            State::Unavailable(reason) => Some((s.name, reason.as_str())),
+            _ => None,
+        })
+    }
+
+    /// One line for the log and systemd: how every concern is attached.
+    pub fn summary(&self) -> String {
+        self.status
+            .iter()
+            .map(|s| match (&s.state, s.mode) {
+                (State::Attached, Some(mode)) => match s.walk {
+                    Some(walk) => format!("{}={}+{}", s.name, mode.name(), walk.name()),
+                    None => format!("{}={}", s.name, mode.name()),
+                },
+                (State::Attached, None) => format!("{}=attached", s.name),
+                (State::Skipped, _) => format!("{}=skipped", s.name),
+                (State::Unavailable(_), _) => format!("{}=UNAVAILABLE", s.name),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// Detaches and unloads every program, several at a time: each tracepoint detach
     /// waits for the kernel (tens of milliseconds here).
     pub fn detach(ebpf: &mut Ebpf) {
@@ -211,7 +270,7 @@ impl Probes {
                 scope.spawn(move || {
                     for program in chunk {
                         let _ = match program {
-                            Program::TracePoint(p) => p.unload(),
+                            Program::FExit(p) => p.unload(),
                             Program::BtfTracePoint(p) => p.unload(),
                             Program::RawTracePoint(p) => p.unload(),
                             _ => Ok(()),
@@ -221,6 +280,324 @@ impl Probes {
             }
         });
     }
+}
+
+/// Attaches the concerns one by one, each in the best mode that loads.
+struct Loader<'a> {
+    ebpf: &'a mut Ebpf,
+    btf: &'a Btf,
+    /// The kernel has `bpf_loop`: walking programs prefer that flavour.
+    bpf_loop: bool,
+}
+
+impl Loader<'_> {
+    /// Fork, exec and exit on BTF tracepoints; the agent does not start without them.
+    fn process(&mut self) -> Result<ProbeStatus, LoadError> {
+        let required = |what: &str, reason: String| LoadError::Required(format!("{what}: {reason}"));
+        self.btf_tracepoint(catalog::FORK)
+            .map_err(|r| required(catalog::FORK, r))?;
+        let walk = self
+            .flavoured(catalog::EXEC, |l, name| l.btf_tracepoint_as(name, "sched_process_exec"))
+            .map_err(|r| required("sched_process_exec", r))?;
+        self.btf_tracepoint(catalog::EXIT)
+            .map_err(|r| required(catalog::EXIT, r))?;
+        Ok(ProbeStatus::attached("process", Mode::TpBtf, Some(walk)))
+    }
+
+    /// Every syscall concern by fexit where it can, else through the dispatcher.
+    fn syscalls(&mut self, options: &LoadOptions) -> Result<Vec<ProbeStatus>, LoadError> {
+        let fexit = match options.syscall_hooks {
+            SyscallHooks::Auto => self.probe_fexit(),
+            SyscallHooks::SysExit => Err("--syscall-hooks sys_exit".to_owned()),
+        };
+        if let Err(reason) = &fexit {
+            info!(%reason, "syscalls are hooked through the sys_exit dispatcher (no fexit)");
+        }
+        let mut status = Vec::new();
+        // Concerns waiting for the dispatcher: (index in `status`, concern, handler).
+        let mut dispatched = Vec::new();
+        for concern in SYSCALL_CONCERNS {
+            let name = concern.probe.name();
+            if options.skip.contains(&concern.probe) {
+                status.push(ProbeStatus::new(name, State::Skipped));
+                continue;
+            }
+            if fexit.is_ok() {
+                match self.fexits(concern) {
+                    Ok(walk) => {
+                        status.push(ProbeStatus::attached(name, Mode::Fexit, walk));
+                        continue;
+                    }
+                    Err(reason) => {
+                        warn!(probe = name, %reason, "fexit refused; falling back to the sys_exit dispatcher");
+                    }
+                }
+            }
+            if options.skip.contains(&Probe::SysExit) {
+                status.push(ProbeStatus::new(
+                    name,
+                    State::Unavailable("needs the sys_exit dispatcher, which was skipped by --skip-probe".into()),
+                ));
+                continue;
+            }
+            match self.handler(concern.handler) {
+                Ok((fd, walk)) => {
+                    dispatched.push((status.len(), concern, fd));
+                    let mut s = ProbeStatus::attached(name, Mode::SysExit, walk);
+                    s.state = State::Unavailable("the sys_exit dispatcher is not attached".into());
+                    status.push(s);
+                }
+                Err(reason) => status.push(ProbeStatus::new(name, State::Unavailable(reason))),
+            }
+        }
+        if dispatched.is_empty() {
+            return Ok(status);
+        }
+        self.fill_dispatch(&dispatched)?;
+        let attached = self.program::<RawTracePoint>(catalog::SYS_EXIT).and_then(|p| {
+            p.load()?;
+            p.attach("sys_exit").map(|_| ())
+        });
+        let state = match attached {
+            Ok(()) => State::Attached,
+            Err(err) => State::Unavailable(format!(
+                "the sys_exit dispatcher did not attach: {}",
+                short_reason(&err)
+            )),
+        };
+        for (i, _, _) in &dispatched {
+            status[*i].state = state.clone();
+        }
+        Ok(status)
+    }
+
+    /// Loads and attaches the do-nothing fexit program once: whether fexit works at all.
+    fn probe_fexit(&mut self) -> Result<(), String> {
+        let probe = catalog::FEXIT_PROBE;
+        let result = self
+            .fexit_program(probe.program.with_loop, probe.function)
+            .map_err(|e| format!("fexit is not available on this kernel: {}", short_reason(&e)));
+        if let Ok(p) = self.program::<FExit>(probe.program.with_loop) {
+            let _ = p.unload();
+        }
+        result
+    }
+
+    /// Attaches every fexit program of `concern`; on any failure, detaches those that did
+    /// and says why.
+    fn fexits(&mut self, concern: &SyscallConcern) -> Result<Option<Walk>, String> {
+        let mut attached = Vec::new();
+        let mut walk = None;
+        let mut failure = None;
+        for f in concern.fexit {
+            if f.optional && self.btf.id_by_type_name_kind(f.function, aya_obj::btf::BtfKind::Func).is_err() {
+                debug!(function = f.function, "not in this kernel; its syscall is not either");
+                continue;
+            }
+            match self.flavoured(f.program, |l, name| l.fexit_program(name, f.function)) {
+                Ok(w) => {
+                    attached.push(*f);
+                    if f.program.bounded.is_some() {
+                        walk = Some(w);
+                    }
+                }
+                Err(reason) => {
+                    failure = Some(format!("{}: {reason}", f.function));
+                    break;
+                }
+            }
+        }
+        match failure {
+            None => Ok(walk),
+            Some(reason) => {
+                for f in attached {
+                    self.unload_fexit(f.program);
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    /// Loads a dispatcher handler (not attached: the dispatcher tail-calls it).
+    fn handler(&mut self, flavours: Flavours) -> Result<(ProgramFd, Option<Walk>), String> {
+        let mut fd = None;
+        let walk = self.flavoured(flavours, |l, name| {
+            let p = l.program::<RawTracePoint>(name)?;
+            p.load()?;
+            let dup = p.fd()?.try_clone().map_err(|e| {
+                ProgramError::SyscallError(aya::sys::SyscallError {
+                    call: "dup",
+                    io_error: e,
+                })
+            })?;
+            fd = Some(dup);
+            Ok(())
+        })?;
+        let fd = fd.ok_or("the handler loaded without a descriptor")?;
+        Ok((fd, flavours.bounded.is_some().then_some(walk)))
+    }
+
+    /// Puts the loaded handlers in the dispatcher's table and maps this architecture's
+    /// syscall numbers to their slots.
+    fn fill_dispatch(
+        &mut self,
+        dispatched: &[(usize, &SyscallConcern, ProgramFd)],
+    ) -> Result<(), LoadError> {
+        let map_err = |name: &'static str| {
+            move |e: aya::maps::MapError| LoadError::Map {
+                name,
+                reason: e.to_string(),
+            }
+        };
+        let mut table: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(self.ebpf.map_mut("HANDLERS").ok_or(LoadError::Map {
+                name: "HANDLERS",
+                reason: "missing from the probe object".into(),
+            })?)
+            .map_err(map_err("HANDLERS"))?;
+        let mut served = Vec::new();
+        for (_, concern, fd) in dispatched {
+            for &slot in concern.slots {
+                table.set(slot, fd, 0).map_err(map_err("HANDLERS"))?;
+                served.push(slot);
+            }
+        }
+        let mut slots: Array<&mut MapData, u32> =
+            Array::try_from(self.ebpf.map_mut("SLOTS").ok_or(LoadError::Map {
+                name: "SLOTS",
+                reason: "missing from the probe object".into(),
+            })?)
+            .map_err(map_err("SLOTS"))?;
+        for (nr, slot) in syscalls::numbers() {
+            if served.contains(&slot) {
+                slots.set(nr as u32, slot, 0).map_err(map_err("SLOTS"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tries the flavours of a program, `bpf_loop` first where the kernel has it; returns
+    /// the flavour that loaded, or why none did.
+    fn flavoured(
+        &mut self,
+        flavours: Flavours,
+        mut load: impl FnMut(&mut Self, &'static str) -> Result<(), ProgramError>,
+    ) -> Result<Walk, String> {
+        let mut order = Vec::with_capacity(2);
+        if self.bpf_loop || flavours.bounded.is_none() {
+            order.push((flavours.with_loop, Walk::BpfLoop));
+        }
+        if let Some(bounded) = flavours.bounded {
+            order.push((bounded, Walk::Bounded));
+        }
+        let mut reasons = Vec::new();
+        for (name, walk) in order {
+            let started = std::time::Instant::now();
+            match load(self, name) {
+                Ok(()) => {
+                    debug!(
+                        program = name,
+                        verified_insns = self.verified_insns(name),
+                        ms = started.elapsed().as_millis() as u64,
+                        "loaded"
+                    );
+                    if !reasons.is_empty() {
+                        warn!(program = name, rejected = %reasons.join("; "), "loaded a fallback flavour");
+                    }
+                    return Ok(walk);
+                }
+                Err(err) => {
+                    debug!(program = name, error = %err, "program rejected");
+                    reasons.push(format!("{name}: {}", short_reason(&err)));
+                }
+            }
+        }
+        Err(reasons.join("; "))
+    }
+
+    /// The instructions the verifier walked for `name` (Linux 5.16+), for the debug log.
+    fn verified_insns(&mut self, name: &'static str) -> u32 {
+        self.ebpf
+            .program(name)
+            .and_then(|p| p.info().ok())
+            .and_then(|info| info.verified_instruction_count())
+            .unwrap_or(0)
+    }
+
+    /// Detaches whichever flavour of an fexit program attached.
+    fn unload_fexit(&mut self, flavours: Flavours) {
+        for name in [Some(flavours.with_loop), flavours.bounded].into_iter().flatten() {
+            if let Ok(p) = self.program::<FExit>(name) {
+                let _ = p.unload();
+            }
+        }
+    }
+
+    fn program<T>(&mut self, name: &'static str) -> Result<&mut T, ProgramError>
+    where
+        for<'p> &'p mut T: TryFrom<&'p mut Program, Error = ProgramError>,
+    {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()
+    }
+
+    fn btf_tracepoint(&mut self, name: &'static str) -> Result<(), String> {
+        self.btf_tracepoint_as(name, name).map_err(|e| short_reason(&e))
+    }
+
+    fn btf_tracepoint_as(&mut self, program: &'static str, tracepoint: &str) -> Result<(), ProgramError> {
+        let btf = self.btf;
+        let p = self.program::<BtfTracePoint>(program)?;
+        p.load(tracepoint, btf)?;
+        p.attach().map(|_| ())
+    }
+
+    fn fexit_program(&mut self, program: &'static str, function: &str) -> Result<(), ProgramError> {
+        let btf = self.btf;
+        let p = self.program::<FExit>(program)?;
+        p.load(function, btf)?;
+        p.attach().map(|_| ())
+    }
+}
+
+/// A program the agent expects is missing from the embedded object: a build mismatch.
+fn missing(name: &'static str) -> ProgramError {
+    ProgramError::SyscallError(aya::sys::SyscallError {
+        call: "the embedded probe object has no such program",
+        io_error: std::io::Error::new(std::io::ErrorKind::NotFound, name),
+    })
+}
+
+/// The line of a load error that says what went wrong: for a verifier rejection, its last
+/// message rather than the whole log (which goes to the debug log).
+pub fn short_reason(err: &ProgramError) -> String {
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = err
+    {
+        let log = verifier_log.to_string();
+        let verdict = log
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| {
+                !l.is_empty()
+                    && !l.starts_with("processed ")
+                    && !l.starts_with("verification time")
+                    && !l.starts_with("stack depth")
+                    && !l.starts_with("max_states_per_insn")
+            })
+            .unwrap_or("");
+        return if verdict.is_empty() {
+            format!("the kernel refused the program: {io_error}")
+        } else {
+            format!("verifier: {verdict}")
+        };
+    }
+    err.to_string()
 }
 
 /// The kernel's per-CPU counters of records that did not fit in the ring buffer.
@@ -242,77 +619,6 @@ impl LossCounters {
     }
 }
 
-/// Loads the syscall handlers, puts them in the dispatcher's table, and maps this
-/// architecture's syscall numbers to the slots of the handlers that loaded.
-fn load_handlers(
-    ebpf: &mut Ebpf,
-    skip: &[String],
-    unavailable: &mut Vec<(&'static str, String)>,
-) -> Result<(), LoadError> {
-    let mut served = Vec::new();
-    let mut fds = Vec::new();
-    for handler in syscalls::HANDLERS {
-        if skip.iter().any(|s| s == handler.program) {
-            info!(probe = handler.program, "not loaded, as asked");
-            unavailable.push((handler.program, "skipped by --skip-probe".to_owned()));
-            continue;
-        }
-        let program = ebpf
-            .program_mut(handler.program)
-            .ok_or(LoadError::MissingProgram(handler.program))?;
-        let loaded = (|| -> Result<_, ProgramError> {
-            let p: &mut RawTracePoint = program.try_into()?;
-            p.load()?;
-            p.fd()?.try_clone().map_err(|e| {
-                ProgramError::SyscallError(aya::sys::SyscallError {
-                    call: "dup",
-                    io_error: e,
-                })
-            })
-        })();
-        match loaded {
-            Ok(fd) => {
-                debug!(probe = handler.program, "loaded");
-                fds.push((handler, fd));
-                served.extend_from_slice(handler.slots);
-            }
-            Err(err) => {
-                warn!(probe = handler.program, error = %err, "syscall handler unavailable; the agent is blind to what it reports");
-                unavailable.push((handler.program, err.to_string()));
-            }
-        }
-    }
-    let map_err = |name: &'static str| {
-        move |e: aya::maps::MapError| LoadError::Map {
-            name,
-            reason: e.to_string(),
-        }
-    };
-    let mut table: ProgramArray<&mut MapData> =
-        ProgramArray::try_from(ebpf.map_mut("HANDLERS").ok_or(LoadError::Map {
-            name: "HANDLERS",
-            reason: "missing from the probe object".into(),
-        })?)
-        .map_err(map_err("HANDLERS"))?;
-    for (handler, fd) in &fds {
-        for &slot in handler.slots {
-            table.set(slot, fd, 0).map_err(map_err("HANDLERS"))?;
-        }
-    }
-    let mut slots: Array<&mut MapData, u32> =
-        Array::try_from(ebpf.map_mut("SLOTS").ok_or(LoadError::Map {
-            name: "SLOTS",
-            reason: "missing from the probe object".into(),
-        })?)
-        .map_err(map_err("SLOTS"))?;
-    for (nr, slot) in syscalls::numbers() {
-        if served.contains(&slot) {
-            slots.set(nr as u32, slot, 0).map_err(map_err("SLOTS"))?;
-        }
-    }
-    Ok(())
-}
-
 /// Writes the watched prefixes into the probes' LPM trie.
 fn fill_watch(ebpf: &mut Ebpf, rules: &[WatchRule]) -> Result<(), LoadError> {
     let map_err = |reason: String| LoadError::Map {
@@ -328,35 +634,6 @@ fn fill_watch(ebpf: &mut Ebpf, rules: &[WatchRule]) -> Result<(), LoadError> {
         let (bits, data) = watch::lpm_key(&prefix);
         trie.insert(&Key::new(bits, data), ops, 0)
             .map_err(|e| map_err(format!("{prefix}: {e}")))?;
-    }
-    Ok(())
-}
-
-fn attach(ebpf: &mut Ebpf, spec: &ProbeSpec, btf: &Btf) -> Result<(), LoadError> {
-    let program = ebpf
-        .program_mut(spec.program)
-        .ok_or(LoadError::MissingProgram(spec.program))?;
-    let wrap = |source| LoadError::Program {
-        program: spec.program,
-        source,
-    };
-    match spec.attach {
-        Attach::Btf(name) => {
-            let p: &mut BtfTracePoint = program.try_into().map_err(wrap)?;
-            p.load(name, btf).map_err(wrap)?;
-            p.attach().map_err(wrap)?;
-        }
-        Attach::RawTracepoint(name) => {
-            let p: &mut RawTracePoint = program.try_into().map_err(wrap)?;
-            p.load().map_err(wrap)?;
-            p.attach(name).map_err(wrap)?;
-        }
-        Attach::Tracepoint(category, name) => {
-            preflight::check_tracepoint(category, name)?;
-            let p: &mut TracePoint = program.try_into().map_err(wrap)?;
-            p.load().map_err(wrap)?;
-            p.attach(category, name).map_err(wrap)?;
-        }
     }
     Ok(())
 }

@@ -21,6 +21,65 @@ pub enum PreflightError {
     Tracefs(String),
     #[error("tracepoint {0} is absent from this kernel ({TRACEFS}/events/{0} does not exist)")]
     NoTracepoint(String),
+    #[error(
+        "this kernel ({release}) lacks {feature}, which the probes need; the agent runs on Linux 5.10 and later, or on a distribution kernel that carries these features (docs/kernels.md)"
+    )]
+    KernelTooOld {
+        release: String,
+        feature: &'static str,
+    },
+}
+
+/// What the probes need from the kernel beyond BTF, each with the release that brought it.
+/// Checked by asking the kernel, not by its version: distribution kernels backport. (BTF
+/// tracepoints, 5.5, are older than the ring buffer; the process probes' own attach says
+/// so should a kernel lack them.)
+pub fn check_kernel() -> Result<(), PreflightError> {
+    use aya::{
+        maps::MapType,
+        programs::ProgramType,
+        sys::{BpfHelper, is_helper_supported, is_map_supported},
+    };
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown release".to_owned());
+    let too_old = |feature| PreflightError::KernelTooOld {
+        release: release.clone(),
+        feature,
+    };
+    if !is_map_supported(MapType::RingBuf).unwrap_or(false) {
+        return Err(too_old("the BPF ring buffer (Linux 5.8)"));
+    }
+    let helpers: [(BpfHelper, &'static str); 3] = [
+        (
+            BpfHelper::BPF_FUNC_probe_read_kernel,
+            "the bpf_probe_read_kernel helper (Linux 5.5)",
+        ),
+        (
+            BpfHelper::BPF_FUNC_ktime_get_boot_ns,
+            "the bpf_ktime_get_boot_ns helper (Linux 5.8)",
+        ),
+        (
+            BpfHelper::BPF_FUNC_ringbuf_output,
+            "the bpf_ringbuf_output helper (Linux 5.8)",
+        ),
+    ];
+    for (helper, feature) in helpers {
+        if !is_helper_supported(ProgramType::RawTracePoint, helper).unwrap_or(false) {
+            return Err(too_old(feature));
+        }
+    }
+    Ok(())
+}
+
+/// The kernel has `bpf_loop` (5.17, and some distribution backports): the programs that
+/// walk paths can then use the flavour that walks up to `MAX_DEPTH` components.
+pub fn has_bpf_loop() -> bool {
+    use aya::{
+        programs::ProgramType,
+        sys::{BpfHelper, is_helper_supported},
+    };
+    is_helper_supported(ProgramType::RawTracePoint, BpfHelper::BPF_FUNC_loop).unwrap_or(false)
 }
 
 /// Effective capabilities of this process, from /proc/self/status.

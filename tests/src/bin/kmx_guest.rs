@@ -1,0 +1,536 @@
+//! PID 1 of the kernel-matrix guests (`cargo xtask kmatrix`).
+//!
+//! As PID 1 it mounts what a system has (not tracefs: the agent mounts that itself), brings
+//! loopback up, and runs itself as `drive HOOKS` once per syscall-hook mode. A drive starts
+//! the agent, re-enacts every kind of event the agent claims plus two attacks its rules
+//! know (a shell on a socket, a program run from memory), stops the agent and checks its
+//! JSON lines. PID 1 writes the reports and the agent's logs to the second serial port,
+//! which the host reads, and powers the guest off. The guest has no network device: every
+//! socket here is on 127.0.0.1.
+
+use std::{
+    ffi::CString,
+    fmt::Write as _,
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+const AGENT: &str = "/kmx/sensor-agent";
+const METRICS: &str = "127.0.0.1:9464";
+/// Under TCG the verifier takes its time: the agent has this long to get ready.
+const READY_WITHIN: Duration = Duration::from_secs(400);
+const MARK: &str = "kmx-smoke";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("drive") => {
+            let hooks = args.get(2).cloned().unwrap_or_else(|| "auto".into());
+            let report = drive(&hooks);
+            println!("{report}");
+        }
+        _ => init(),
+    }
+}
+
+/// PID 1: the system around the drives.
+fn init() {
+    for (source, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("tmpfs", "/tmp", "tmpfs"),
+        ("tmpfs", "/run", "tmpfs"),
+        ("securityfs", "/sys/kernel/security", "securityfs"),
+        ("cgroup2", "/sys/fs/cgroup", "cgroup2"),
+    ] {
+        let _ = fs::create_dir_all(target);
+        mount(source, target, fstype);
+    }
+    loopback_up();
+    let mut serial = Serial::open("/dev/ttyS1");
+    serial.line("KMX-BEGIN");
+    let lsm = fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+    let mut reports = Vec::new();
+    for hooks in ["auto", "sys_exit"] {
+        let out = Command::new("/proc/self/exe")
+            .args(["drive", hooks])
+            .stderr(Stdio::inherit())
+            .output();
+        let report = match out {
+            Ok(out) => serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|e| {
+                json!({"hooks": hooks, "error": format!("drive printed no report ({e}, exit {})", out.status)})
+            }),
+            Err(e) => json!({"hooks": hooks, "error": format!("cannot run the drive: {e}")}),
+        };
+        for log in ["out", "err"] {
+            let path = format!("/tmp/agent-{hooks}.{log}");
+            serial.file(&format!("agent-{hooks}.{log}"), &path);
+        }
+        reports.push(report);
+    }
+    let summary = json!({
+        "kernel": uname_release(),
+        "lsm": lsm.trim(),
+        "btf": fs::metadata("/sys/kernel/btf/vmlinux").map(|m| m.len()).unwrap_or(0),
+        "runs": reports,
+    });
+    serial.line("KMX-REPORT");
+    serial.line(&summary.to_string());
+    serial.line("KMX-END");
+    // SAFETY: plain syscalls; this is the end of the guest.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+}
+
+/// The second serial port, in raw mode so that what is written arrives as written.
+struct Serial(fs::File);
+
+impl Serial {
+    fn open(path: &str) -> Serial {
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .or_else(|_| fs::File::create("/tmp/kmx-serial"))
+            .expect("somewhere to write the report");
+        // SAFETY: termios of an open descriptor; failure leaves cooked mode (the host
+        // strips carriage returns anyway).
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(file.as_raw_fd(), &mut t) == 0 {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(file.as_raw_fd(), libc::TCSANOW, &t);
+            }
+        }
+        Serial(file)
+    }
+
+    fn line(&mut self, line: &str) {
+        let _ = writeln!(self.0, "{line}");
+    }
+
+    /// A file, framed so the host can cut it out.
+    fn file(&mut self, name: &str, path: &str) {
+        let body = fs::read(path).unwrap_or_default();
+        self.line(&format!("KMX-FILE {name} {}", body.len()));
+        let _ = self.0.write_all(&body);
+        self.line("");
+        self.line("KMX-FILE-END");
+    }
+}
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let c = |s: &str| CString::new(s).expect("no NUL");
+    let (source, target, fstype) = (c(source), c(target), c(fstype));
+    // SAFETY: valid C strings; a failure (already mounted, not in this kernel) is fine.
+    unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        );
+    }
+}
+
+/// `ip link set lo up`.
+fn loopback_up() {
+    // SAFETY: an ioctl on a fresh datagram socket with a zeroed, named ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req);
+        }
+        libc::close(fd);
+    }
+}
+
+fn uname_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// What one drive found: one check per claimed event kind and rule.
+struct Checks {
+    items: Vec<Value>,
+}
+
+impl Checks {
+    fn add(&mut self, name: &str, ok: bool, detail: String) {
+        self.items
+            .push(json!({"name": name, "ok": ok, "detail": detail}));
+    }
+}
+
+/// Starts the agent with `--syscall-hooks HOOKS`, re-enacts, stops it, checks.
+fn drive(hooks: &str) -> Value {
+    let out_path = format!("/tmp/agent-{hooks}.out");
+    let err_path = format!("/tmp/agent-{hooks}.err");
+    let started = Instant::now();
+    let agent = Command::new(AGENT)
+        .args([
+            "run",
+            "--events",
+            "--collapse",
+            "0",
+            "--syscall-hooks",
+            hooks,
+            "--metrics",
+            METRICS,
+        ])
+        .env("SENSOR_LOG", "info,sensor_agent::probes=debug")
+        .env("NO_COLOR", "1")
+        .stdout(fs::File::create(&out_path).expect("agent stdout file"))
+        .stderr(fs::File::create(&err_path).expect("agent stderr file"))
+        .spawn();
+    let mut agent = match agent {
+        Ok(a) => a,
+        Err(e) => return json!({"hooks": hooks, "error": format!("cannot start the agent: {e}")}),
+    };
+    let agent_pid = agent.id() as i32;
+    // Ready, or exited, or out of time.
+    let mut ready_line = None;
+    while started.elapsed() < READY_WITHIN {
+        let log = fs::read_to_string(&err_path).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains("sensor_agent::run") && l.contains(" ready")) {
+            ready_line = Some(line.to_owned());
+            break;
+        }
+        if let Ok(Some(_)) = agent.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ready_secs = started.elapsed().as_secs_f64();
+    let Some(ready_line) = ready_line else {
+        let _ = agent.kill();
+        let status = agent.wait().map(|s| s.to_string()).unwrap_or_default();
+        return json!({"hooks": hooks, "ready": false, "ready_secs": ready_secs, "agent_exit": status});
+    };
+    let probes = scrape_probes();
+
+    let mut expect = Expect::default();
+    reenact(agent_pid, &mut expect);
+    // The agent drains its ring every few milliseconds; give it time under TCG.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: signalling the child we started.
+    unsafe { libc::kill(agent_pid, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut exit = None;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = agent.try_wait() {
+            exit = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let exit = match exit {
+        Some(status) => status.to_string(),
+        None => {
+            let _ = agent.kill();
+            let _ = agent.wait();
+            "killed: no exit within 120 s of SIGINT".to_owned()
+        }
+    };
+    let lines: Vec<Value> = fs::read_to_string(&out_path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let checks = check(&lines, &expect);
+    let alerts: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.pointer("/alert/ruleId").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect();
+    json!({
+        "hooks": hooks,
+        "ready": true,
+        "ready_secs": ready_secs,
+        "ready_line": ready_line,
+        "probes": probes,
+        "checks": checks.items,
+        "alerts": alerts,
+        "lines": lines.len(),
+        "agent_exit": exit,
+    })
+}
+
+/// The `sensor_probes` series of the agent's metrics endpoint.
+fn scrape_probes() -> Vec<Value> {
+    let mut body = String::new();
+    if let Ok(mut s) = TcpStream::connect(METRICS) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kmx\r\n\r\n");
+        let _ = s.read_to_string(&mut body);
+    }
+    body.lines()
+        .filter(|l| l.starts_with("sensor_probes{"))
+        .map(|l| {
+            let labels = &l[l.find('{').map_or(0, |i| i + 1)..l.rfind('}').unwrap_or(l.len())];
+            let mut map = serde_json::Map::new();
+            let mut rest = labels;
+            while let Some(eq) = rest.find("=\"") {
+                let key = rest[..eq].trim_start_matches(',').trim().to_owned();
+                let after = &rest[eq + 2..];
+                // Values are escaped Prometheus strings: find the closing quote.
+                let mut end = 0;
+                let bytes = after.as_bytes();
+                while end < bytes.len() && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\')) {
+                    end += 1;
+                }
+                map.insert(key, Value::String(after[..end].replace("\\\"", "\"")));
+                rest = &after[(end + 1).min(after.len())..];
+            }
+            Value::Object(map)
+        })
+        .collect()
+}
+
+/// What the re-enactment did, to find it again in the agent's lines.
+#[derive(Default)]
+struct Expect {
+    driver: u32,
+    true_pid: u32,
+    listen_port: u16,
+    dup_pid: u32,
+    memfd_pid: u32,
+    ptrace_target: u32,
+    cron_file: String,
+    errors: Vec<String>,
+}
+
+fn reenact(agent_pid: i32, e: &mut Expect) {
+    e.driver = std::process::id();
+    let note = |e: &mut Expect, what: &str, r: std::io::Result<()>| {
+        if let Err(err) = r {
+            e.errors.push(format!("{what}: {err}"));
+        }
+    };
+
+    // A program with argv, an executable and a working directory.
+    let cwd = "/tmp/kmx-cwd";
+    let _ = fs::create_dir_all(cwd);
+    match Command::new("/bin/true").arg(MARK).current_dir(cwd).spawn() {
+        Ok(mut child) => {
+            e.true_pid = child.id();
+            let _ = child.wait();
+        }
+        Err(err) => e.errors.push(format!("/bin/true: {err}")),
+    }
+    // An exec that fails.
+    let _ = Command::new(format!("/nonexistent/{MARK}")).spawn();
+
+    // Loopback: bind, listen, connect, accept.
+    let listener = match TcpListener::bind("127.0.0.1:0") {
+        Ok(l) => l,
+        Err(err) => {
+            e.errors.push(format!("bind: {err}"));
+            return;
+        }
+    };
+    e.listen_port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let client = TcpStream::connect(("127.0.0.1", e.listen_port));
+    let accepted = listener.accept();
+    let (client, _server) = match (client, accepted) {
+        (Ok(c), Ok((s, _))) => (c, s),
+        (c, a) => {
+            e.errors.push(format!("connect/accept: {:?} {:?}", c.err(), a.err()));
+            return;
+        }
+    };
+
+    // A reverse shell: a child puts the connected socket on its stdio (dup2) and becomes
+    // a shell.
+    let sh = CString::new("/bin/sh").unwrap();
+    let argv = [c"sh".as_ptr(), c"-c".as_ptr(), c"exit 0".as_ptr(), std::ptr::null()];
+    // SAFETY: the child only calls async-signal-safe functions before exec.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let fd = client.as_raw_fd();
+            libc::dup2(fd, 0);
+            libc::dup2(fd, 1);
+            libc::dup2(fd, 2);
+            libc::execv(sh.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    e.dup_pid = pid as u32;
+    wait(pid);
+
+    // A program run from memory: /bin/true copied into a memfd and executed from it.
+    let memfd_exec = (|| {
+        let name = CString::new(format!("{MARK}-payload")).unwrap();
+        // SAFETY: a valid name; the descriptor is owned below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut file = fs::File::from(memfd);
+        file.write_all(&fs::read("/bin/true")?)?;
+        let argv = [c"kmx-payload".as_ptr(), std::ptr::null()];
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        // SAFETY: as for the reverse shell.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: execveat of the memfd itself (AT_EMPTY_PATH).
+            unsafe {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    file.as_raw_fd(),
+                    c"".as_ptr(),
+                    argv.as_ptr(),
+                    envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+                libc::_exit(127);
+            }
+        }
+        wait(pid);
+        Ok(pid as u32)
+    })();
+    match memfd_exec {
+        Ok(pid) => e.memfd_pid = pid,
+        Err(err) => e.errors.push(format!("memfd exec: {err}")),
+    }
+
+    // ptrace attach to a child of ours that waits.
+    // SAFETY: the child only pauses.
+    let target = unsafe { libc::fork() };
+    if target == 0 {
+        loop {
+            // SAFETY: waits for a signal.
+            unsafe { libc::pause() };
+        }
+    }
+    e.ptrace_target = target as u32;
+    // SAFETY: attaching to, then detaching from and killing, our own child.
+    unsafe {
+        if libc::ptrace(libc::PTRACE_ATTACH, target, 0, 0) != 0 {
+            e.errors.push(format!("ptrace: {}", std::io::Error::last_os_error()));
+        } else {
+            let mut status = 0;
+            libc::waitpid(target, &mut status, 0);
+            libc::ptrace(libc::PTRACE_DETACH, target, 0, 0);
+        }
+        libc::kill(target, libc::SIGKILL);
+    }
+    wait(target);
+
+    // A write in a watched directory (the default list watches /etc/cron*).
+    e.cron_file = format!("/etc/cron.d/{MARK}");
+    let r = fs::create_dir_all("/etc/cron.d").and_then(|()| fs::write(&e.cron_file, "* * * * * root true\n"));
+    note(e, "cron file", r);
+
+    // A signal to the agent (one that does nothing to it).
+    // SAFETY: SIGCONT to the agent we started.
+    unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+}
+
+fn wait(pid: i32) {
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+}
+
+fn check(lines: &[Value], e: &Expect) -> Checks {
+    let mut c = Checks { items: Vec::new() };
+    for err in &e.errors {
+        c.add("re-enactment", false, err.clone());
+    }
+    let events: Vec<&Value> = lines.iter().filter_map(|l| l.get("event")).collect();
+    let pid_of = |ev: &Value| ev.get("pid").and_then(Value::as_u64).unwrap_or(0) as u32;
+    let find = |kind: &str, pred: &dyn Fn(&Value, &Value) -> bool| -> Option<&Value> {
+        events
+            .iter()
+            .copied()
+            .find(|ev| ev.get(kind).is_some_and(|body| pred(ev, body)))
+    };
+    let s = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or("").to_owned();
+    let n = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
+
+    let exec = find("exec", &|ev, b| {
+        pid_of(ev) == e.true_pid
+            && b.get("argv").is_some_and(|a| a.to_string().contains(MARK))
+    });
+    c.add(
+        "exec",
+        exec.is_some_and(|ev| s(ev, "/exec/exe") == "/bin/true" && s(ev, "/exec/cwd") == "/tmp/kmx-cwd"),
+        exec.map_or("no exec of /bin/true".into(), |ev| {
+            format!("exe {} cwd {} argv {}", s(ev, "/exec/exe"), s(ev, "/exec/cwd"), ev.pointer("/exec/argv").cloned().unwrap_or_default())
+        }),
+    );
+    let fork = find("fork", &|ev, b| pid_of(ev) == e.true_pid && n(b, "/parentPid") as u32 == e.driver);
+    c.add("fork", fork.is_some(), format!("child {} of {}", e.true_pid, e.driver));
+    let exit = find("exit", &|ev, _| pid_of(ev) == e.true_pid);
+    c.add("exit", exit.is_some(), format!("pid {}", e.true_pid));
+    let failed = find("execFailed", &|_, b| s(b, "/filename").contains(MARK));
+    c.add("exec_failed", failed.is_some(), failed.map_or("none".into(), |ev| s(ev, "/execFailed/error")));
+    let port = u64::from(e.listen_port);
+    // bind asked for port 0 (the kernel picks one): the event carries the address asked
+    // for, so it is found by its address and descriptor's owner.
+    let bind = find("bind", &|ev, b| pid_of(ev) == e.driver && s(b, "/socket/localAddr") == "127.0.0.1");
+    c.add("bind", bind.is_some(), "127.0.0.1:0".into());
+    for (kind, name, ptr) in [
+        ("listen", "listen", "/socket/localPort"),
+        ("connect", "connect", "/socket/remotePort"),
+        ("accept", "accept", "/socket/localPort"),
+    ] {
+        let found = find(kind, &|ev, b| pid_of(ev) == e.driver && n(b, ptr) == port);
+        c.add(name, found.is_some(), format!("127.0.0.1:{port}"));
+    }
+    let dup = find("dup", &|ev, b| {
+        pid_of(ev) == e.dup_pid && s(b, "/file/kind") == "FD_KIND_SOCKET"
+    });
+    c.add("dup", dup.is_some(), format!("dup2 of a socket onto stdio by {}", e.dup_pid));
+    let shell = find("exec", &|ev, b| {
+        pid_of(ev) == e.dup_pid && s(b, "/stdio/0/kind") == "FD_KIND_SOCKET"
+    });
+    c.add("exec_socket_stdio", shell.is_some(), format!("/bin/sh on a socket, pid {}", e.dup_pid));
+    let memfd = find("memfdCreate", &|_, b| s(b, "/name").contains(MARK));
+    c.add("memfd_create", memfd.is_some(), format!("{MARK}-payload"));
+    let memfd_exec = find("exec", &|ev, b| pid_of(ev) == e.memfd_pid && b.get("exeMemfd") == Some(&Value::Bool(true)));
+    c.add("exec_memfd", memfd_exec.is_some(), memfd_exec.map_or("none".into(), |ev| s(ev, "/exec/exe")));
+    let ptrace = find("ptrace", &|ev, b| pid_of(ev) == e.driver && n(b, "/targetPid") as u32 == e.ptrace_target);
+    c.add("ptrace", ptrace.is_some(), ptrace.map_or("none".into(), |ev| s(ev, "/ptrace/request")));
+    let file = find("file", &|_, b| s(b, "/path") == e.cron_file);
+    c.add("file", file.is_some(), file.map_or(format!("nothing on {}", e.cron_file), |ev| s(ev, "/file/op")));
+    let signal = find("signal", &|ev, _| pid_of(ev) == e.driver);
+    c.add("signal", signal.is_some(), signal.map_or("none".into(), |ev| s(ev, "/signal/name")));
+
+    let alerts: Vec<&Value> = lines.iter().filter_map(|l| l.get("alert")).collect();
+    for (rule, pid, what) in [
+        ("EPMM-B7", e.dup_pid, "shell with a socket on its stdio"),
+        ("EPMM-B16", e.memfd_pid, "program run from memory"),
+    ] {
+        let fired = alerts.iter().any(|a| {
+            s(a, "/ruleId") == rule && n(a, "/process/pid") as u32 == pid
+        });
+        let mut detail = String::new();
+        let _ = write!(detail, "{what}, pid {pid}");
+        c.add(rule, fired, detail);
+    }
+    c
+}
