@@ -239,7 +239,11 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     notifier.ready(&format!(
         "watching: {attached} of {} probes attached{}",
         probes.status.len(),
-        if unavailable.is_empty() { "" } else { " (degraded)" }
+        if unavailable.is_empty() {
+            ""
+        } else {
+            " (degraded)"
+        }
     ));
     let ops = Ops {
         notifier,

@@ -382,7 +382,10 @@ fn on_file_open<const LOOP: bool>(file: KPtr, verdict: i64) {
     }
     let f_mode = get::<u32>(file, off!(file_f_mode));
     let mode = if f_mode & FMODE_CREATED != 0 {
-        u64::from(get::<u16>(get_ptr(file, off!(file_f_inode)), off!(inode_i_mode))) & 0o7777
+        u64::from(get::<u16>(
+            get_ptr(file, off!(file_f_inode)),
+            off!(inode_i_mode),
+        )) & 0o7777
     } else {
         0
     };

@@ -8,8 +8,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{
-    bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_kernel_str,
-    bpf_probe_read_user, bpf_probe_read_user_str,
+    bpf_probe_read_kernel as probe_read_kernel_raw, bpf_probe_read_kernel_str, bpf_probe_read_user,
+    bpf_probe_read_user_str,
 };
 use sensor_common::{FdInfo, KernelLayout, fd_kind};
 

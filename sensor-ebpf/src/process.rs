@@ -13,8 +13,8 @@ use crate::{
         KPtr, agent_tgid, bounded, describe_file, get, get_ptr, layout_ready, off, read, read_into,
         read_kernel_str, read_ptr, read_user, read_user_str, task_fd_file,
     },
-    path::{read_path, walk_path},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
+    path::{read_path, walk_path},
     syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
 
@@ -85,7 +85,14 @@ fn on_exec<const LOOP: bool>(ctx: &BtfTracePointContext) -> Result<(), i64> {
         r.exec_flags |= exec_flags::ARGS_TRUNCATED;
     }
     let mut end = 0usize;
-    if len > 0 && read_user(data, bounded(len as usize, 2 * MAX_ARGS - 1), arg_start as KPtr).is_ok() {
+    if len > 0
+        && read_user(
+            data,
+            bounded(len as usize, 2 * MAX_ARGS - 1),
+            arg_start as KPtr,
+        )
+        .is_ok()
+    {
         end = len as usize;
     } else {
         r.exec_flags |= exec_flags::ARGS_UNREADABLE;

@@ -151,17 +151,24 @@ pub(crate) use handler;
 /// Declares `fexit` programs on syscall functions, each running a handler body for its
 /// slot: `fexit_syscalls!(body; prog "__x64_sys_x" slot::X, ...)`. The function's only
 /// argument is the caller's `pt_regs`; the return value follows it.
+///
+/// Both are copied out of the context rather than read as typed arguments: in 5.10's BTF
+/// some syscall wrappers type their argument as a pointer to a forward-declared
+/// `pt_regs`, and that verifier refuses a typed read of it ("arg0 type FWD is not a
+/// struct"). The raw words are the same on every kernel.
 macro_rules! fexit_syscalls {
     ($body:expr; $($prog:ident $func:literal $slot:expr),+ $(,)?) => {
         $(
             #[aya_ebpf::macros::fexit(function = $func)]
             pub fn $prog(ctx: aya_ebpf::programs::FExitContext) -> i32 {
                 if $crate::syscalls::watching() {
+                    use aya_ebpf::EbpfContext as _;
+                    let args = ctx.as_ptr() as $crate::kernel::KPtr;
                     let sc = $crate::syscalls::Syscall {
                         slot: $slot,
                         nr: 0,
-                        ret: ctx.arg::<i64>(1),
-                        regs: ctx.arg::<u64>(0),
+                        ret: $crate::kernel::get::<i64>(args, 8),
+                        regs: $crate::kernel::get::<u64>(args, 0),
                     };
                     let body: fn(&$crate::syscalls::Syscall) = $body;
                     body(&sc);

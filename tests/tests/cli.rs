@@ -84,3 +84,19 @@ fn run_refuses_broken_rules_before_loading_anything() {
     );
     assert!(!stderr.contains("ready"), "{stderr}");
 }
+
+#[test]
+fn an_unknown_probe_or_hook_mode_is_refused_on_the_command_line() {
+    for (flag, value) in [("--skip-probe", "nett"), ("--syscall-hooks", "kprobe")] {
+        let out = Command::new(agent_bin())
+            .args(["run", flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("invalid value '{value}'")) && stderr.contains("sys_exit"),
+            "{stderr}"
+        );
+    }
+}

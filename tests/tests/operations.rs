@@ -28,7 +28,11 @@ fn configuration_errors_name_the_file_line_and_key() {
         ("[collector]\nheartbeat_seconds = \"often\"\n", ":2:"),
         (
             "[agent]\nskip_probes = [\"all\"]\n",
-            "allowed values: sys_exit",
+            "expected one of `sys_exit`",
+        ),
+        (
+            "[agent]\nsyscall_hooks = \"kprobes\"\n",
+            "expected `auto` or `sys_exit`",
         ),
     ] {
         std::fs::write(&path, text).unwrap();
@@ -208,6 +212,37 @@ fn metrics_expose_the_counters_and_they_move() {
             "{series} missing:\n{before}"
         );
     }
+    // Every concern of the probes, with how it is attached: here, without fentry, the
+    // syscalls go through the sys_exit dispatcher.
+    for probe in [
+        "exec_failed",
+        "net",
+        "dup",
+        "inject",
+        "open_files",
+        "path_files",
+        "tamper",
+    ] {
+        let attached = before.lines().any(|l| {
+            l.starts_with("sensor_probes{")
+                && l.contains(&format!("probe=\"{probe}\""))
+                && l.contains("state=\"attached\"")
+                && (l.contains("mode=\"sys_exit\"") || l.contains("mode=\"fexit\""))
+                && l.ends_with(" 1")
+        });
+        assert!(attached, "sensor_probes for {probe}:\n{before}");
+    }
+    assert!(
+        before.lines().any(|l| l.starts_with("sensor_probes{")
+            && l.contains("probe=\"process\"")
+            && l.contains("mode=\"tp_btf\"")
+            && l.contains("walk=\"bpf_loop\"")),
+        "{before}"
+    );
+    assert!(
+        !before.contains("state=\"unavailable\""),
+        "no probe unavailable here:\n{before}"
+    );
     let execs = metric(&before, "sensor_events_total{kind=\"exec\"}").unwrap();
     assert!(metric(&before, "sensor_process_table_entries").unwrap() > 10.0);
     assert!(metric(&before, "sensor_resident_memory_bytes").unwrap() > 1e6);
@@ -334,4 +369,88 @@ fn a_ring_overflow_raises_the_loss_self_alert_with_the_count() {
     );
     let last = alerts.last().unwrap();
     assert_eq!(num(&last["alert"]["details"]["lost_since_start"]), total);
+}
+
+/// The ready line tells the truth about the probes: "all probes attached" only when all
+/// are; a probe left out on purpose is said to be skipped; a probe that cannot attach is
+/// named with its reason, and raises one SELF-PROBE alert that lists them all.
+#[test]
+fn readiness_names_every_probe_that_did_not_attach() {
+    let ready_line = |agent: &Agent| {
+        agent
+            .log()
+            .lines()
+            .find(|l| l.contains("sensor_agent::run") && l.contains(" ready"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let mut agent = Agent::start_with(&["run", "--collapse", "0"]);
+    let line = ready_line(&agent);
+    assert!(line.contains("ready: all probes attached"), "{line}");
+    assert!(
+        line.contains("process=tp_btf") && line.contains("net="),
+        "modes: {line}"
+    );
+    agent.stop();
+
+    let mut agent = Agent::start_with(&["run", "--collapse", "0", "--skip-probe", "tamper"]);
+    let line = ready_line(&agent);
+    assert!(
+        line.contains("1 skipped as asked") && line.contains("tamper=skipped"),
+        "{line}"
+    );
+    assert!(!line.contains("all probes attached"), "{line}");
+    let probes = agent.collect(Duration::from_secs(1), |l| {
+        alert_of(l, "SELF-PROBE").is_some()
+    });
+    assert!(probes.is_empty(), "skipping is not a failure: {probes:?}");
+    agent.stop();
+
+    // Syscalls forced onto the dispatcher, and the dispatcher left out: every syscall
+    // concern is unavailable, on any kernel.
+    let mut agent = Agent::start_with(&[
+        "run",
+        "--collapse",
+        "0",
+        "--syscall-hooks",
+        "sys_exit",
+        "--skip-probe",
+        "sys_exit",
+    ]);
+    let line = ready_line(&agent);
+    assert!(line.contains("DEGRADED"), "{line}");
+    assert!(!line.contains("all probes attached"), "{line}");
+    let concerns = [
+        "exec_failed",
+        "net",
+        "dup",
+        "inject",
+        "open_files",
+        "path_files",
+        "tamper",
+    ];
+    for probe in concerns {
+        assert!(
+            line.contains(&format!(
+                "{probe} (needs the sys_exit dispatcher, which was skipped"
+            )),
+            "{probe}: {line}"
+        );
+    }
+    let alert = agent.wait_for("SELF-PROBE", |l| alert_of(l, "SELF-PROBE").is_some());
+    let details = &alert["alert"]["details"];
+    for probe in concerns {
+        assert!(
+            details[format!("probe.{probe}")]
+                .as_str()
+                .is_some_and(|r| r.contains("sys_exit dispatcher")),
+            "{probe} in {alert}"
+        );
+    }
+    let more = agent.collect(Duration::from_secs(2), |l| {
+        alert_of(l, "SELF-PROBE").is_some()
+    });
+    assert!(more.is_empty(), "SELF-PROBE is raised once: {more:?}");
+    agent.stop();
 }

@@ -33,19 +33,20 @@ const SUITES: &[(&str, &str)] = &[
     ("forky", "7.x"),
 ];
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Default)]
 pub struct KmatrixArgs {
     /// Debian suites whose linux-image-amd64 to boot (default: all of the matrix).
     suites: Vec<String>,
-    /// Cache of the private apt state, packages and unpacked kernels.
-    #[arg(long, default_value = "/var/cache/sensor-kmatrix")]
-    cache: PathBuf,
+    /// Cache of the private apt state, packages and unpacked kernels
+    /// (default /var/cache/sensor-kmatrix).
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// Use only kernels already in the cache (no apt).
     #[arg(long)]
     offline: bool,
-    /// Seconds a guest may run.
-    #[arg(long, default_value_t = 900)]
-    timeout: u64,
+    /// Seconds a guest may run (default 900).
+    #[arg(long)]
+    timeout: Option<u64>,
     /// Write the table of this run to this Markdown file too (e.g. docs/kernels.md).
     #[arg(long)]
     write_table: Option<PathBuf>,
@@ -58,7 +59,7 @@ pub fn run(args: &KmatrixArgs) -> Result<()> {
     ensure_host_tools()?;
     step("build the release agent and the guest driver");
     cargo(&["build", "--release", "--package", "sensor-agent"])?;
-    cargo(&["build", "--release", "--package", "sensor-e2e", "--bin", "kmx-guest"])?;
+    cargo(&["build", "--package", "sensor-e2e", "--bin", "kmx-guest"])?;
     let out = workspace().join("target/kmatrix");
     fs::create_dir_all(&out)?;
     let initramfs = out.join("initramfs.cpio");
@@ -69,7 +70,12 @@ pub fn run(args: &KmatrixArgs) -> Result<()> {
     } else {
         args.suites.clone()
     };
-    let apt = Apt::new(&args.cache)?;
+    let cache = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/var/cache/sensor-kmatrix"));
+    let timeout = args.timeout.unwrap_or(900);
+    let apt = Apt::new(&cache)?;
     if !args.offline {
         apt.update()?;
     }
@@ -86,7 +92,7 @@ pub fn run(args: &KmatrixArgs) -> Result<()> {
         };
         let dir = out.join(&kernel.version);
         fs::create_dir_all(&dir)?;
-        let row = boot(&kernel, suite, &initramfs, &dir, accel, args.timeout)
+        let row = boot(&kernel, suite, &initramfs, &dir, accel, timeout)
             .unwrap_or_else(|e| Row::failed(suite, format!("{e:#}")));
         eprintln!("{}", row.line());
         rows.push(row);
@@ -133,7 +139,11 @@ enum Accel {
 impl Accel {
     fn detect() -> Self {
         if let Ok(forced) = std::env::var("KMX_ACCEL") {
-            return if forced == "kvm" { Accel::Kvm } else { Accel::Tcg };
+            return if forced == "kvm" {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            };
         }
         if Path::new("/sys/module/kvm_pvm").exists() || !Path::new("/dev/kvm").exists() {
             Accel::Tcg
@@ -152,7 +162,14 @@ impl Accel {
     fn args(self) -> &'static [&'static str] {
         match self {
             Accel::Kvm => &["-machine", "q35,accel=kvm", "-cpu", "host"],
-            Accel::Tcg => &["-machine", "q35", "-accel", "tcg,thread=multi", "-cpu", "max"],
+            Accel::Tcg => &[
+                "-machine",
+                "q35",
+                "-accel",
+                "tcg,thread=multi",
+                "-cpu",
+                "max",
+            ],
         }
     }
 }
@@ -163,15 +180,23 @@ fn build_initramfs(path: &Path) -> Result<()> {
     let root = path.with_extension("root");
     let _ = fs::remove_dir_all(&root);
     for dir in [
-        "bin", "kmx", "etc/cron.d", "proc", "sys", "dev", "tmp", "run", "root",
+        "bin",
+        "kmx",
+        "etc/cron.d",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
         "var/lib/sensor-agent",
     ] {
         fs::create_dir_all(root.join(dir))?;
     }
-    let target = workspace().join("target/release");
+    let target = workspace().join("target");
     let copies = [
-        (target.join("kmx-guest"), "init"),
-        (target.join("sensor-agent"), "kmx/sensor-agent"),
+        (target.join("debug/kmx-guest"), "init"),
+        (target.join("release/sensor-agent"), "kmx/sensor-agent"),
         (PathBuf::from("/usr/bin/dash"), "bin/sh"),
         (PathBuf::from("/usr/bin/true"), "bin/true"),
     ];
@@ -179,7 +204,10 @@ fn build_initramfs(path: &Path) -> Result<()> {
         fs::copy(from, root.join(to)).with_context(|| format!("copy {}", from.display()))?;
         copy_libraries(from, &root)?;
     }
-    fs::write(root.join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n")?;
+    fs::write(
+        root.join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    )?;
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     fs::write(root.join("etc/group"), "root:x:0:\n")?;
     fs::write(root.join("etc/hostname"), "kmx\n")?;
@@ -245,7 +273,13 @@ impl Apt {
         let (main, security) = host_mirrors();
         let key = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
         let mut sources = String::new();
-        for s in ["bullseye", "bookworm", "trixie", "trixie-backports", "forky"] {
+        for s in [
+            "bullseye",
+            "bookworm",
+            "trixie",
+            "trixie-backports",
+            "forky",
+        ] {
             let _ = writeln!(sources, "deb {key} {main} {s} main");
         }
         for s in ["bullseye-security", "bookworm-security", "trixie-security"] {
@@ -336,8 +370,13 @@ impl Apt {
         let _ = fs::remove_file(&meta);
         let image = depends
             .split([',', ' ', '|'])
-            .find(|d| d.starts_with("linux-image-") && d.as_bytes().get(12).is_some_and(u8::is_ascii_digit))
-            .with_context(|| format!("linux-image-amd64/{suite} depends on no versioned image: {depends}"))?
+            .find(|d| {
+                d.starts_with("linux-image-")
+                    && d.as_bytes().get(12).is_some_and(u8::is_ascii_digit)
+            })
+            .with_context(|| {
+                format!("linux-image-amd64/{suite} depends on no versioned image: {depends}")
+            })?
             .to_owned();
         let version = image.trim_start_matches("linux-image-").to_owned();
         let dir = kernels.join(&version);
@@ -396,7 +435,11 @@ fn newest(dir: &Path, prefix: &str) -> Option<PathBuf> {
 }
 
 fn deb_field(deb: &Path, field: &str) -> Result<String> {
-    let out = Command::new("dpkg-deb").arg("-f").arg(deb).arg(field).output()?;
+    let out = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(deb)
+        .arg(field)
+        .output()?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
@@ -457,13 +500,19 @@ impl Row {
                 run.get("ready") == Some(&Value::Bool(true))
                     && unavailable(run).is_empty()
                     && failed_checks(run).is_empty()
-                    && !run.get("probes").and_then(Value::as_array).is_none_or(Vec::is_empty)
+                    && !run
+                        .get("probes")
+                        .and_then(Value::as_array)
+                        .is_none_or(Vec::is_empty)
             })
     }
 
     fn line(&self) -> String {
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
-        let mut line = format!("{verdict} {} (boot+runs {:.0} s)", self.label, self.boot_secs);
+        let mut line = format!(
+            "{verdict} {} (boot+runs {:.0} s)",
+            self.label, self.boot_secs
+        );
         if let Some(e) = &self.error {
             let _ = write!(line, ": {e}");
         }
@@ -550,7 +599,10 @@ fn run_summary(run: &Value) -> String {
     if run.get("ready") != Some(&Value::Bool(true)) {
         return format!("agent not ready (exit: {})", label(run, "agent_exit"));
     }
-    let checks = run.get("checks").and_then(Value::as_array).map_or(0, Vec::len);
+    let checks = run
+        .get("checks")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
     let failed = failed_checks(run);
     let unavailable = unavailable(run);
     let mut s = format!(
@@ -570,14 +622,32 @@ fn run_summary(run: &Value) -> String {
 }
 
 /// Boots `kernel` with the driver as init and reads its report from the second serial port.
-fn boot(kernel: &Kernel, suite: &str, initramfs: &Path, dir: &Path, accel: Accel, timeout: u64) -> Result<Row> {
+fn boot(
+    kernel: &Kernel,
+    suite: &str,
+    initramfs: &Path,
+    dir: &Path,
+    accel: Accel,
+    timeout: u64,
+) -> Result<Row> {
     let console = dir.join("console.log");
     let serial = dir.join("serial.log");
     let _ = fs::remove_file(&serial);
     let started = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
         .args(accel.args())
-        .args(["-smp", "2", "-m", "2048", "-nodefaults", "-no-reboot", "-display", "none", "-nic", "none"])
+        .args([
+            "-smp",
+            "2",
+            "-m",
+            "2048",
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-nic",
+            "none",
+        ])
         .arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
@@ -613,15 +683,26 @@ fn boot(kernel: &Kernel, suite: &str, initramfs: &Path, dir: &Path, accel: Accel
     };
     let text = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).replace('\r', "");
     save_files(&text, dir)?;
-    match text.split("KMX-REPORT\n").nth(1).and_then(|r| r.lines().next()) {
+    match text
+        .split("KMX-REPORT\n")
+        .nth(1)
+        .and_then(|r| r.lines().next())
+    {
         Some(report) => {
             fs::write(dir.join("report.json"), report)?;
-            row.report = Some(serde_json::from_str(report).context("the guest's report is not JSON")?);
+            row.report =
+                Some(serde_json::from_str(report).context("the guest's report is not JSON")?);
         }
         None => {
             row.error = Some(match status {
-                None => format!("no report within {timeout} s (console: {})", console.display()),
-                Some(s) => format!("guest ended ({s}) without a report (console: {})", console.display()),
+                None => format!(
+                    "no report within {timeout} s (console: {})",
+                    console.display()
+                ),
+                Some(s) => format!(
+                    "guest ended ({s}) without a report (console: {})",
+                    console.display()
+                ),
             });
         }
     }
@@ -633,7 +714,9 @@ fn save_files(text: &str, dir: &Path) -> Result<()> {
     let mut rest = text;
     while let Some(at) = rest.find("KMX-FILE ") {
         rest = &rest[at + "KMX-FILE ".len()..];
-        let Some((head, body)) = rest.split_once('\n') else { break };
+        let Some((head, body)) = rest.split_once('\n') else {
+            break;
+        };
         let name = head.split_whitespace().next().unwrap_or("file");
         let end = body.find("\nKMX-FILE-END").unwrap_or(body.len());
         fs::write(dir.join(name.replace('/', "_")), &body[..end])?;
@@ -651,36 +734,64 @@ fn render(rows: &[Row], accel: Accel) -> String {
         "Kernel matrix, `cargo xtask kmatrix` ({}, 2 vCPU, 2 GiB guests; times under TCG are not performance figures)\n",
         accel.name()
     );
-    let _ = writeln!(t, "| kernel | hooks | agent | probes: mode (+ path walk) | unavailable | events and rules checked |");
+    let _ = writeln!(
+        t,
+        "| kernel | hooks | agent | probes: mode (+ path walk) | unavailable | events and rules checked |"
+    );
     let _ = writeln!(t, "|---|---|---|---|---|---|");
     for row in rows {
         if row.runs().is_empty() {
-            let _ = writeln!(t, "| {} | - | FAIL | - | - | {} |", row.label, row.error.as_deref().unwrap_or(""));
+            let _ = writeln!(
+                t,
+                "| {} | - | FAIL | - | - | {} |",
+                row.label,
+                row.error.as_deref().unwrap_or("")
+            );
             continue;
         }
         for run in row.runs() {
             let hooks = label(run, "hooks");
             let agent = if run.get("ready") == Some(&Value::Bool(true)) {
-                format!("ready {:.1} s", run.get("ready_secs").and_then(Value::as_f64).unwrap_or(0.0))
+                format!(
+                    "ready {:.1} s",
+                    run.get("ready_secs").and_then(Value::as_f64).unwrap_or(0.0)
+                )
             } else {
                 "NOT READY".to_owned()
             };
             let unavailable = unavailable(run);
-            let checks = run.get("checks").and_then(Value::as_array).cloned().unwrap_or_default();
+            let checks = run
+                .get("checks")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             let mut seen = BTreeMap::new();
             for c in &checks {
-                seen.insert(label(c, "name").to_owned(), c.get("ok") == Some(&Value::Bool(true)));
+                seen.insert(
+                    label(c, "name").to_owned(),
+                    c.get("ok") == Some(&Value::Bool(true)),
+                );
             }
             let checked: Vec<String> = seen
                 .iter()
-                .map(|(name, ok)| if *ok { name.clone() } else { format!("**{name} MISSING**") })
+                .map(|(name, ok)| {
+                    if *ok {
+                        name.clone()
+                    } else {
+                        format!("**{name} MISSING**")
+                    }
+                })
                 .collect();
             let _ = writeln!(
                 t,
                 "| {} | {hooks} | {agent} | {} | {} | {} |",
                 row.label,
                 modes(run),
-                if unavailable.is_empty() { "none".to_owned() } else { unavailable.join("; ") },
+                if unavailable.is_empty() {
+                    "none".to_owned()
+                } else {
+                    unavailable.join("; ")
+                },
                 checked.join(", ")
             );
         }

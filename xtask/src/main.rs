@@ -34,7 +34,8 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run the whole test suite: formatting, clippy, unit and end-to-end tests (as root).
+    /// Run the whole test suite: formatting, clippy, unit and end-to-end tests, the kernel
+    /// matrix and a bounded fuzzing run (as root).
     Test {
         /// Skip `cargo fmt --check` and `cargo clippy` (for quick iterations).
         #[arg(long)]
@@ -42,6 +43,9 @@ enum Cmd {
         /// Skip the bounded fuzzing of the trace reader.
         #[arg(long)]
         no_fuzz: bool,
+        /// Skip the kernel matrix (`cargo xtask kmatrix`).
+        #[arg(long)]
+        no_kmatrix: bool,
         /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -80,8 +84,9 @@ fn main() -> Result<()> {
         Cmd::Test {
             no_lint,
             no_fuzz,
+            no_kmatrix,
             args,
-        } => test(no_lint, no_fuzz, &args),
+        } => test(no_lint, no_fuzz, no_kmatrix, &args),
         Cmd::Fuzz { seconds } => {
             setup::ensure_all()?;
             fuzz(seconds)
@@ -101,7 +106,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
+fn test(no_lint: bool, no_fuzz: bool, no_kmatrix: bool, args: &[String]) -> Result<()> {
     setup::ensure_all()?;
     if !no_lint {
         step("cargo fmt --check");
@@ -143,6 +148,9 @@ fn test(no_lint: bool, no_fuzz: bool, args: &[String]) -> Result<()> {
         )
         .args(args);
     run(&mut cmd)?;
+    if !no_kmatrix {
+        kmatrix::run(&kmatrix::KmatrixArgs::default())?;
+    }
     if !no_fuzz {
         fuzz(60)?;
     }

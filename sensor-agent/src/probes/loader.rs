@@ -293,11 +293,14 @@ struct Loader<'a> {
 impl Loader<'_> {
     /// Fork, exec and exit on BTF tracepoints; the agent does not start without them.
     fn process(&mut self) -> Result<ProbeStatus, LoadError> {
-        let required = |what: &str, reason: String| LoadError::Required(format!("{what}: {reason}"));
+        let required =
+            |what: &str, reason: String| LoadError::Required(format!("{what}: {reason}"));
         self.btf_tracepoint(catalog::FORK)
             .map_err(|r| required(catalog::FORK, r))?;
         let walk = self
-            .flavoured(catalog::EXEC, |l, name| l.btf_tracepoint_as(name, "sched_process_exec"))
+            .flavoured(catalog::EXEC, |l, name| {
+                l.btf_tracepoint_as(name, "sched_process_exec")
+            })
             .map_err(|r| required("sched_process_exec", r))?;
         self.btf_tracepoint(catalog::EXIT)
             .map_err(|r| required(catalog::EXIT, r))?;
@@ -336,7 +339,9 @@ impl Loader<'_> {
             if options.skip.contains(&Probe::SysExit) {
                 status.push(ProbeStatus::new(
                     name,
-                    State::Unavailable("needs the sys_exit dispatcher, which was skipped by --skip-probe".into()),
+                    State::Unavailable(
+                        "needs the sys_exit dispatcher, which was skipped by --skip-probe".into(),
+                    ),
                 ));
                 continue;
             }
@@ -354,10 +359,12 @@ impl Loader<'_> {
             return Ok(status);
         }
         self.fill_dispatch(&dispatched)?;
-        let attached = self.program::<RawTracePoint>(catalog::SYS_EXIT).and_then(|p| {
-            p.load()?;
-            p.attach("sys_exit").map(|_| ())
-        });
+        let attached = self
+            .program::<RawTracePoint>(catalog::SYS_EXIT)
+            .and_then(|p| {
+                p.load()?;
+                p.attach("sys_exit").map(|_| ())
+            });
         let state = match attached {
             Ok(()) => State::Attached,
             Err(err) => State::Unavailable(format!(
@@ -376,7 +383,12 @@ impl Loader<'_> {
         let probe = catalog::FEXIT_PROBE;
         let result = self
             .fexit_program(probe.program.with_loop, probe.function)
-            .map_err(|e| format!("fexit is not available on this kernel: {}", short_reason(&e)));
+            .map_err(|e| {
+                format!(
+                    "fexit is not available on this kernel: {}",
+                    short_reason(&e)
+                )
+            });
         if let Ok(p) = self.program::<FExit>(probe.program.with_loop) {
             let _ = p.unload();
         }
@@ -390,8 +402,16 @@ impl Loader<'_> {
         let mut walk = None;
         let mut failure = None;
         for f in concern.fexit {
-            if f.optional && self.btf.id_by_type_name_kind(f.function, aya_obj::btf::BtfKind::Func).is_err() {
-                debug!(function = f.function, "not in this kernel; its syscall is not either");
+            if f.optional
+                && self
+                    .btf
+                    .id_by_type_name_kind(f.function, aya_obj::btf::BtfKind::Func)
+                    .is_err()
+            {
+                debug!(
+                    function = f.function,
+                    "not in this kernel; its syscall is not either"
+                );
                 continue;
             }
             match self.flavoured(f.program, |l, name| l.fexit_program(name, f.function)) {
@@ -526,7 +546,10 @@ impl Loader<'_> {
 
     /// Detaches whichever flavour of an fexit program attached.
     fn unload_fexit(&mut self, flavours: Flavours) {
-        for name in [Some(flavours.with_loop), flavours.bounded].into_iter().flatten() {
+        for name in [Some(flavours.with_loop), flavours.bounded]
+            .into_iter()
+            .flatten()
+        {
             if let Ok(p) = self.program::<FExit>(name) {
                 let _ = p.unload();
             }
@@ -544,10 +567,15 @@ impl Loader<'_> {
     }
 
     fn btf_tracepoint(&mut self, name: &'static str) -> Result<(), String> {
-        self.btf_tracepoint_as(name, name).map_err(|e| short_reason(&e))
+        self.btf_tracepoint_as(name, name)
+            .map_err(|e| short_reason(&e))
     }
 
-    fn btf_tracepoint_as(&mut self, program: &'static str, tracepoint: &str) -> Result<(), ProgramError> {
+    fn btf_tracepoint_as(
+        &mut self,
+        program: &'static str,
+        tracepoint: &str,
+    ) -> Result<(), ProgramError> {
         let btf = self.btf;
         let p = self.program::<BtfTracePoint>(program)?;
         p.load(tracepoint, btf)?;

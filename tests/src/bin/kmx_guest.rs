@@ -210,7 +210,10 @@ fn drive(hooks: &str) -> Value {
     let mut ready_line = None;
     while started.elapsed() < READY_WITHIN {
         let log = fs::read_to_string(&err_path).unwrap_or_default();
-        if let Some(line) = log.lines().find(|l| l.contains("sensor_agent::run") && l.contains(" ready")) {
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("sensor_agent::run") && l.contains(" ready"))
+        {
             ready_line = Some(line.to_owned());
             break;
         }
@@ -294,7 +297,9 @@ fn scrape_probes() -> Vec<Value> {
                 // Values are escaped Prometheus strings: find the closing quote.
                 let mut end = 0;
                 let bytes = after.as_bytes();
-                while end < bytes.len() && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\')) {
+                while end < bytes.len()
+                    && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\'))
+                {
                     end += 1;
                 }
                 map.insert(key, Value::String(after[..end].replace("\\\"", "\"")));
@@ -353,7 +358,8 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     let (client, _server) = match (client, accepted) {
         (Ok(c), Ok((s, _))) => (c, s),
         (c, a) => {
-            e.errors.push(format!("connect/accept: {:?} {:?}", c.err(), a.err()));
+            e.errors
+                .push(format!("connect/accept: {:?} {:?}", c.err(), a.err()));
             return;
         }
     };
@@ -361,7 +367,12 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     // A reverse shell: a child puts the connected socket on its stdio (dup2) and becomes
     // a shell.
     let sh = CString::new("/bin/sh").unwrap();
-    let argv = [c"sh".as_ptr(), c"-c".as_ptr(), c"exit 0".as_ptr(), std::ptr::null()];
+    let argv = [
+        c"sh".as_ptr(),
+        c"-c".as_ptr(),
+        c"exit 0".as_ptr(),
+        std::ptr::null(),
+    ];
     // SAFETY: the child only calls async-signal-safe functions before exec.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -429,7 +440,8 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     // SAFETY: attaching to, then detaching from and killing, our own child.
     unsafe {
         if libc::ptrace(libc::PTRACE_ATTACH, target, 0, 0) != 0 {
-            e.errors.push(format!("ptrace: {}", std::io::Error::last_os_error()));
+            e.errors
+                .push(format!("ptrace: {}", std::io::Error::last_os_error()));
         } else {
             let mut status = 0;
             libc::waitpid(target, &mut status, 0);
@@ -441,7 +453,8 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
 
     // A write in a watched directory (the default list watches /etc/cron*).
     e.cron_file = format!("/etc/cron.d/{MARK}");
-    let r = fs::create_dir_all("/etc/cron.d").and_then(|()| fs::write(&e.cron_file, "* * * * * root true\n"));
+    let r = fs::create_dir_all("/etc/cron.d")
+        .and_then(|()| fs::write(&e.cron_file, "* * * * * root true\n"));
     note(e, "cron file", r);
 
     // A signal to the agent (one that does nothing to it).
@@ -468,30 +481,53 @@ fn check(lines: &[Value], e: &Expect) -> Checks {
             .copied()
             .find(|ev| ev.get(kind).is_some_and(|body| pred(ev, body)))
     };
-    let s = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).unwrap_or("").to_owned();
+    let s = |v: &Value, p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
     let n = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
 
     let exec = find("exec", &|ev, b| {
-        pid_of(ev) == e.true_pid
-            && b.get("argv").is_some_and(|a| a.to_string().contains(MARK))
+        pid_of(ev) == e.true_pid && b.get("argv").is_some_and(|a| a.to_string().contains(MARK))
     });
     c.add(
         "exec",
-        exec.is_some_and(|ev| s(ev, "/exec/exe") == "/bin/true" && s(ev, "/exec/cwd") == "/tmp/kmx-cwd"),
+        exec.is_some_and(|ev| {
+            s(ev, "/exec/exe") == "/bin/true" && s(ev, "/exec/cwd") == "/tmp/kmx-cwd"
+        }),
         exec.map_or("no exec of /bin/true".into(), |ev| {
-            format!("exe {} cwd {} argv {}", s(ev, "/exec/exe"), s(ev, "/exec/cwd"), ev.pointer("/exec/argv").cloned().unwrap_or_default())
+            format!(
+                "exe {} cwd {} argv {}",
+                s(ev, "/exec/exe"),
+                s(ev, "/exec/cwd"),
+                ev.pointer("/exec/argv").cloned().unwrap_or_default()
+            )
         }),
     );
-    let fork = find("fork", &|ev, b| pid_of(ev) == e.true_pid && n(b, "/parentPid") as u32 == e.driver);
-    c.add("fork", fork.is_some(), format!("child {} of {}", e.true_pid, e.driver));
+    let fork = find("fork", &|ev, b| {
+        pid_of(ev) == e.true_pid && n(b, "/parentPid") as u32 == e.driver
+    });
+    c.add(
+        "fork",
+        fork.is_some(),
+        format!("child {} of {}", e.true_pid, e.driver),
+    );
     let exit = find("exit", &|ev, _| pid_of(ev) == e.true_pid);
     c.add("exit", exit.is_some(), format!("pid {}", e.true_pid));
     let failed = find("execFailed", &|_, b| s(b, "/filename").contains(MARK));
-    c.add("exec_failed", failed.is_some(), failed.map_or("none".into(), |ev| s(ev, "/execFailed/error")));
+    c.add(
+        "exec_failed",
+        failed.is_some(),
+        failed.map_or("none".into(), |ev| s(ev, "/execFailed/error")),
+    );
     let port = u64::from(e.listen_port);
     // bind asked for port 0 (the kernel picks one): the event carries the address asked
     // for, so it is found by its address and descriptor's owner.
-    let bind = find("bind", &|ev, b| pid_of(ev) == e.driver && s(b, "/socket/localAddr") == "127.0.0.1");
+    let bind = find("bind", &|ev, b| {
+        pid_of(ev) == e.driver && s(b, "/socket/localAddr") == "127.0.0.1"
+    });
     c.add("bind", bind.is_some(), "127.0.0.1:0".into());
     for (kind, name, ptr) in [
         ("listen", "listen", "/socket/localPort"),
@@ -504,30 +540,60 @@ fn check(lines: &[Value], e: &Expect) -> Checks {
     let dup = find("dup", &|ev, b| {
         pid_of(ev) == e.dup_pid && s(b, "/file/kind") == "FD_KIND_SOCKET"
     });
-    c.add("dup", dup.is_some(), format!("dup2 of a socket onto stdio by {}", e.dup_pid));
+    c.add(
+        "dup",
+        dup.is_some(),
+        format!("dup2 of a socket onto stdio by {}", e.dup_pid),
+    );
     let shell = find("exec", &|ev, b| {
         pid_of(ev) == e.dup_pid && s(b, "/stdio/0/kind") == "FD_KIND_SOCKET"
     });
-    c.add("exec_socket_stdio", shell.is_some(), format!("/bin/sh on a socket, pid {}", e.dup_pid));
+    c.add(
+        "exec_socket_stdio",
+        shell.is_some(),
+        format!("/bin/sh on a socket, pid {}", e.dup_pid),
+    );
     let memfd = find("memfdCreate", &|_, b| s(b, "/name").contains(MARK));
     c.add("memfd_create", memfd.is_some(), format!("{MARK}-payload"));
-    let memfd_exec = find("exec", &|ev, b| pid_of(ev) == e.memfd_pid && b.get("exeMemfd") == Some(&Value::Bool(true)));
-    c.add("exec_memfd", memfd_exec.is_some(), memfd_exec.map_or("none".into(), |ev| s(ev, "/exec/exe")));
-    let ptrace = find("ptrace", &|ev, b| pid_of(ev) == e.driver && n(b, "/targetPid") as u32 == e.ptrace_target);
-    c.add("ptrace", ptrace.is_some(), ptrace.map_or("none".into(), |ev| s(ev, "/ptrace/request")));
+    let memfd_exec = find("exec", &|ev, b| {
+        pid_of(ev) == e.memfd_pid && b.get("exeMemfd") == Some(&Value::Bool(true))
+    });
+    c.add(
+        "exec_memfd",
+        memfd_exec.is_some(),
+        memfd_exec.map_or("none".into(), |ev| s(ev, "/exec/exe")),
+    );
+    let ptrace = find("ptrace", &|ev, b| {
+        pid_of(ev) == e.driver && n(b, "/targetPid") as u32 == e.ptrace_target
+    });
+    c.add(
+        "ptrace",
+        ptrace.is_some(),
+        ptrace.map_or("none".into(), |ev| s(ev, "/ptrace/request")),
+    );
     let file = find("file", &|_, b| s(b, "/path") == e.cron_file);
-    c.add("file", file.is_some(), file.map_or(format!("nothing on {}", e.cron_file), |ev| s(ev, "/file/op")));
+    c.add(
+        "file",
+        file.is_some(),
+        file.map_or(format!("nothing on {}", e.cron_file), |ev| {
+            s(ev, "/file/op")
+        }),
+    );
     let signal = find("signal", &|ev, _| pid_of(ev) == e.driver);
-    c.add("signal", signal.is_some(), signal.map_or("none".into(), |ev| s(ev, "/signal/name")));
+    c.add(
+        "signal",
+        signal.is_some(),
+        signal.map_or("none".into(), |ev| s(ev, "/signal/name")),
+    );
 
     let alerts: Vec<&Value> = lines.iter().filter_map(|l| l.get("alert")).collect();
     for (rule, pid, what) in [
         ("EPMM-B7", e.dup_pid, "shell with a socket on its stdio"),
         ("EPMM-B16", e.memfd_pid, "program run from memory"),
     ] {
-        let fired = alerts.iter().any(|a| {
-            s(a, "/ruleId") == rule && n(a, "/process/pid") as u32 == pid
-        });
+        let fired = alerts
+            .iter()
+            .any(|a| s(a, "/ruleId") == rule && n(a, "/process/pid") as u32 == pid);
         let mut detail = String::new();
         let _ = write!(detail, "{what}, pid {pid}");
         c.add(rule, fired, detail);
