@@ -258,7 +258,12 @@ fn drive(hooks: &str) -> Value {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let checks = check(&lines, &expect);
+    // Opens are hooked at security_file_open where open_files runs on fexit.
+    let resolved_opens = probes.iter().any(|p| {
+        p.get("probe").and_then(Value::as_str) == Some("open_files")
+            && p.get("mode").and_then(Value::as_str) == Some("fexit")
+    });
+    let checks = check(&lines, &expect, resolved_opens);
     let alerts: Vec<String> = lines
         .iter()
         .filter_map(|l| l.pointer("/alert/ruleId").and_then(Value::as_str))
@@ -320,6 +325,7 @@ struct Expect {
     memfd_pid: u32,
     ptrace_target: u32,
     cron_file: String,
+    linked_file: String,
     errors: Vec<String>,
 }
 
@@ -457,6 +463,13 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
         .and_then(|()| fs::write(&e.cron_file, "* * * * * root true\n"));
     note(e, "cron file", r);
 
+    // The same through a symbolic link: where opens are hooked at security_file_open the
+    // event names the file the kernel opened, under the watched /etc/cron.d.
+    e.linked_file = format!("/etc/cron.d/{MARK}-link");
+    let r = std::os::unix::fs::symlink("/etc/cron.d", "/tmp/kmx-cron")
+        .and_then(|()| fs::write(format!("/tmp/kmx-cron/{MARK}-link"), "# via a link\n"));
+    note(e, "file through a link", r);
+
     // A signal to the agent (one that does nothing to it).
     // SAFETY: SIGCONT to the agent we started.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
@@ -468,7 +481,7 @@ fn wait(pid: i32) {
     unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
-fn check(lines: &[Value], e: &Expect) -> Checks {
+fn check(lines: &[Value], e: &Expect, resolved_opens: bool) -> Checks {
     let mut c = Checks { items: Vec::new() };
     for err in &e.errors {
         c.add("re-enactment", false, err.clone());
@@ -579,6 +592,14 @@ fn check(lines: &[Value], e: &Expect) -> Checks {
             s(ev, "/file/op")
         }),
     );
+    if resolved_opens {
+        let linked = find("file", &|_, b| s(b, "/path") == e.linked_file);
+        c.add(
+            "file_resolved",
+            linked.is_some(),
+            format!("/tmp/kmx-cron/{MARK}-link reported as {}", e.linked_file),
+        );
+    }
     let signal = find("signal", &|ev, _| pid_of(ev) == e.driver);
     c.add(
         "signal",
