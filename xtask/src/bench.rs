@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Extra arguments for `sensor-agent run`.
     #[arg(long, allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Benchmark this agent binary instead of building the workspace's (to set an older
+    /// build's ratio beside the current one's).
+    #[arg(long, value_name = "PATH")]
+    agent: Option<std::path::PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -62,9 +66,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Workload::Delivery = args.workload {
         return delivery(&args);
     }
-    step("build the agent (release)");
-    cargo(&["build", "--release", "--package", "sensor-agent"])?;
-    let bin = workspace().join("target/release/sensor-agent");
+    let bin = match &args.agent {
+        Some(bin) => bin.clone(),
+        None => {
+            step("build the agent (release)");
+            cargo(&["build", "--release", "--package", "sensor-agent"])?;
+            workspace().join("target/release/sensor-agent")
+        }
+    };
 
     let mut baseline = Vec::new();
     let mut with_agent = Vec::new();

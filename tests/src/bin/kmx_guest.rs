@@ -466,6 +466,7 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     // The same through a symbolic link: where opens are hooked at security_file_open the
     // event names the file the kernel opened, under the watched /etc/cron.d.
     e.linked_file = format!("/etc/cron.d/{MARK}-link");
+    let _ = fs::remove_file("/tmp/kmx-cron");
     let r = std::os::unix::fs::symlink("/etc/cron.d", "/tmp/kmx-cron")
         .and_then(|()| fs::write(format!("/tmp/kmx-cron/{MARK}-link"), "# via a link\n"));
     note(e, "file through a link", r);
