@@ -112,49 +112,23 @@ pub fn agent_tgid() -> u32 {
 
 pub type KPtr = *const u8;
 
-/// Reads a `T` at `base + offset` in kernel memory.
+/// Reads a `T` at `base + offset` in kernel memory, or says why it could not.
 #[inline(always)]
-///
-/// The destination starts zeroed, never uninitialised: 5.10's verifier rejects a program
-/// in which any path reads a stack slot nothing wrote ("invalid read from stack"), and the
-/// compiler is free to read an uninitialised value on the path where the read failed.
 pub fn read<T: Copy>(base: KPtr, offset: usize) -> Result<T, i64> {
     if base.is_null() {
         return Err(-1);
     }
-    let mut value = core::mem::MaybeUninit::<T>::zeroed();
-    // SAFETY: the helper writes at most size_of::<T>() bytes into `value` and fails
-    // cleanly on a bad source.
-    let ret = unsafe {
-        probe_read_kernel_raw(
-            value.as_mut_ptr() as *mut c_void,
-            core::mem::size_of::<T>() as u32,
-            base.wrapping_add(offset) as *const c_void,
-        )
-    };
-    if ret == 0 {
-        // SAFETY: zeroed, then filled by the helper; T is plain data (integers, pointers).
-        Ok(unsafe { value.assume_init() })
-    } else {
-        Err(ret)
+    match probe::<T>(base, offset) {
+        (value, 0) => Ok(value),
+        (_, err) => Err(err),
     }
 }
 
 /// A `T` at `base + offset`, or zero when it cannot be read: no branch, so nothing for
-/// the compiler to spill a default for (see `read`).
+/// the compiler to spill a default for (see `probe`).
 #[inline(always)]
 pub fn get<T: Copy>(base: KPtr, offset: usize) -> T {
-    let mut value = core::mem::MaybeUninit::<T>::zeroed();
-    // SAFETY: the helper writes at most size_of::<T>() bytes into `value`, and zeroes them
-    // when the source cannot be read (a null base included).
-    unsafe {
-        probe_read_kernel_raw(
-            value.as_mut_ptr() as *mut c_void,
-            core::mem::size_of::<T>() as u32,
-            base.wrapping_add(offset) as *const c_void,
-        );
-        value.assume_init()
-    }
+    probe::<T>(base, offset).0
 }
 
 /// A pointer at `base + offset`, or null.
@@ -163,22 +137,36 @@ pub fn get_ptr(base: KPtr, offset: usize) -> KPtr {
     get::<u64>(base, offset) as KPtr
 }
 
+/// The value at `base + offset` and the helper's result (0, or a negative errno with the
+/// value zeroed).
+///
+/// The destination starts zeroed, never uninitialised: 5.10's verifier rejects a program
+/// in which any path reads a stack slot nothing wrote ("invalid read from stack"), and the
+/// compiler is free to read an uninitialised value on the path where the read failed.
+#[inline(always)]
+fn probe<T: Copy>(base: KPtr, offset: usize) -> (T, i64) {
+    let mut value = core::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: the helper writes at most size_of::<T>() bytes into `value`, and zeroes them
+    // when the source cannot be read (a null base included); T is plain data.
+    unsafe {
+        let ret = probe_read_kernel_raw(
+            value.as_mut_ptr() as *mut c_void,
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(offset) as *const c_void,
+        );
+        (value.assume_init(), ret)
+    }
+}
+
 /// Copies `len` bytes at `base + offset` in kernel memory straight to `dst` (no stack
 /// copy, no memcpy loop for the verifier to walk). On failure the helper zeroes `dst`.
 #[inline(always)]
 pub fn read_into(dst: *mut u8, len: u32, base: KPtr, offset: usize) -> bool {
-    // SAFETY: the helper validates the source and zero-fills `dst` on failure.
-    unsafe {
-        probe_read_kernel_raw(
-            dst as *mut c_void,
-            len,
-            base.wrapping_add(offset) as *const c_void,
-        ) == 0
-    }
+    copy_kernel(dst, len, base.wrapping_add(offset))
 }
 
-/// Copies `len` bytes of kernel memory at `src` to `dst`, for lengths computed at run
-/// time (pass them through [`bounded`]). On failure the helper zeroes `dst`.
+/// Copies `len` bytes of kernel memory at `src` to `dst`; for lengths computed at run time,
+/// pass them through [`bounded`]. On failure the helper zeroes `dst`.
 #[inline(always)]
 pub fn copy_kernel(dst: *mut u8, len: u32, src: KPtr) -> bool {
     // SAFETY: the helper validates the source and zero-fills `dst` on failure.

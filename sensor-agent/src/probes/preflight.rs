@@ -38,38 +38,60 @@ pub fn check_kernel() -> Result<(), PreflightError> {
     use aya::{
         maps::MapType,
         programs::ProgramType,
-        sys::{BpfHelper, is_helper_supported, is_map_supported},
+        sys::{is_helper_supported, is_map_supported},
     };
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_else(|_| "unknown release".to_owned());
-    let too_old = |feature| PreflightError::KernelTooOld {
-        release: release.clone(),
-        feature,
-    };
-    if !is_map_supported(MapType::RingBuf).unwrap_or(false) {
-        return Err(too_old("the BPF ring buffer (Linux 5.8)"));
-    }
-    let helpers: [(BpfHelper, &'static str); 3] = [
-        (
-            BpfHelper::BPF_FUNC_probe_read_kernel,
+    check_features(&release, |feature| match feature {
+        Feature::RingBuffer => is_map_supported(MapType::RingBuf).unwrap_or(false),
+        Feature::Helper(helper, _) => {
+            is_helper_supported(ProgramType::RawTracePoint, helper).unwrap_or(false)
+        }
+    })
+}
+
+/// A kernel feature the probes cannot do without.
+#[derive(Clone, Copy, Debug)]
+pub enum Feature {
+    RingBuffer,
+    Helper(aya::sys::BpfHelper, &'static str),
+}
+
+impl Feature {
+    const REQUIRED: [Feature; 4] = [
+        Feature::RingBuffer,
+        Feature::Helper(
+            aya::sys::BpfHelper::BPF_FUNC_probe_read_kernel,
             "the bpf_probe_read_kernel helper (Linux 5.5)",
         ),
-        (
-            BpfHelper::BPF_FUNC_ktime_get_boot_ns,
+        Feature::Helper(
+            aya::sys::BpfHelper::BPF_FUNC_ktime_get_boot_ns,
             "the bpf_ktime_get_boot_ns helper (Linux 5.8)",
         ),
-        (
-            BpfHelper::BPF_FUNC_ringbuf_output,
+        Feature::Helper(
+            aya::sys::BpfHelper::BPF_FUNC_ringbuf_output,
             "the bpf_ringbuf_output helper (Linux 5.8)",
         ),
     ];
-    for (helper, feature) in helpers {
-        if !is_helper_supported(ProgramType::RawTracePoint, helper).unwrap_or(false) {
-            return Err(too_old(feature));
+
+    fn describe(self) -> &'static str {
+        match self {
+            Feature::RingBuffer => "the BPF ring buffer (Linux 5.8)",
+            Feature::Helper(_, what) => what,
         }
     }
-    Ok(())
+}
+
+/// The first required feature `has` says the kernel lacks, as the refusal operators read.
+fn check_features(release: &str, has: impl Fn(Feature) -> bool) -> Result<(), PreflightError> {
+    match Feature::REQUIRED.into_iter().find(|f| !has(*f)) {
+        Some(missing) => Err(PreflightError::KernelTooOld {
+            release: release.to_owned(),
+            feature: missing.describe(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The kernel has `bpf_loop` (5.17, and some distribution backports): the programs that
@@ -157,5 +179,44 @@ pub fn check_tracepoint(category: &str, name: &str) -> Result<(), PreflightError
         Ok(())
     } else {
         Err(PreflightError::NoTracepoint(format!("{category}/{name}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_kernel_is_refused_with_the_missing_feature_named() {
+        assert!(check_features("6.1.0-57-amd64", |_| true).is_ok());
+        let err = check_features("4.18.0-80.el8.x86_64", |f| {
+            !matches!(f, Feature::RingBuffer)
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "this kernel (4.18.0-80.el8.x86_64) lacks the BPF ring buffer (Linux 5.8), which the probes need; the agent runs on Linux 5.10 and later, or on a distribution kernel that carries these features (docs/kernels.md)"
+        );
+        let err = check_features("5.4.0", |f| {
+            !matches!(
+                f,
+                Feature::Helper(aya::sys::BpfHelper::BPF_FUNC_ktime_get_boot_ns, _)
+            )
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("bpf_ktime_get_boot_ns helper (Linux 5.8)"),
+            "{err}"
+        );
+    }
+
+    /// On the machines we build on, every required feature is there.
+    #[test]
+    fn this_kernel_has_what_the_probes_need() {
+        if nix::unistd::geteuid().is_root() {
+            check_kernel().unwrap();
+        }
     }
 }
