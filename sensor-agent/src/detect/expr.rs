@@ -16,13 +16,29 @@
 //!
 //! Parsing and type checking happen once, when rules load, and report the byte offset of
 //! the problem; evaluation never fails.
+//!
+//! What a rule file can cost is bounded at load: `not` and parentheses nest at most
+//! [`MAX_NESTING`] deep, a macro is compiled once and shared by every condition naming it,
+//! and a condition may not reach more than [`MAX_WEIGHT`] comparisons or [`MAX_DEPTH`]
+//! levels once its macros are expanded (a macro doubling another forty times is refused,
+//! not evaluated 2^40 times per event). Lists are shared, not copied, by the conditions
+//! that use them whole.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use globset::{GlobBuilder, GlobMatcher};
 use regex::Regex;
 
 use super::fields::{Ctx, Field, Kind, Value};
+
+/// How deep `not` and parentheses may nest in one condition.
+pub const MAX_NESTING: usize = 64;
+/// How deep evaluation may recurse through a condition and the macros it names.
+pub const MAX_DEPTH: u32 = 256;
+/// Comparisons one condition may stand for once its macros are expanded.
+pub const MAX_WEIGHT: u64 = 100_000;
+/// Comparisons all the loaded conditions together may stand for.
+pub const MAX_TOTAL_WEIGHT: u64 = 5_000_000;
 
 /// A problem in a condition, at a byte offset into it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,7 +256,8 @@ impl Op {
 /// The right-hand side of a compiled comparison.
 #[derive(Clone, Debug)]
 pub enum Rhs {
-    Strs(Vec<String>),
+    /// Shared with the list it came from when the condition names one list whole.
+    Strs(Arc<[String]>),
     Ints(Vec<i64>),
     Bool(bool),
     Var(String),
@@ -257,13 +274,34 @@ pub enum Cond {
     Test { field: Field, op: Op, rhs: Rhs },
     Truthy(Field),
     Const(bool),
+    /// A macro, compiled once and shared.
+    Macro(Arc<Macro>),
+}
+
+/// A compiled macro with what it costs once expanded.
+#[derive(Debug)]
+pub struct Macro {
+    pub cond: Cond,
+    weight: u64,
+    depth: u32,
+}
+
+impl Macro {
+    pub fn new(cond: Cond) -> Arc<Macro> {
+        let (weight, depth) = cond.measure();
+        Arc::new(Macro {
+            cond,
+            weight,
+            depth,
+        })
+    }
 }
 
 /// Names a condition can refer to besides fields.
 pub struct Env<'a> {
-    pub lists: &'a HashMap<String, Vec<String>>,
+    pub lists: &'a HashMap<String, Arc<[String]>>,
     /// Already-compiled macros.
-    pub macros: &'a HashMap<String, Cond>,
+    pub macros: &'a HashMap<String, Arc<Macro>>,
     /// Capture names a sequence step may use (`$name`).
     pub vars: &'a [String],
     /// Event kinds the condition runs on, to refuse fields that never apply.
@@ -278,6 +316,7 @@ pub fn compile(src: &str, env: &Env<'_>) -> Result<Cond, ExprError> {
         pos: 0,
         env,
         end: src.len(),
+        nesting: 0,
     };
     if p.tokens.is_empty() {
         return Err(ExprError::at(0, "the condition is empty"));
@@ -287,6 +326,23 @@ pub fn compile(src: &str, env: &Env<'_>) -> Result<Cond, ExprError> {
         return Err(ExprError::at(
             *offset,
             format!("unexpected {}", describe(tok)),
+        ));
+    }
+    let (weight, depth) = cond.measure();
+    if weight > MAX_WEIGHT {
+        return Err(ExprError::at(
+            0,
+            format!(
+                "the condition stands for {weight} comparisons once its macros are expanded; the limit is {MAX_WEIGHT}"
+            ),
+        ));
+    }
+    if depth > MAX_DEPTH {
+        return Err(ExprError::at(
+            0,
+            format!(
+                "the condition nests {depth} levels deep once its macros are expanded; the limit is {MAX_DEPTH}"
+            ),
         ));
     }
     Ok(cond)
@@ -310,6 +366,8 @@ struct Parser<'a> {
     pos: usize,
     env: &'a Env<'a>,
     end: usize,
+    /// `not`s and parentheses open around the current position.
+    nesting: usize,
 }
 
 /// A literal on the right of a comparison, before type checking.
@@ -318,9 +376,24 @@ enum Lit {
     Int(i64),
     Bool(bool),
     Var(String),
+    /// A list named whole.
+    List(Arc<[String]>),
 }
 
 impl Parser<'_> {
+    /// Enters one more level of `not` or parentheses, refusing past [`MAX_NESTING`] before
+    /// the parser's own recursion could exhaust the stack.
+    fn deeper(&mut self, offset: usize) -> Result<(), ExprError> {
+        self.nesting += 1;
+        if self.nesting > MAX_NESTING {
+            return Err(ExprError::at(
+                offset,
+                format!("`not` and parentheses nest more than {MAX_NESTING} levels deep here"),
+            ));
+        }
+        Ok(())
+    }
+
     fn peek(&self) -> Option<&Tok> {
         self.tokens.get(self.pos).map(|(_, t)| t)
     }
@@ -367,8 +440,11 @@ impl Parser<'_> {
 
     fn not(&mut self) -> Result<Cond, ExprError> {
         if self.is_word("not") {
+            self.deeper(self.offset())?;
             self.pos += 1;
-            return Ok(Cond::Not(Box::new(self.not()?)));
+            let inner = self.not()?;
+            self.nesting -= 1;
+            return Ok(Cond::Not(Box::new(inner)));
         }
         self.atom()
     }
@@ -377,7 +453,9 @@ impl Parser<'_> {
         let offset = self.offset();
         match self.next() {
             Some((_, Tok::LParen)) => {
+                self.deeper(offset)?;
                 let inner = self.or()?;
+                self.nesting -= 1;
                 match self.next() {
                     Some((_, Tok::RParen)) => Ok(inner),
                     _ => Err(ExprError::at(offset, "this `(` is never closed")),
@@ -399,8 +477,8 @@ impl Parser<'_> {
             _ => {}
         }
         let Some((field, kind, applies)) = Field::by_name(name) else {
-            if let Some(cond) = self.env.macros.get(name) {
-                return Ok(cond.clone());
+            if let Some(m) = self.env.macros.get(name) {
+                return Ok(Cond::Macro(Arc::clone(m)));
             }
             if self.env.lists.contains_key(name) {
                 return Err(ExprError::at(
@@ -519,7 +597,7 @@ impl Parser<'_> {
             Tok::Ident(w) if w == "true" => vec![Lit::Bool(true)],
             Tok::Ident(w) if w == "false" => vec![Lit::Bool(false)],
             Tok::Ident(name) if lists => match self.env.lists.get(&name) {
-                Some(items) => items.iter().cloned().map(Lit::Str).collect(),
+                Some(items) => vec![Lit::List(Arc::clone(items))],
                 None => {
                     return Err(ExprError::at(
                         offset,
@@ -572,11 +650,25 @@ impl Parser<'_> {
                         format!("`{name}` is {}; `<`, `>` compare numbers", kind.name()),
                     ));
                 }
+                // A list named whole, compared as it is: shared, not copied.
+                if let [Lit::List(items)] = values.as_slice()
+                    && matches!(
+                        op,
+                        Op::Eq | Op::Ne | Op::Contains | Op::StartsWith | Op::EndsWith
+                    )
+                {
+                    return Ok(Cond::Test {
+                        field,
+                        op,
+                        rhs: Rhs::Strs(Arc::clone(items)),
+                    });
+                }
                 let mut strs = Vec::new();
                 for v in values {
                     match v {
                         Lit::Str(s) => strs.push(s),
                         Lit::Int(i) => strs.push(i.to_string()),
+                        Lit::List(items) => strs.extend(items.iter().cloned()),
                         _ => {
                             return bad(format!(
                                 "`{name}` is {}; compare it with strings",
@@ -609,7 +701,7 @@ impl Parser<'_> {
                             .collect::<Result<_, _>>()?,
                     ),
                     Op::IContains => Rhs::Strs(strs.iter().map(|s| s.to_lowercase()).collect()),
-                    _ => Rhs::Strs(strs),
+                    _ => Rhs::Strs(strs.into()),
                 };
                 Ok(Cond::Test { field, op, rhs })
             }
@@ -621,14 +713,22 @@ impl Parser<'_> {
                     ));
                 }
                 let mut ints = Vec::new();
+                let mut parse = |s: &str| match s.parse() {
+                    Ok(i) => {
+                        ints.push(i);
+                        Ok(())
+                    }
+                    Err(_) => Err(format!("`{name}` is a number; {s:?} is not")),
+                };
                 for v in values {
-                    match v {
-                        Lit::Int(i) => ints.push(i),
-                        Lit::Str(s) => match s.parse() {
-                            Ok(i) => ints.push(i),
-                            Err(_) => return bad(format!("`{name}` is a number; {s:?} is not")),
-                        },
-                        _ => return bad(format!("`{name}` is a number")),
+                    let parsed = match v {
+                        Lit::Int(i) => parse(&i.to_string()),
+                        Lit::Str(s) => parse(&s),
+                        Lit::List(items) => items.iter().try_for_each(|s| parse(s)),
+                        _ => Err(format!("`{name}` is a number")),
+                    };
+                    if let Err(message) = parsed {
+                        return bad(message);
                     }
                 }
                 if op.is_order() && ints.len() != 1 {
@@ -672,6 +772,32 @@ impl Cond {
             Cond::Const(b) => *b,
             Cond::Truthy(field) => matches!(field.get(ctx), Value::Bool(true)),
             Cond::Test { field, op, rhs } => test(&field.get(ctx), *op, rhs, ctx),
+            Cond::Macro(m) => m.cond.eval(ctx),
+        }
+    }
+
+    /// Comparisons this condition stands for once its macros are expanded.
+    pub fn weight(&self) -> u64 {
+        self.measure().0
+    }
+
+    /// Comparisons this condition stands for once macros are expanded, and how deep
+    /// evaluation recurses; both saturate. Macros carry theirs, so this is linear in the
+    /// condition's own size however its macros nest.
+    fn measure(&self) -> (u64, u32) {
+        match self {
+            Cond::And(items) | Cond::Or(items) => {
+                items.iter().fold((1, 1), |(w, d), c| {
+                    let (cw, cd) = c.measure();
+                    (w.saturating_add(cw), d.max(cd.saturating_add(1)))
+                })
+            }
+            Cond::Not(inner) => {
+                let (w, d) = inner.measure();
+                (w.saturating_add(1), d.saturating_add(1))
+            }
+            Cond::Macro(m) => (m.weight, m.depth.saturating_add(1)),
+            Cond::Test { .. } | Cond::Truthy(_) | Cond::Const(_) => (1, 1),
         }
     }
 
@@ -681,6 +807,7 @@ impl Cond {
             Cond::And(items) | Cond::Or(items) => items.iter().for_each(|c| c.fields(out)),
             Cond::Not(inner) => inner.fields(out),
             Cond::Truthy(f) | Cond::Test { field: f, .. } => out.push(*f),
+            Cond::Macro(m) => m.cond.fields(out),
             Cond::Const(_) => {}
         }
     }
@@ -743,13 +870,13 @@ mod tests {
     use super::*;
 
     fn env_compile(src: &str) -> Result<Cond, ExprError> {
-        let mut lists = HashMap::new();
+        let mut lists: HashMap<String, Arc<[String]>> = HashMap::new();
         lists.insert(
             "shells".to_owned(),
-            vec!["sh".to_owned(), "bash".to_owned()],
+            vec!["sh".to_owned(), "bash".to_owned()].into(),
         );
         let mut macros = HashMap::new();
-        macros.insert("always".to_owned(), Cond::Const(true));
+        macros.insert("always".to_owned(), Macro::new(Cond::Const(true)));
         let env = Env {
             lists: &lists,
             macros: &macros,
@@ -802,6 +929,97 @@ mod tests {
             let err = env_compile(src).expect_err(src);
             assert_eq!(err.offset, offset, "{src}: {err:?}");
             assert!(err.message.contains(message), "{src}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn nesting_is_bounded_before_the_stack_is() {
+        // 40,000 `not`s: refused at the first one past the limit, no recursion beyond it.
+        let src = format!("{}proc.uid = 0", "not ".repeat(40_000));
+        let err = env_compile(&src).unwrap_err();
+        assert_eq!(err.offset, 4 * MAX_NESTING, "{err:?}");
+        assert!(err.message.contains("nest more than 64 levels"), "{err:?}");
+        let src = format!("{}proc.uid = 0{}", "(".repeat(40_000), ")".repeat(40_000));
+        let err = env_compile(&src).unwrap_err();
+        assert_eq!(err.offset, MAX_NESTING, "{err:?}");
+        // Up to the limit is fine.
+        let ok = format!("{}proc.uid = 0", "not ".repeat(MAX_NESTING));
+        assert!(env_compile(&ok).is_ok());
+    }
+
+    #[test]
+    fn macros_are_shared_and_their_expansion_is_bounded() {
+        let lists: HashMap<String, Arc<[String]>> = HashMap::new();
+        let mut macros: HashMap<String, Arc<Macro>> = HashMap::new();
+        let compile_in = |src: &str, macros: &HashMap<String, Arc<Macro>>| {
+            compile(
+                src,
+                &Env {
+                    lists: &lists,
+                    macros,
+                    vars: &[],
+                    on: &[],
+                },
+            )
+        };
+        macros.insert("m0".into(), Macro::new(compile_in("proc.uid = 0", &macros).unwrap()));
+        // Each macro doubles the one before: m_n stands for 2^n comparisons.
+        let mut refused = None;
+        for n in 1..=40 {
+            let src = format!("m{0} or m{0}", n - 1);
+            match compile_in(&src, &macros) {
+                Ok(cond) => {
+                    // Shared, not copied: both sides point at the same compiled macro.
+                    if let Cond::Or(items) = &cond
+                        && let [Cond::Macro(a), Cond::Macro(b)] = items.as_slice()
+                    {
+                        assert!(Arc::ptr_eq(a, b));
+                    } else {
+                        panic!("m{n} is not an `or` of two shared macros: {cond:?}");
+                    }
+                    macros.insert(format!("m{n}"), Macro::new(cond));
+                }
+                Err(e) => {
+                    refused = Some((n, e));
+                    break;
+                }
+            }
+        }
+        let (n, err) = refused.expect("a macro doubling forty times is refused");
+        assert!(
+            err.message.contains("comparisons once its macros are expanded")
+                && err.message.contains("limit is 100000"),
+            "{err:?}"
+        );
+        // 2^17 > 100,000 >= 2^16, counting the `or` nodes too.
+        assert_eq!(n, 16, "{err:?}");
+    }
+
+    #[test]
+    fn a_list_named_whole_is_shared() {
+        let shells: Arc<[String]> = vec!["sh".to_owned(), "bash".to_owned()].into();
+        let lists = HashMap::from([("shells".to_owned(), Arc::clone(&shells))]);
+        let macros = HashMap::new();
+        let env = Env {
+            lists: &lists,
+            macros: &macros,
+            vars: &[],
+            on: &["exec".to_owned()],
+        };
+        match compile("proc.name in (shells)", &env).unwrap() {
+            Cond::Test {
+                rhs: Rhs::Strs(items),
+                ..
+            } => assert!(Arc::ptr_eq(&items, &shells)),
+            other => panic!("{other:?}"),
+        }
+        // Mixed with literals it is a new list with both.
+        match compile("proc.name in (shells, \"zsh\")", &env).unwrap() {
+            Cond::Test {
+                rhs: Rhs::Strs(items),
+                ..
+            } => assert_eq!(&*items, &["sh", "bash", "zsh"]),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -20,7 +20,7 @@ use marked_yaml::{Marker, Spanned};
 use serde::Deserialize;
 
 use super::{
-    expr::{self, Cond, Env, ExprError},
+    expr::{self, Cond, Env, ExprError, Macro},
     fields::{EVENT_KINDS, Field, Kind},
 };
 
@@ -382,13 +382,13 @@ pub fn load(dirs: &[PathBuf], with_default: bool) -> Result<RuleSet, RuleErrors>
         match rule_files(dir) {
             Ok(files) => {
                 for file in files {
-                    match std::fs::read_to_string(&file) {
+                    match read_rule_file(&file) {
                         Ok(text) => texts.push((file.display().to_string(), text)),
-                        Err(e) => errors.push(RuleError {
+                        Err(message) => errors.push(RuleError {
                             file: file.display().to_string(),
                             line: 1,
                             column: 1,
-                            message: format!("cannot read: {e}"),
+                            message,
                         }),
                     }
                 }
@@ -404,6 +404,23 @@ pub fn load(dirs: &[PathBuf], with_default: bool) -> Result<RuleSet, RuleErrors>
             Err(RuleErrors(errors))
         }
     }
+}
+
+/// Largest rule file read: parsing holds the whole document, with positions, in memory,
+/// so the bound on a file is what bounds the memory a rule directory can cost.
+pub const MAX_RULE_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Reads a rule file, refusing one larger than [`MAX_RULE_FILE_BYTES`] before reading it.
+pub fn read_rule_file(file: &Path) -> Result<String, String> {
+    let len = std::fs::metadata(file)
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    if len > MAX_RULE_FILE_BYTES {
+        return Err(format!(
+            "the file is {len} bytes; rule files are limited to {MAX_RULE_FILE_BYTES} bytes (16 MiB): split it, or move long lists to several files with `append`"
+        ));
+    }
+    std::fs::read_to_string(file).map_err(|e| format!("cannot read: {e}"))
 }
 
 /// The rule files of `dir` (or `dir` itself when it is a file), sorted.
@@ -584,18 +601,24 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         name: &m.sources[index].0,
         text: &m.sources[index].1,
     };
-    // Macros, in order; each may use the ones before it.
-    let mut macros: HashMap<String, Cond> = HashMap::new();
+    // Lists are shared by the conditions that use them whole (expr.rs).
+    let lists: HashMap<String, Arc<[String]>> = m
+        .lists
+        .iter()
+        .map(|(name, items)| (name.clone(), Arc::from(items.as_slice())))
+        .collect();
+    // Macros, in order; each may use the ones before it; compiled once, shared.
+    let mut macros: HashMap<String, Arc<Macro>> = HashMap::new();
     for (name, cond_text, index) in &m.macros {
         let env = Env {
-            lists: &m.lists,
+            lists: &lists,
             macros: &macros,
             vars: &[],
             on: &[],
         };
         match expr::compile(cond_text, &env) {
             Ok(cond) => {
-                macros.insert(name.clone(), cond);
+                macros.insert(name.clone(), Macro::new(cond));
             }
             Err(e) => errors.push(src(*index).in_condition(cond_text, &e)),
         }
@@ -606,7 +629,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         .iter()
         .filter_map(|(name, cond_text, index)| {
             let env = Env {
-                lists: &m.lists,
+                lists: &lists,
                 macros: &macros,
                 vars: &[],
                 on: &exec_on,
@@ -642,7 +665,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         if !def.enabled || disabled.is_match(def.id.as_str()) {
             continue;
         }
-        if let Some(rule) = compile_rule(def, &s, &m.lists, &macros, errors) {
+        if let Some(rule) = compile_rule(def, &s, &lists, &macros, errors) {
             rules.push(rule);
         }
     }
@@ -660,7 +683,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
             }
         }
         let env = Env {
-            lists: &m.lists,
+            lists: &lists,
             macros: &macros,
             vars: &[],
             on: &[],
@@ -675,6 +698,30 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         }
     }
 
+    // The whole set's cost per event is bounded too, not only each condition's.
+    let total = rules
+        .iter()
+        .flat_map(|r| match &r.body {
+            Body::Single { cond, .. } => vec![cond],
+            Body::Sequence { steps, .. } => steps.iter().map(|s| &s.cond).collect(),
+        })
+        .chain(identities.iter().map(|i| &i.cond))
+        .chain(allows.iter().map(|a| &a.cond))
+        .fold(0u64, |sum, c| sum.saturating_add(c.weight()));
+    if total > expr::MAX_TOTAL_WEIGHT
+        && let Some((name, _)) = m.sources.last()
+    {
+        errors.push(RuleError {
+            file: name.clone(),
+            line: 1,
+            column: 1,
+            message: format!(
+                "the rules loaded stand for {total} comparisons per event once their macros are expanded; the limit is {}",
+                expr::MAX_TOTAL_WEIGHT
+            ),
+        });
+    }
+
     RuleSet {
         rules,
         identities,
@@ -686,8 +733,8 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
 fn compile_rule(
     def: &RuleDef,
     s: &Source<'_>,
-    lists: &HashMap<String, Vec<String>>,
-    macros: &HashMap<String, Cond>,
+    lists: &HashMap<String, Arc<[String]>>,
+    macros: &HashMap<String, Arc<Macro>>,
     errors: &mut Vec<RuleError>,
 ) -> Option<Rule> {
     let before = errors.len();

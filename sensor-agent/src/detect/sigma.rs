@@ -191,11 +191,9 @@ impl SigmaSet {
         let mut set = SigmaSet::default();
         for file in files {
             let name = file.display().to_string();
-            let outcome = match std::fs::read_to_string(&file) {
+            let outcome = match super::rules::read_rule_file(&file) {
                 Ok(text) => set.add(&name, &text),
-                Err(e) => Outcome::Invalid {
-                    reason: format!("cannot read: {e}"),
-                },
+                Err(reason) => Outcome::Invalid { reason },
             };
             set.reports.push(Report {
                 file: name,
