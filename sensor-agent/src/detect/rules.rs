@@ -624,7 +624,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         }
     }
     let exec_on = ["exec".to_owned()];
-    let identities = m
+    let identities: Vec<Identity> = m
         .identities
         .iter()
         .filter_map(|(name, cond_text, index)| {
