@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS records (
     PRIMARY KEY (agent_id, seq)
 ) WITHOUT ROWID;
 -- Ranges of numbers accounted for without a record: 'shed' (the agent's spool was full
--- and it said so) or 'reset' (lost with an earlier spool of the agent, Hello.first_seq).
+-- and it said so), 'reset' (lost with an earlier spool of the agent, Hello.first_seq) or
+-- 'unused' (reserved by the agent's spool and never used: nothing lost).
 CREATE TABLE IF NOT EXISTS gaps (
     agent_id TEXT NOT NULL,
     from_seq INTEGER NOT NULL,
@@ -414,6 +415,12 @@ fn record_shed(
     for range in &shed.dropped {
         if range.first <= range.last && range.first >= seq {
             added += add_gap(tx, agent_id, range.first, range.last, "shed")?;
+        }
+    }
+    // Numbers the agent reserved and never used: accounted for, not lost.
+    for range in &shed.unused {
+        if range.first <= range.last && range.first >= seq {
+            add_gap(tx, agent_id, range.first, range.last, "unused")?;
         }
     }
     if added > 0 {

@@ -1,23 +1,35 @@
 //! The durable spool: every alert (and streamed event) waits here, on disk, until the
 //! collector acknowledges it, across collector outages, agent restarts and crashes.
 //!
-//! Layout: `DIR/state` (acknowledged, next and first sequence numbers, replaced
-//! atomically) and `DIR/segment-<n>` files of records `[u32 length][u32 crc32][Envelope]`.
-//! A segment is deleted once nothing in it is pending.
+//! Layout: `DIR/state` (acknowledged sequence number, reserved numbers, first number;
+//! replaced atomically) and `DIR/segment-<n>` files: a header, then records
+//! `[magic][u32 length][u32 crc32][Envelope]`. A segment is deleted once nothing in it is
+//! pending. Files the spool did not write are left alone.
 //!
 //! fsync policy: nothing is handed to the sender before it is on disk (`fdatasync`). The
 //! agent syncs after every batch of kernel records that raised an alert (group commit:
 //! one `fdatasync` covers the batch), and otherwise once a second, so a crash loses at most
 //! the last second of streamed events and never an alert that was sent or acknowledged.
-//! The state file (acknowledged and next sequence numbers) is replaced atomically
-//! (write, `fdatasync`, rename, directory `fsync`).
 //!
 //! Bound: the pending records' bytes stay under `max_bytes`. To make room the spool sheds
 //! the oldest pending events first, then (only when nothing but alerts is left) the oldest
 //! alerts, and queues a `Shed` record listing every sequence number it dropped.
+//!
+//! Faults degrade it, never stop it (docs/delivery.md states the guarantees):
+//! - a record that cannot be written (disk full, I/O error) is rolled back, takes no
+//!   sequence number, and is counted; once a write succeeds again, a `Shed` record numbers
+//!   and declares the loss, and the agent raises SELF-SHED;
+//! - numbers are never reused: the state reserves them ahead ([`RESERVE`]) and a restart
+//!   continues after the reservation, declaring what was reserved and not used;
+//! - a damaged record is skipped (each record carries a magic and a checksum, so reading
+//!   resumes at the next good one), and the numbers it may have held are declared lost;
+//! - a missing or damaged state is rebuilt from the segments: everything they hold is
+//!   pending again (the collector drops what it already has), numbering jumps to the
+//!   clock, and the jump is declared unused;
+//! - an acknowledgement frees segments even when the state cannot be written.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File, OpenOptions},
     io::{self, Read, Write},
     path::{Path, PathBuf},
@@ -32,8 +44,6 @@ use tracing::warn;
 pub enum SpoolError {
     #[error("spool {path}: {source}")]
     Io { path: String, source: io::Error },
-    #[error("spool {path}: the state file is corrupt; move the directory away to start afresh")]
-    State { path: String },
 }
 
 #[derive(Clone, Debug)]
@@ -74,17 +84,44 @@ struct Pending {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpoolStats {
     pub appended: u64,
+    /// Events and alerts declared lost: shed to stay in the bound, not writable, or
+    /// damaged on disk.
     pub shed_events: u64,
     pub shed_alerts: u64,
     pub acked: u64,
+    /// Writes that failed (each a record rolled back and counted as lost).
+    pub write_errors: u64,
 }
 
-/// `acked`, `next_seq`, `first_seq` and a CRC32 of the three.
+/// Sequence numbers the state reserves ahead of the last one handed out: a restart
+/// continues after the reservation, so a number that reached the collector is never
+/// handed out again, whatever happened to the segment that held it.
+pub const RESERVE: u64 = 4096;
+
+/// `acked`, `reserved`, `first_seq` and a CRC32 of the three.
 const STATE_LEN: usize = 28;
+
+/// The first bytes of every segment this spool writes.
+const SEGMENT_HEADER: &[u8; 16] = b"SENSOR-SPOOL-v2\n";
+/// The first bytes of every record, where reading resumes after damage.
+const RECORD_MAGIC: &[u8; 4] = b"SREC";
+/// Largest record accepted when reading (the collector's message limit).
+const MAX_RECORD: usize = 4 * 1024 * 1024;
+
+/// Records that could not be written, waiting to be numbered and declared.
+#[derive(Clone, Debug, Default)]
+struct Unwritten {
+    events: u64,
+    alerts: u64,
+    /// The last error, for the declaration's reason.
+    error: String,
+}
 
 pub struct Spool {
     opts: SpoolOptions,
     next_seq: u64,
+    /// Numbers below this one may have been handed out (persisted in the state).
+    reserved: u64,
     /// The first sequence number this spool assigned (told to the collector in `Hello`).
     first_seq: u64,
     acked: u64,
@@ -92,6 +129,9 @@ pub struct Spool {
     pending_bytes: u64,
     /// segment id -> records still pending in it.
     segments: BTreeMap<u64, u64>,
+    /// Ids of files named like segments that this spool did not write: never touched,
+    /// never reused.
+    foreign: BTreeSet<u64>,
     current: Option<(u64, File, u64)>,
     unsynced: bool,
     /// An alert was appended since the last sync.
@@ -100,6 +140,7 @@ pub struct Spool {
     durable: u64,
     /// See [`Spool::take_rewind`].
     rewind: Option<u64>,
+    unwritten: Unwritten,
     pub stats: SpoolStats,
 }
 
@@ -118,105 +159,266 @@ fn segment_id(path: &Path) -> Option<u64> {
         .ok()
 }
 
+/// What reading one segment found.
+#[derive(Default)]
+struct Scan {
+    records: Vec<(u64, Vec<u8>)>,
+    /// Damaged stretches: (last good number before, first good number after, bytes).
+    /// `None` before: at the start of the segment; `None` after: at its end.
+    damage: Vec<(Option<u64>, Option<u64>, usize)>,
+    /// Valid length of the file (up to the end of the last good record).
+    valid: usize,
+}
+
+/// How a file named like a segment reads.
+enum SegmentFile {
+    Ours(Scan),
+    /// Written by the previous record format (no header, no magic).
+    Legacy(Scan),
+    Foreign,
+}
+
+/// The time in microseconds: where a spool with no trustworthy numbering starts, beyond
+/// any number an earlier spool of this agent handed out.
+fn clock_seq() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+        .max(1)
+}
+
+/// The state file: `(acked, reserved, first_seq)`, or None when it is missing or damaged.
+fn read_state(path: &Path) -> Result<Option<(u64, u64, u64)>, SpoolError> {
+    let bytes = match fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            warn!(state = %path.display(), error = %e, "cannot read the spool state; rebuilding it from the segments");
+            return Ok(None);
+        }
+    };
+    let word =
+        |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    if bytes.len() != STATE_LEN
+        || crc32fast::hash(&bytes[..24])
+            != u32::from_le_bytes(bytes[24..28].try_into().unwrap_or_default())
+    {
+        warn!(state = %path.display(), bytes = bytes.len(), "the spool state is damaged; rebuilding it from the segments");
+        return Ok(None);
+    }
+    Ok(Some((word(0), word(1), word(2))))
+}
+
+/// Reads the records of a segment written with [`SEGMENT_HEADER`], resuming after damage
+/// at the next record whose magic, length and checksum are right.
+fn scan_v2(data: &[u8]) -> Scan {
+    let mut scan = Scan {
+        valid: SEGMENT_HEADER.len(),
+        ..Scan::default()
+    };
+    let mut at = SEGMENT_HEADER.len();
+    let mut damaged_from: Option<usize> = None;
+    while at < data.len() {
+        match record_at(data, at) {
+            Some((seq, payload, end)) => {
+                if let Some(from) = damaged_from.take() {
+                    let before = scan.records.last().map(|(s, _)| *s);
+                    scan.damage.push((before, Some(seq), at - from));
+                }
+                scan.records.push((seq, payload.to_vec()));
+                scan.valid = end;
+                at = end;
+            }
+            None => {
+                damaged_from.get_or_insert(at);
+                // The next candidate record.
+                at = match data[at + 1..]
+                    .windows(RECORD_MAGIC.len())
+                    .position(|w| w == RECORD_MAGIC)
+                {
+                    Some(i) => at + 1 + i,
+                    None => data.len(),
+                };
+            }
+        }
+    }
+    if let Some(from) = damaged_from {
+        let before = scan.records.last().map(|(s, _)| *s);
+        scan.damage.push((before, None, data.len() - from));
+    }
+    scan
+}
+
+/// The record at `at`: (number, payload, end), when magic, length and checksum hold and it
+/// decodes.
+fn record_at(data: &[u8], at: usize) -> Option<(u64, &[u8], usize)> {
+    let head = data.get(at..at + 12)?;
+    if &head[..4] != RECORD_MAGIC {
+        return None;
+    }
+    let len = u32::from_le_bytes(head[4..8].try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(head[8..12].try_into().ok()?);
+    if len > MAX_RECORD {
+        return None;
+    }
+    let payload = data.get(at + 12..at + 12 + len)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let env = Envelope::decode(payload).ok()?;
+    Some((env.seq, payload, at + 12 + len))
+}
+
+/// Reads a segment of the previous format (`[u32 length][u32 crc32][Envelope]`, no
+/// header); it has no magic to resume at, so reading stops at the first bad record.
+fn scan_v1(data: &[u8]) -> Scan {
+    let mut scan = Scan::default();
+    let mut at = 0usize;
+    while at + 8 <= data.len() {
+        let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap_or_default());
+        let Some(payload) = data.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        let Ok(env) = Envelope::decode(payload) else {
+            break;
+        };
+        scan.records.push((env.seq, payload.to_vec()));
+        at += 8 + len;
+    }
+    scan.valid = at;
+    if at < data.len() {
+        let before = scan.records.last().map(|(s, _)| *s);
+        scan.damage.push((before, None, data.len() - at));
+    }
+    scan
+}
+
+fn read_segment(data: &[u8]) -> SegmentFile {
+    if data.starts_with(SEGMENT_HEADER) {
+        return SegmentFile::Ours(scan_v2(data));
+    }
+    let legacy = scan_v1(data);
+    if legacy.records.is_empty() {
+        SegmentFile::Foreign
+    } else {
+        SegmentFile::Legacy(legacy)
+    }
+}
+
 impl Spool {
     /// Opens (or creates) the spool in `opts.dir` and recovers what a previous run left.
+    /// Damage in the files costs records (declared), never the start.
     pub fn open(opts: SpoolOptions) -> Result<Self, SpoolError> {
         fs::create_dir_all(&opts.dir).map_err(io_err(&opts.dir))?;
-        let state_path = opts.dir.join("state");
-        let (acked, mut next_seq, first_seq) = match fs::read(&state_path) {
-            Ok(bytes) => {
-                let word = |i: usize| {
-                    u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap_or_default())
-                };
-                if bytes.len() != STATE_LEN
-                    || crc32fast::hash(&bytes[..24])
-                        != u32::from_le_bytes(bytes[24..28].try_into().unwrap_or_default())
-                {
-                    return Err(SpoolError::State {
-                        path: state_path.display().to_string(),
-                    });
-                }
-                (word(0), word(1), word(2))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // A new spool numbers from the clock (microseconds), so that an agent whose
-                // spool was lost or wiped keeps increasing sequence numbers and the
-                // collector's de-duplication never mistakes its new records for old ones.
-                let first = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_micros() as u64)
-                    .max(1);
-                (first - 1, first, first)
-            }
-            Err(e) => return Err(io_err(&state_path)(e)),
-        };
+        let state = read_state(&opts.dir.join("state"))?;
         let mut spool = Self {
             opts,
-            next_seq: next_seq.max(1),
-            first_seq,
-            acked,
+            next_seq: 1,
+            reserved: 1,
+            first_seq: 0,
+            acked: 0,
             pending: BTreeMap::new(),
             pending_bytes: 0,
             segments: BTreeMap::new(),
+            foreign: BTreeSet::new(),
             current: None,
             unsynced: false,
             unsynced_alert: false,
             durable: 0,
             rewind: None,
+            unwritten: Unwritten::default(),
             stats: SpoolStats::default(),
         };
-        let mut files: Vec<(u64, PathBuf)> = fs::read_dir(&spool.opts.dir)
-            .map_err(io_err(&spool.opts.dir))?
-            .filter_map(Result::ok)
-            .filter_map(|e| segment_id(&e.path()).map(|id| (id, e.path())))
-            .collect();
-        files.sort();
-        for (id, path) in &files {
-            for (seq, bytes) in spool.recover_segment(path)? {
-                next_seq = next_seq.max(seq + 1);
-                if seq > spool.acked {
+        let scans = spool.read_segments()?;
+        let numbers = || {
+            scans
+                .iter()
+                .flat_map(|(_, scan)| scan.records.iter().map(|(s, _)| *s))
+        };
+        let recovered_max = numbers().max();
+        // Where numbering continues: past every number an earlier run may have handed out.
+        let (acked, first_seq, restart_at) = match (state, recovered_max) {
+            (Some((acked, reserved, first)), _) => (
+                acked,
+                first,
+                reserved.max(recovered_max.map_or(0, |m| m + 1)),
+            ),
+            (None, None) => {
+                // A new spool numbers from the clock, so that an agent whose spool was
+                // lost or wiped keeps increasing numbers and the collector's
+                // de-duplication never mistakes its new records for old ones.
+                let first = clock_seq();
+                (first - 1, first, first)
+            }
+            (None, Some(max)) => {
+                // The state is gone but records are here: every one is pending again (the
+                // collector drops those it has), and numbering jumps to the clock.
+                let first = numbers().min().unwrap_or(max);
+                warn!(
+                    records = numbers().count(),
+                    "spool state rebuilt from the segments: every record in them is pending again (the collector drops what it already stored)"
+                );
+                (first - 1, first, clock_seq().max(max + 1))
+            }
+        };
+        spool.acked = acked;
+        spool.first_seq = first_seq;
+        for (id, scan) in &scans {
+            spool.segments.entry(*id).or_default();
+            for (seq, bytes) in &scan.records {
+                if *seq > spool.acked {
                     // A later record of the same number (a Shed record in the place of a
                     // shed one) replaces the earlier.
-                    spool.remove(seq);
-                    let class = classify(&bytes);
-                    spool.pending_bytes += bytes.len() as u64;
-                    *spool.segments.entry(*id).or_default() += 1;
-                    spool.pending.insert(
-                        seq,
-                        Pending {
-                            class,
-                            bytes: bytes.into(),
-                            segment: *id,
-                        },
-                    );
+                    spool.remove(*seq);
+                    spool.insert(*seq, classify(bytes), bytes.clone().into(), *id);
                 }
             }
-            spool.segments.entry(*id).or_default();
         }
-        spool.next_seq = spool.next_seq.max(next_seq);
-        spool.durable = spool.last_seq();
-        // Records reported shed are still in their segment files: they stay dropped.
-        let shed: Vec<SeqRange> = spool
-            .pending
-            .values()
-            .filter(|p| p.class == Class::Shed)
-            .filter_map(|p| match Envelope::decode(&p.bytes[..]).ok()?.body? {
-                envelope::Body::Shed(shed) => Some(shed.dropped),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        for range in shed {
-            let covered: Vec<u64> = spool
-                .pending
-                .range(range.first..=range.last)
-                .filter(|(_, p)| p.class != Class::Shed)
-                .map(|(s, _)| *s)
-                .collect();
-            for seq in covered {
-                spool.remove(seq);
+        spool.drop_shed_records();
+
+        // What recovery cost: the numbers damaged records may have held (between the good
+        // records around them; after the last good one, up to what was reserved), and the
+        // numbers reserved but never used, which the collector must not wait for.
+        let last_good = recovered_max.unwrap_or(acked).max(acked);
+        let mut lost: Vec<SeqRange> = Vec::new();
+        for (id, scan) in &scans {
+            for (before, after, bytes) in &scan.damage {
+                let from = before.map_or(acked, |b| b.max(acked)) + 1;
+                let to = match after {
+                    Some(a) => a.saturating_sub(1),
+                    None => restart_at.saturating_sub(1).min(last_good + RESERVE),
+                };
+                warn!(
+                    segment = id,
+                    bytes,
+                    from,
+                    to,
+                    "spool records damaged on disk: skipped; the numbers they may have held are declared lost"
+                );
+                if from <= to {
+                    add_range(&mut lost, from, to);
+                }
             }
         }
+        let lost = subtract_present(&lost, &spool.pending);
+        let used = lost
+            .iter()
+            .map(|r| r.last)
+            .max()
+            .unwrap_or(0)
+            .max(last_good);
+        let mut unused = Vec::new();
+        if used + 1 < restart_at {
+            add_range(&mut unused, used + 1, restart_at - 1);
+        }
+        spool.next_seq = restart_at.max(1);
+        spool.reserved = spool.next_seq;
+        spool.declare_recovery(lost, unused);
+        spool.durable = spool.last_seq();
         // Segments with nothing pending can go.
         let empty: Vec<u64> = spool
             .segments
@@ -227,41 +429,105 @@ impl Spool {
         for id in empty {
             spool.delete_segment(id);
         }
+        if let Err(e) = spool.reserve(spool.next_seq) {
+            warn!(error = %e, "cannot write the spool state; records wait until it can be written");
+        }
         Ok(spool)
     }
 
-    /// Reads a segment's records, truncating a torn tail (a crash mid-write).
-    fn recover_segment(&self, path: &Path) -> Result<Vec<(u64, Vec<u8>)>, SpoolError> {
-        let mut data = Vec::new();
-        File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut data))
-            .map_err(io_err(path))?;
-        let mut out = Vec::new();
-        let mut at = 0usize;
-        while at + 8 <= data.len() {
-            let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap_or_default()) as usize;
-            let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap_or_default());
-            let Some(payload) = data.get(at + 8..at + 8 + len) else {
-                break;
+    /// Reads every file named like a segment: ours (both formats) are returned with what
+    /// they hold; others are left alone and logged once.
+    fn read_segments(&mut self) -> Result<Vec<(u64, Scan)>, SpoolError> {
+        let mut found: Vec<(u64, PathBuf)> = fs::read_dir(&self.opts.dir)
+            .map_err(io_err(&self.opts.dir))?
+            .filter_map(Result::ok)
+            .filter_map(|e| segment_id(&e.path()).map(|id| (id, e.path())))
+            .collect();
+        found.sort();
+        let mut scans = Vec::new();
+        for (id, path) in found {
+            // Not a regular file (a directory, a socket, a link): not ours.
+            let regular = fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+            let data = if regular {
+                let mut data = Vec::new();
+                File::open(&path)
+                    .and_then(|mut f| f.read_to_end(&mut data))
+                    .map_err(io_err(&path))?;
+                Some(data)
+            } else {
+                None
             };
-            if crc32fast::hash(payload) != crc {
-                break;
+            let read = match &data {
+                // Created, then the agent stopped before the header: ours, empty.
+                Some(d) if d.is_empty() => SegmentFile::Ours(Scan::default()),
+                Some(d) => read_segment(d),
+                None => SegmentFile::Foreign,
+            };
+            match read {
+                SegmentFile::Ours(scan) | SegmentFile::Legacy(scan) => scans.push((id, scan)),
+                SegmentFile::Foreign => {
+                    warn!(file = %path.display(), "a file named like a spool segment that the spool did not write: left alone");
+                    self.foreign.insert(id);
+                }
             }
-            match Envelope::decode(payload) {
-                Ok(env) => out.push((env.seq, payload.to_vec())),
-                Err(_) => break,
+        }
+        Ok(scans)
+    }
+
+    /// Records reported shed are still in their segment files: they stay dropped.
+    fn drop_shed_records(&mut self) {
+        let shed: Vec<SeqRange> = self
+            .pending
+            .values()
+            .filter(|p| p.class == Class::Shed)
+            .filter_map(|p| match Envelope::decode(&p.bytes[..]).ok()?.body? {
+                envelope::Body::Shed(shed) => Some(shed.dropped),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for range in shed {
+            let covered: Vec<u64> = self
+                .pending
+                .range(range.first..=range.last)
+                .filter(|(_, p)| p.class != Class::Shed)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in covered {
+                self.remove(seq);
             }
-            at += 8 + len;
         }
-        if at < data.len() {
-            warn!(segment = %path.display(), kept = at, dropped = data.len() - at, "spool segment had a torn tail; truncated");
-            OpenOptions::new()
-                .write(true)
-                .open(path)
-                .and_then(|f| f.set_len(at as u64))
-                .map_err(io_err(path))?;
+    }
+
+    /// Queues the Shed record that tells the collector what recovery could not keep. It
+    /// takes the first number it declares (which no record holds), like every Shed record.
+    fn declare_recovery(&mut self, lost: Vec<SeqRange>, unused: Vec<SeqRange>) {
+        let Some(seq) = lost.iter().chain(&unused).map(|r| r.first).min() else {
+            return;
+        };
+        let count: u64 = lost.iter().map(|r| r.last - r.first + 1).sum();
+        let reason = if count > 0 {
+            "spool records damaged on disk"
+        } else {
+            "numbers reserved by an earlier run and not used"
+        };
+        let env = Envelope {
+            seq,
+            body: Some(envelope::Body::Shed(Shed {
+                dropped: lost,
+                // Which of them were alerts cannot be known: counted as events.
+                events: count,
+                alerts: 0,
+                reason: reason.to_owned(),
+                unused,
+            })),
+        };
+        match self.append(Class::Shed, env.encode_to_vec(), Some(seq)) {
+            Ok(_) => self.stats.shed_events += count,
+            Err(e) => {
+                warn!(error = %e, "cannot write the record declaring what the spool's recovery lost")
+            }
         }
-        Ok(out)
     }
 
     pub fn acked(&self) -> u64 {
@@ -307,25 +573,83 @@ impl Spool {
             .collect()
     }
 
-    /// Adds an alert or event; it becomes sendable at the next [`Spool::sync`].
+    /// Adds an alert or event; it becomes sendable at the next [`Spool::sync`]. A record
+    /// that cannot be written is counted, takes no number, and is declared lost once the
+    /// spool can write again.
     pub fn push(&mut self, output: Output) -> Result<u64, SpoolError> {
         let class = match &output.item {
             Some(output::Item::Alert(_)) => Class::Alert,
             _ => Class::Event,
         };
-        let mut env = Envelope {
-            seq: self.next_seq,
-            body: Some(envelope::Body::Output(output)),
-        };
-        self.make_room(env.encoded_len() as u64 + 2)?;
-        env.seq = self.next_seq;
-        let seq = self.append(class, env.encode_to_vec(), None)?;
-        self.unsynced_alert |= class == Class::Alert;
-        Ok(seq)
+        let result = self.declare_unwritten().and_then(|()| {
+            let mut env = Envelope {
+                seq: self.next_seq,
+                body: Some(envelope::Body::Output(output)),
+            };
+            self.make_room(env.encoded_len() as u64 + 2)?;
+            env.seq = self.next_seq;
+            self.append(class, env.encode_to_vec(), None)
+        });
+        match result {
+            Ok(seq) => {
+                self.unsynced_alert |= class == Class::Alert;
+                Ok(seq)
+            }
+            Err(e) => {
+                self.stats.write_errors += 1;
+                match class {
+                    Class::Alert => self.unwritten.alerts += 1,
+                    _ => self.unwritten.events += 1,
+                }
+                self.unwritten.error = e.to_string();
+                Err(e)
+            }
+        }
     }
 
-    /// Writes a record with a new sequence number, or (a Shed record) with `reuse`, the
-    /// number of a record it replaces.
+    /// Numbers and writes the Shed record for records that could not be written, once a
+    /// write succeeds again.
+    fn declare_unwritten(&mut self) -> Result<(), SpoolError> {
+        let Unwritten {
+            events,
+            alerts,
+            ref error,
+        } = self.unwritten;
+        let error = error.clone();
+        if events + alerts == 0 {
+            return Ok(());
+        }
+        // The Shed record takes the first of the numbers it declares.
+        let first = self.next_seq;
+        let last = first + events + alerts - 1;
+        if last >= self.reserved {
+            self.reserve(last + 1)?;
+        }
+        let env = Envelope {
+            seq: first,
+            body: Some(envelope::Body::Shed(Shed {
+                dropped: vec![SeqRange { first, last }],
+                events,
+                alerts,
+                reason: format!("the spool could not be written: {error}"),
+                unused: Vec::new(),
+            })),
+        };
+        self.append(Class::Shed, env.encode_to_vec(), Some(first))?;
+        self.next_seq = last + 1;
+        self.stats.shed_events += events;
+        self.stats.shed_alerts += alerts;
+        warn!(
+            events,
+            alerts, "the spool can write again: records it could not write are declared lost"
+        );
+        self.unwritten = Unwritten::default();
+        Ok(())
+    }
+
+    /// Writes a record with a new sequence number, or (a Shed record) with `reuse`, a
+    /// number chosen by the caller. On failure nothing changes: the file is cut back, no
+    /// number is consumed.
     fn append(
         &mut self,
         class: Class,
@@ -338,45 +662,75 @@ impl Spool {
             .is_none_or(|(_, _, size)| *size >= self.opts.segment_bytes);
         if needs_new {
             self.sync()?;
-            let id = self.segments.keys().next_back().map_or(1, |last| last + 1);
-            let path = self.opts.dir.join(format!("segment-{id:010}"));
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
-            self.segments.entry(id).or_default();
-            self.current = Some((id, file, 0));
-            self.persist_state()?;
+            self.open_segment()?;
         }
         let seq = reuse.unwrap_or(self.next_seq);
-        if reuse.is_none() {
-            self.next_seq += 1;
+        if reuse.is_none() && seq >= self.reserved {
+            self.reserve(seq + 1)?;
         }
         let Some((id, file, size)) = self.current.as_mut() else {
             unreachable!("a segment was just opened");
         };
-        let mut record = Vec::with_capacity(8 + bytes.len());
+        let mut record = Vec::with_capacity(12 + bytes.len());
+        record.extend_from_slice(RECORD_MAGIC);
         record.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
         record.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
         record.extend_from_slice(&bytes);
         let path = self.opts.dir.join(format!("segment-{id:010}"));
-        file.write_all(&record).map_err(io_err(&path))?;
+        if let Err(e) = file.write_all(&record) {
+            // Cut back what part of the record made it, so that the next one follows the
+            // last good record; a segment that cannot be cut is left for a new one.
+            if file.set_len(*size).is_err() {
+                self.current = None;
+            }
+            return Err(io_err(&path)(e));
+        }
         *size += record.len() as u64;
         let id = *id;
-        *self.segments.entry(id).or_default() += 1;
+        if reuse.is_none() {
+            self.next_seq += 1;
+        }
+        self.insert(seq, class, bytes.into(), id);
+        self.unsynced = true;
+        self.stats.appended += 1;
+        Ok(seq)
+    }
+
+    /// Starts a new segment file, after every existing one (foreign names included).
+    fn open_segment(&mut self) -> Result<(), SpoolError> {
+        let id = self
+            .segments
+            .keys()
+            .chain(self.foreign.iter())
+            .max()
+            .map_or(1, |last| last + 1);
+        let path = self.opts.dir.join(format!("segment-{id:010}"));
+        let mut file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if let Err(e) = file.write_all(SEGMENT_HEADER) {
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(io_err(&path)(e));
+        }
+        self.segments.entry(id).or_default();
+        self.current = Some((id, file, SEGMENT_HEADER.len() as u64));
+        Ok(())
+    }
+
+    fn insert(&mut self, seq: u64, class: Class, bytes: Arc<[u8]>, segment: u64) {
         self.pending_bytes += bytes.len() as u64;
+        *self.segments.entry(segment).or_default() += 1;
         self.pending.insert(
             seq,
             Pending {
                 class,
-                bytes: bytes.into(),
-                segment: id,
+                bytes,
+                segment,
             },
         );
-        self.unsynced = true;
-        self.stats.appended += 1;
-        Ok(seq)
     }
 
     /// Sheds pending records until `incoming` more bytes fit: events first, oldest first.
@@ -393,6 +747,7 @@ impl Spool {
             .saturating_sub(incoming);
         let mut dropped: Vec<SeqRange> = Vec::new();
         let (mut events, mut alerts) = (0u64, 0u64);
+        let mut removed = Vec::new();
         for class in [Class::Event, Class::Alert] {
             let victims: Vec<u64> = self
                 .pending
@@ -407,20 +762,18 @@ impl Spool {
                     break;
                 }
                 if let Some(p) = self.remove(seq) {
-                    add_to_ranges(&mut dropped, seq);
+                    add_range(&mut dropped, seq, seq);
                     match p.class {
                         Class::Event => events += 1,
                         _ => alerts += 1,
                     }
+                    removed.push((seq, p));
                 }
             }
         }
         if dropped.is_empty() {
             return Ok(());
         }
-        self.stats.shed_events += events;
-        self.stats.shed_alerts += alerts;
-        warn!(events, alerts, "spool full: shed the oldest unsent records");
         // The Shed record takes the place of the oldest record it reports, so that it is
         // sent before everything after the loss: the collector can account for the loss
         // before it needs to, whatever its window.
@@ -432,9 +785,19 @@ impl Spool {
                 events,
                 alerts,
                 reason: format!("spool full ({} bytes)", self.opts.max_bytes),
+                unused: Vec::new(),
             })),
         };
-        self.append(Class::Shed, env.encode_to_vec(), Some(seq))?;
+        if let Err(e) = self.append(Class::Shed, env.encode_to_vec(), Some(seq)) {
+            // The loss could not be written down: nothing is shed after all.
+            for (seq, p) in removed {
+                self.insert(seq, p.class, p.bytes, p.segment);
+            }
+            return Err(e);
+        }
+        self.stats.shed_events += events;
+        self.stats.shed_alerts += alerts;
+        warn!(events, alerts, "spool full: shed the oldest unsent records");
         self.rewind = Some(self.rewind.map_or(seq, |r| r.min(seq)));
         self.sync()
     }
@@ -468,7 +831,9 @@ impl Spool {
         Ok(())
     }
 
-    /// The collector stored everything up to `seq`.
+    /// The collector stored everything up to `seq`. Segments that hold nothing pending any
+    /// more are deleted even when the state cannot be written: freeing the disk is what
+    /// lets a full spool recover.
     pub fn ack(&mut self, seq: u64) -> Result<(), SpoolError> {
         if seq <= self.acked {
             return Ok(());
@@ -480,7 +845,6 @@ impl Spool {
             self.stats.acked += 1;
         }
         self.acked = seq;
-        self.persist_state()?;
         let current = self.current.as_ref().map(|(id, ..)| *id);
         let empty: Vec<u64> = self
             .segments
@@ -490,6 +854,9 @@ impl Spool {
             .collect();
         for id in empty {
             self.delete_segment(id);
+        }
+        if let Err(e) = self.persist_state() {
+            warn!(error = %e, "cannot write the spool state; the acknowledgement is kept in memory and written with the next one");
         }
         Ok(())
     }
@@ -504,13 +871,22 @@ impl Spool {
         }
     }
 
-    /// Writes the acknowledged and next sequence numbers, atomically.
+    /// Reserves the numbers up to `beyond` and [`RESERVE`] more, writing the state. No
+    /// number at or past the written reservation is ever handed out: when the state
+    /// cannot be written (disk full), the record that needed it is not written either.
+    fn reserve(&mut self, beyond: u64) -> Result<(), SpoolError> {
+        let before = self.reserved;
+        self.reserved = beyond + RESERVE;
+        self.persist_state().inspect_err(|_| self.reserved = before)
+    }
+
+    /// Writes the acknowledged and reserved numbers, atomically.
     fn persist_state(&self) -> Result<(), SpoolError> {
         let path = self.opts.dir.join("state");
         let tmp = self.opts.dir.join("state.tmp");
         let mut bytes = Vec::with_capacity(STATE_LEN);
         bytes.extend_from_slice(&self.acked.to_le_bytes());
-        bytes.extend_from_slice(&self.next_seq.to_le_bytes());
+        bytes.extend_from_slice(&self.reserved.max(self.next_seq).to_le_bytes());
         bytes.extend_from_slice(&self.first_seq.to_le_bytes());
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
@@ -521,33 +897,45 @@ impl Spool {
             fs::rename(&tmp, &path)?;
             File::open(&self.opts.dir)?.sync_all()
         })()
-        .map_err(io_err(&path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(&path)(e)
+        })
     }
 }
 
-/// Adds `seq` to sorted, disjoint ranges, merging neighbours.
-fn add_to_ranges(ranges: &mut Vec<SeqRange>, seq: u64) {
-    let at = ranges.partition_point(|r| r.last < seq);
-    if ranges.get(at).is_some_and(|r| r.first <= seq) {
-        return;
-    }
-    let joins_prev = at > 0 && ranges[at - 1].last + 1 == seq;
-    let joins_next = ranges.get(at).is_some_and(|r| r.first == seq + 1);
-    match (joins_prev, joins_next) {
-        (true, true) => {
-            ranges[at - 1].last = ranges[at].last;
-            ranges.remove(at);
+/// Adds `first..=last` to sorted, disjoint ranges, merging neighbours and overlaps.
+fn add_range(ranges: &mut Vec<SeqRange>, first: u64, last: u64) {
+    ranges.push(SeqRange { first, last });
+    ranges.sort_by_key(|r| r.first);
+    let mut merged: Vec<SeqRange> = Vec::with_capacity(ranges.len());
+    for r in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(prev) if r.first <= prev.last.saturating_add(1) => {
+                prev.last = prev.last.max(r.last)
+            }
+            _ => merged.push(r),
         }
-        (true, false) => ranges[at - 1].last = seq,
-        (false, true) => ranges[at].first = seq,
-        (false, false) => ranges.insert(
-            at,
-            SeqRange {
-                first: seq,
-                last: seq,
-            },
-        ),
     }
+    *ranges = merged;
+}
+
+/// `ranges` without the numbers `present` holds.
+fn subtract_present(ranges: &[SeqRange], present: &BTreeMap<u64, Pending>) -> Vec<SeqRange> {
+    let mut out = Vec::new();
+    for r in ranges {
+        let mut from = r.first;
+        for (&seq, _) in present.range(r.first..=r.last) {
+            if seq > from {
+                add_range(&mut out, from, seq - 1);
+            }
+            from = seq + 1;
+        }
+        if from <= r.last {
+            add_range(&mut out, from, r.last);
+        }
+    }
+    out
 }
 
 fn classify(bytes: &[u8]) -> Class {
@@ -589,6 +977,46 @@ mod tests {
         Envelope::decode(bytes).unwrap()
     }
 
+    fn segments(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("segment-")
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The Shed records pending: (number, lost ranges, unused ranges).
+    fn sheds(spool: &Spool) -> Vec<(u64, Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+        spool
+            .from_seq(0, 100_000)
+            .iter()
+            .filter_map(|(seq, b)| match decode(b).body {
+                Some(envelope::Body::Shed(s)) => Some((
+                    *seq,
+                    s.dropped.iter().map(|r| (r.first, r.last)).collect(),
+                    s.unused.iter().map(|r| (r.first, r.last)).collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn outputs(spool: &Spool) -> Vec<u64> {
+        spool
+            .from_seq(0, 100_000)
+            .iter()
+            .filter(|(_, b)| matches!(decode(b).body, Some(envelope::Body::Output(_))))
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     #[test]
     fn pending_records_survive_a_restart_and_acks_free_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -600,6 +1028,7 @@ mod tests {
             base > 1_700_000_000_000_000,
             "a new spool numbers from the clock"
         );
+        assert!(sheds(&spool).is_empty(), "a new spool declares nothing");
         for n in 0..10 {
             assert_eq!(spool.push(alert(n)).unwrap(), base + u64::from(n) + 1);
         }
@@ -610,36 +1039,30 @@ mod tests {
         let mut spool = Spool::open(opts.clone()).unwrap();
         assert_eq!(spool.first_seq(), base + 1);
         assert_eq!(spool.acked(), base + 4);
-        assert_eq!(spool.pending(), 6);
-        let first = spool.from_seq(0, 100);
-        assert_eq!(first[0].0, base + 5);
-        assert_eq!(decode(&first[0].1).seq, base + 5);
+        assert_eq!(outputs(&spool), (base + 5..=base + 10).collect::<Vec<_>>());
+        // Numbering continues after what the first run reserved, and the numbers it
+        // reserved but did not use are declared unused (nothing lost).
+        let restart = base + 1 + RESERVE;
+        assert_eq!(
+            sheds(&spool),
+            [(base + 11, vec![], vec![(base + 11, restart - 1)])]
+        );
         assert_eq!(
             spool.push(alert(10)).unwrap(),
-            base + 11,
+            restart,
             "sequence numbers are never reused"
         );
-        spool.ack(base + 11).unwrap();
+        spool.sync().unwrap();
+        spool.ack(restart).unwrap();
         assert_eq!(spool.pending(), 0);
-        let segments = fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("segment-")
-            })
-            .count();
         assert!(
-            segments <= 1,
-            "acknowledged segments are deleted ({segments} left)"
+            segments(dir.path()).len() <= 1,
+            "acknowledged segments are deleted"
         );
         drop(spool);
         let spool = Spool::open(opts).unwrap();
-        assert_eq!(
-            spool.last_seq(),
-            base + 11,
+        assert!(
+            spool.last_seq() > restart,
             "the counter survives even with nothing pending"
         );
     }
@@ -648,10 +1071,12 @@ mod tests {
     fn ranges_merge() {
         let mut r = Vec::new();
         for seq in [5, 7, 6, 1, 9, 2, 7] {
-            add_to_ranges(&mut r, seq);
+            add_range(&mut r, seq, seq);
         }
+        add_range(&mut r, 20, 30);
+        add_range(&mut r, 25, 40);
         let pairs: Vec<(u64, u64)> = r.iter().map(|r| (r.first, r.last)).collect();
-        assert_eq!(pairs, [(1, 2), (5, 7), (9, 9)]);
+        assert_eq!(pairs, [(1, 2), (5, 7), (9, 9), (20, 40)]);
     }
 
     #[test]
@@ -671,24 +1096,144 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_truncated_and_the_rest_kept() {
+    fn a_torn_tail_is_skipped_and_the_rest_kept() {
         let dir = tempfile::tempdir().unwrap();
         let opts = SpoolOptions::new(dir.path().to_path_buf());
         let mut spool = Spool::open(opts.clone()).unwrap();
-        for n in 0..3 {
-            spool.push(alert(n)).unwrap();
-        }
+        let seqs: Vec<u64> = (0..3).map(|n| spool.push(alert(n)).unwrap()).collect();
         spool.sync().unwrap();
         drop(spool);
-        let segment = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().contains("segment-"))
+        let segment = &segments(dir.path())[0];
+        let mut f = OpenOptions::new().append(true).open(segment).unwrap();
+        f.write_all(&[b'S', b'R', b'E', b'C', 200, 0, 0, 0, 1, 2, 3])
             .unwrap();
-        let mut f = OpenOptions::new().append(true).open(&segment).unwrap();
-        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
         let spool = Spool::open(opts).unwrap();
-        assert_eq!(spool.pending(), 3);
+        assert_eq!(outputs(&spool), seqs);
+        // The record being written may have had the next number: declared lost, up to
+        // what the run had reserved.
+        let [(at, lost, unused)] = sheds(&spool).try_into().unwrap();
+        assert_eq!(lost, [(seqs[2] + 1, seqs[0] + RESERVE - 1)]);
+        assert!(unused.is_empty());
+        assert_eq!(at, seqs[2] + 1);
+        assert!(spool.last_seq() >= seqs[0] + RESERVE - 1);
+    }
+
+    #[test]
+    fn a_damaged_record_costs_itself_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions::new(dir.path().to_path_buf());
+        let mut spool = Spool::open(opts.clone()).unwrap();
+        let seqs: Vec<u64> = (0..30).map(|n| spool.push(alert(n)).unwrap()).collect();
+        spool.sync().unwrap();
+        drop(spool);
+        // One byte flipped a third of the way in.
+        let segment = &segments(dir.path())[0];
+        let mut data = fs::read(segment).unwrap();
+        let at = data.len() / 3;
+        data[at] ^= 0x55;
+        fs::write(segment, &data).unwrap();
+
+        let mut spool = Spool::open(opts.clone()).unwrap();
+        let kept = outputs(&spool);
+        assert_eq!(kept.len(), 29, "only the damaged record is gone");
+        let lost: Vec<u64> = seqs.iter().copied().filter(|s| !kept.contains(s)).collect();
+        assert_eq!(lost.len(), 1);
+        let declared = sheds(&spool);
+        assert!(
+            declared
+                .iter()
+                .any(|(_, l, _)| l.contains(&(lost[0], lost[0]))),
+            "the damaged number is declared lost: {declared:?}"
+        );
+        assert_eq!(spool.stats.shed_events, 1);
+        // Numbers go on past anything the damaged record could have been.
+        let next = spool.push(alert(99)).unwrap();
+        assert!(next > *seqs.last().unwrap());
+        spool.sync().unwrap();
+        drop(spool);
+        // And the declaration survives another restart (it is in the segment now).
+        let spool = Spool::open(opts).unwrap();
+        assert!(outputs(&spool).contains(&next));
+        assert!(
+            sheds(&spool)
+                .iter()
+                .any(|(_, l, _)| l.contains(&(lost[0], lost[0])))
+        );
+    }
+
+    #[test]
+    fn a_damaged_or_missing_state_is_rebuilt_from_the_segments() {
+        for damage in ["garbage", "empty", "missing"] {
+            let dir = tempfile::tempdir().unwrap();
+            let opts = SpoolOptions::new(dir.path().to_path_buf());
+            let mut spool = Spool::open(opts.clone()).unwrap();
+            let seqs: Vec<u64> = (0..5).map(|n| spool.push(alert(n)).unwrap()).collect();
+            spool.sync().unwrap();
+            spool.ack(seqs[1]).unwrap();
+            drop(spool);
+            let state = dir.path().join("state");
+            match damage {
+                "garbage" => fs::write(&state, b"not a spool state, not at all").unwrap(),
+                "empty" => fs::write(&state, b"").unwrap(),
+                _ => fs::remove_file(&state).unwrap(),
+            }
+            let mut spool = Spool::open(opts).unwrap_or_else(|e| panic!("{damage}: {e}"));
+            // What is on disk is pending again, the acknowledged ones included (the
+            // collector drops those it has).
+            assert_eq!(outputs(&spool), seqs, "{damage}");
+            let next = spool.push(alert(9)).unwrap();
+            assert!(
+                next > *seqs.last().unwrap() + 1_000,
+                "{damage}: numbering jumps"
+            );
+            let [(_, lost, unused)] = sheds(&spool).try_into().unwrap();
+            assert!(lost.is_empty(), "{damage}");
+            assert_eq!(unused, [(seqs[4] + 1, next - 1)], "{damage}");
+        }
+    }
+
+    #[test]
+    fn files_the_spool_did_not_write_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions::new(dir.path().to_path_buf());
+        let foreign = dir.path().join("segment-0000000007");
+        fs::write(&foreign, b"someone else's notes").unwrap();
+        let blocking = dir.path().join("segment-0000000008");
+        fs::create_dir(&blocking).unwrap();
+        let mut spool = Spool::open(opts.clone()).unwrap();
+        let seq = spool.push(alert(1)).unwrap();
+        spool.sync().unwrap();
+        spool.ack(seq).unwrap();
+        let mut spool = Spool::open(opts).unwrap();
+        spool.push(alert(2)).unwrap();
+        spool.sync().unwrap();
+        assert_eq!(fs::read(&foreign).unwrap(), b"someone else's notes");
+        assert!(blocking.is_dir());
+        // New segments are numbered after them.
+        assert!(
+            segments(dir.path())
+                .iter()
+                .any(|p| p.ends_with("segment-0000000009") || p.ends_with("segment-0000000010"))
+        );
+    }
+
+    #[test]
+    fn segments_of_the_previous_format_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = Vec::new();
+        for seq in [41u64, 42] {
+            let bytes = Envelope {
+                seq,
+                body: Some(envelope::Body::Output(alert(seq as u32))),
+            }
+            .encode_to_vec();
+            data.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            data.extend_from_slice(&crc32fast::hash(&bytes).to_le_bytes());
+            data.extend_from_slice(&bytes);
+        }
+        fs::write(dir.path().join("segment-0000000001"), &data).unwrap();
+        let spool = Spool::open(SpoolOptions::new(dir.path().to_path_buf())).unwrap();
+        assert_eq!(outputs(&spool), [41, 42]);
     }
 
     #[test]
@@ -754,9 +1299,12 @@ mod tests {
         // After a restart the shed records stay shed (their bytes are still in the
         // segment files).
         let before: Vec<u64> = pending.iter().map(|(s, _)| *s).collect();
+        let last = spool.last_seq();
         drop(spool);
         let spool = Spool::open(opts).unwrap();
         let after: Vec<u64> = spool.from_seq(0, 1000).iter().map(|(s, _)| *s).collect();
-        assert_eq!(before, after);
+        // The same, and the record declaring the numbers reserved and not used.
+        assert_eq!(after[..before.len()], before[..]);
+        assert_eq!(after[before.len()..], [last + 1]);
     }
 }

@@ -271,7 +271,11 @@ pub enum Cond {
     And(Vec<Cond>),
     Or(Vec<Cond>),
     Not(Box<Cond>),
-    Test { field: Field, op: Op, rhs: Rhs },
+    Test {
+        field: Field,
+        op: Op,
+        rhs: Rhs,
+    },
     Truthy(Field),
     Const(bool),
     /// A macro, compiled once and shared.
@@ -786,12 +790,10 @@ impl Cond {
     /// condition's own size however its macros nest.
     fn measure(&self) -> (u64, u32) {
         match self {
-            Cond::And(items) | Cond::Or(items) => {
-                items.iter().fold((1, 1), |(w, d), c| {
-                    let (cw, cd) = c.measure();
-                    (w.saturating_add(cw), d.max(cd.saturating_add(1)))
-                })
-            }
+            Cond::And(items) | Cond::Or(items) => items.iter().fold((1, 1), |(w, d), c| {
+                let (cw, cd) = c.measure();
+                (w.saturating_add(cw), d.max(cd.saturating_add(1)))
+            }),
             Cond::Not(inner) => {
                 let (w, d) = inner.measure();
                 (w.saturating_add(1), d.saturating_add(1))
@@ -962,7 +964,10 @@ mod tests {
                 },
             )
         };
-        macros.insert("m0".into(), Macro::new(compile_in("proc.uid = 0", &macros).unwrap()));
+        macros.insert(
+            "m0".into(),
+            Macro::new(compile_in("proc.uid = 0", &macros).unwrap()),
+        );
         // Each macro doubles the one before: m_n stands for 2^n comparisons.
         let mut refused = None;
         for n in 1..=40 {
@@ -987,7 +992,8 @@ mod tests {
         }
         let (n, err) = refused.expect("a macro doubling forty times is refused");
         assert!(
-            err.message.contains("comparisons once its macros are expanded")
+            err.message
+                .contains("comparisons once its macros are expanded")
                 && err.message.contains("limit is 100000"),
             "{err:?}"
         );
