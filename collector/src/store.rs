@@ -757,6 +757,7 @@ mod tests {
                 events: 3,
                 alerts: 0,
                 reason: "full".into(),
+                unused: Vec::new(),
             })),
         };
         assert_eq!(records(&mut conn, "a", vec![shed.clone()]).0, 105);

@@ -101,6 +101,7 @@ mod tests {
                 events: 3,
                 alerts: 0,
                 reason: "x".repeat(200),
+                unused: Vec::new(),
             })),
         };
         let frame = Frame::envelope(&env.encode_to_vec());
