@@ -992,8 +992,10 @@ mod tests {
         v
     }
 
+    type Ranges = Vec<(u64, u64)>;
+
     /// The Shed records pending: (number, lost ranges, unused ranges).
-    fn sheds(spool: &Spool) -> Vec<(u64, Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+    fn sheds(spool: &Spool) -> Vec<(u64, Ranges, Ranges)> {
         spool
             .from_seq(0, 100_000)
             .iter()
