@@ -4,6 +4,7 @@
 //! send in SQLite and prints each new alert as a JSON line; `sensor-collector alerts`
 //! queries the stored alerts and `sensor-collector agents` lists the fleet.
 
+mod listener;
 mod server;
 mod store;
 
@@ -12,8 +13,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sensor_proto::{pem, v1::Severity};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming};
-use tracing::info;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -51,7 +52,17 @@ struct ServeArgs {
     /// Close a stream that sends nothing (not even a heartbeat) for this many seconds.
     #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
     silence: u64,
+    /// Connections served at once (default: the descriptor limit, raised to its hard
+    /// value at start, less 64).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: Option<u64>,
+    /// Connections served at once from one peer address.
+    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections_per_peer: u64,
 }
+
+/// How long streams get to close on SIGTERM/SIGINT before the collector exits anyway.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Subcommand)]
 enum Command {
@@ -249,43 +260,79 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => anyhow::bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-client-ca"),
     };
     let conn = store::open(&db)?;
-    let writer = store::Writer::start(conn, Box::new(std::io::stdout()));
+    let (writer, store_thread) = store::Writer::start(conn, Box::new(std::io::stdout()));
+    let nofile = listener::raise_nofile();
+    let mut limits = listener::Limits::for_descriptors(nofile);
+    if let Some(n) = args.max_connections {
+        limits.total = n as usize;
+    }
+    limits.per_peer = args.max_connections_per_peer as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("--listen {listen}: cannot bind"))?;
         let local = listener.local_addr()?;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = listener::incoming(listener, limits);
         let mut builder = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)));
         let secure = tls.is_some();
         if let Some(tls) = tls {
-            builder = builder.tls_config(tls).context("TLS configuration")?;
+            builder = builder
+                .tls_config(tls.timeout(limits.first_bytes))
+                .context("TLS configuration")?;
         }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let service = sensor_proto::v1::collector_server::CollectorServer::new(server::Collector {
             writer,
             silence: Duration::from_secs(args.silence),
+            stop: stop_rx.clone(),
         })
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
-        info!(address = %local, tls = secure, db = %db.display(), "listening");
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing a SIGTERM handler");
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        info!(
+            address = %local,
+            tls = secure,
+            db = %db.display(),
+            max_connections = limits.total,
+            per_peer = limits.per_peer,
+            "listening"
+        );
+        let mut stopping = stop_rx;
+        let server =
+            builder
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopping.wait_for(|s| *s).await;
+                });
+        tokio::pin!(server);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing a SIGTERM handler")?;
+        tokio::select! {
+            served = &mut server => return served.context("the server failed"),
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
+        }
+        // Streams end after their current commit, telling agents to reconnect later.
+        let _ = stop_tx.send(true);
+        match tokio::time::timeout(STOP_GRACE, server).await {
+            Ok(served) => served.context("the server failed"),
+            Err(_) => {
+                warn!(
+                    seconds = STOP_GRACE.as_secs(),
+                    "connections still open after the grace period: closing them"
+                );
+                Ok(())
             }
-        };
-        builder
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .context("the server failed")
-    })
+        }
+    });
+    // Every stream task (and its handle on the store) goes with the runtime; the store
+    // then finishes what it was given and commits.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    store_thread.join();
+    info!("stopped");
+    served
 }

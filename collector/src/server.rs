@@ -29,6 +29,13 @@ pub struct Collector {
     /// A stream with no message for this long is closed (agents heartbeat every few
     /// seconds).
     pub silence: Duration,
+    /// Turns true when the collector stops: streams end after their current commit.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a stream ends with when the collector stops: agents reconnect later.
+fn stopping() -> Status {
+    Status::unavailable("the collector is stopping; reconnect later")
 }
 
 fn check_identity(identity: Option<AgentIdentity>) -> Result<AgentIdentity, Status> {
@@ -138,8 +145,9 @@ impl collector_server::Collector for Collector {
         let _ = tx.send(Ok(ack(contiguous))).await;
         let writer = self.writer.clone();
         let silence = self.silence;
+        let mut stop = self.stop.clone();
         tokio::spawn(async move {
-            let result = serve(&writer, &agent_id, &mut inbound, &tx, silence).await;
+            let result = serve(&writer, &agent_id, &mut inbound, &tx, silence, &mut stop).await;
             match result {
                 Ok(()) => info!(agent = %agent_id, %peer, "agent disconnected"),
                 Err(status) => {
@@ -164,10 +172,18 @@ async fn serve(
     inbound: &mut Streaming<AgentMessage>,
     tx: &mpsc::Sender<Result<CollectorMessage, Status>>,
     silence: Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), Status> {
     let mut last_acked = 0u64;
     loop {
-        let first = match tokio::time::timeout(silence, inbound.message()).await {
+        if *stop.borrow() {
+            return Err(stopping());
+        }
+        let next = tokio::select! {
+            next = tokio::time::timeout(silence, inbound.message()) => next,
+            _ = stop.wait_for(|s| *s) => return Err(stopping()),
+        };
+        let first = match next {
             Err(_) => {
                 return Err(Status::deadline_exceeded(format!(
                     "agent silent for {} s",

@@ -162,15 +162,27 @@ pub struct Writer {
     tx: mpsc::Sender<Request>,
 }
 
+/// The writer thread: it ends once every [`Writer`] is gone and what they sent is
+/// committed.
+pub struct StoreThread(std::thread::JoinHandle<()>);
+
+impl StoreThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("the store thread panicked");
+        }
+    }
+}
+
 impl Writer {
     /// Starts the writer thread on `conn`; new alerts are printed on `out` as JSON lines.
-    pub fn start(conn: Connection, out: Box<dyn Write + Send>) -> Self {
+    pub fn start(conn: Connection, out: Box<dyn Write + Send>) -> (Self, StoreThread) {
         let (tx, rx) = mpsc::channel(1024);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("store".into())
             .spawn(move || write_loop(conn, rx, out))
             .expect("spawning the store thread");
-        Self { tx }
+        (Self { tx }, StoreThread(thread))
     }
 
     pub async fn request(&self, request: Request) -> Result<(), String> {

@@ -40,7 +40,31 @@ pub struct Collector {
 impl Collector {
     /// `sensor-collector --listen LISTEN --db DB EXTRA...`, waiting for it to listen.
     pub fn start(db: &Path, listen: &str, extra: &[&str]) -> Collector {
-        let child = Command::new(collector_bin())
+        Self::start_command(Command::new(collector_bin()), db, listen, extra)
+    }
+
+    /// As `start`, with at most `nofile` descriptors (soft and hard limit).
+    pub fn start_with_nofile(db: &Path, listen: &str, extra: &[&str], nofile: u64) -> Collector {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(collector_bin());
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child before exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::start_command(cmd, db, listen, extra)
+    }
+
+    fn start_command(mut cmd: Command, db: &Path, listen: &str, extra: &[&str]) -> Collector {
+        let child = cmd
             .args(["--listen", listen, "--db"])
             .arg(db)
             .args(extra)
@@ -106,6 +130,11 @@ impl Collector {
             }
         }
         self.seen.iter().filter(|v| pred(v)).cloned().collect()
+    }
+
+    /// Whether the collector has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// Stops the collector with SIGTERM (by its pid) and waits for it, bounded.

@@ -92,6 +92,15 @@ pub fn marker(name: &str) -> String {
     format!("e2e-{name}-{}-{n}", std::process::id())
 }
 
+/// `line` contains `word` as a word (not inside another, as "ready" is in "already").
+fn has_word(line: &str, word: &str) -> bool {
+    line.match_indices(word).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + word.len()..].chars().next();
+        !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+    })
+}
+
 /// A child's JSON lines (stdout) and log (stderr), read by threads.
 pub struct Output;
 
@@ -123,7 +132,7 @@ impl Output {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains(ready_word) {
+                if has_word(&line, ready_word) {
                     let _ = ready_tx.send(line.clone());
                 }
                 sink.lock().unwrap().push(line);

@@ -141,6 +141,8 @@ pub struct Spool {
     /// See [`Spool::take_rewind`].
     rewind: Option<u64>,
     unwritten: Unwritten,
+    /// A declaration of unwritten records is being written.
+    declaring: bool,
     pub stats: SpoolStats,
 }
 
@@ -331,6 +333,7 @@ impl Spool {
             durable: 0,
             rewind: None,
             unwritten: Unwritten::default(),
+            declaring: false,
             stats: SpoolStats::default(),
         };
         let scans = spool.read_segments()?;
@@ -610,6 +613,17 @@ impl Spool {
     /// Numbers and writes the Shed record for records that could not be written, once a
     /// write succeeds again.
     fn declare_unwritten(&mut self) -> Result<(), SpoolError> {
+        // Writing the declaration may open a segment, which syncs, which declares: once.
+        if self.declaring {
+            return Ok(());
+        }
+        self.declaring = true;
+        let result = self.write_unwritten();
+        self.declaring = false;
+        result
+    }
+
+    fn write_unwritten(&mut self) -> Result<(), SpoolError> {
         let Unwritten {
             events,
             alerts,
@@ -817,8 +831,11 @@ impl Spool {
         Some(p)
     }
 
-    /// Puts what was appended on disk and makes it sendable.
+    /// Puts what was appended on disk and makes it sendable. Records that could not be
+    /// written are declared here too, once the disk takes writes again (the agent syncs
+    /// every second, whether or not anything new arrives).
     pub fn sync(&mut self) -> Result<(), SpoolError> {
+        let _ = self.declare_unwritten();
         if self.unsynced {
             if let Some((id, file, _)) = &self.current {
                 file.sync_data()
@@ -845,6 +862,14 @@ impl Spool {
             self.stats.acked += 1;
         }
         self.acked = seq;
+        // A disk that refused writes gets back the space of an emptied current segment
+        // too (on a small disk the whole spool may be that one segment).
+        if self.unwritten.events + self.unwritten.alerts > 0
+            && let Some((id, ..)) = self.current
+            && self.segments.get(&id) == Some(&0)
+        {
+            self.current = None;
+        }
         let current = self.current.as_ref().map(|(id, ..)| *id);
         let empty: Vec<u64> = self
             .segments

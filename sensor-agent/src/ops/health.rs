@@ -86,14 +86,17 @@ pub fn shed(events: u64, alerts: u64) -> Option<Alert> {
     ]);
     Some(alert(
         "SELF-SHED",
-        format!("spool full: {events} events and {alerts} alerts shed before delivery"),
+        format!(
+            "{events} events and {alerts} alerts lost before delivery (spool full, its disk not writable, or its files damaged)"
+        ),
         if alerts > 0 {
             Severity::High
         } else {
             Severity::Medium
         },
-        "The collector has been unreachable long enough for the spool to fill; what was shed \
-         will never reach it.",
+        "The spool could not keep these records: it reached its bound while the collector \
+         was unreachable, its disk refused writes, or its files were damaged. The collector \
+         is told exactly which numbers are lost; the records will never reach it.",
         details,
     ))
 }
