@@ -132,10 +132,12 @@ impl Output {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if has_word(&line, ready_word) {
-                    let _ = ready_tx.send(line.clone());
+                let ready = has_word(&line, ready_word);
+                // Into the log first: who is told "ready" finds the line there.
+                sink.lock().unwrap().push(line.clone());
+                if ready {
+                    let _ = ready_tx.send(line);
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let deadline = Instant::now() + timeout;
