@@ -430,10 +430,13 @@ impl Field {
                 .and_then(|p| p.lineage.as_deref())
                 .map_or("", |l| &l.identity)),
             Field::LineageTainted => Value::Bool(ctx.proc.is_some_and(|p| p.lineage.is_some())),
-            Field::LineageIsSource => Value::Bool(
-                ctx.proc
-                    .is_some_and(|p| p.lineage.as_ref().is_some_and(|l| l.source_pid == p.pid)),
-            ),
+            // The source is the image that took the identity: a source that execs
+            // something else is no longer one, so `exec` in a helper cannot hide a payload.
+            Field::LineageIsSource => Value::Bool(ctx.proc.is_some_and(|p| {
+                p.lineage.as_ref().is_some_and(|l| {
+                    l.source_pid == p.pid && l.source_exe == p.exe && l.source_argv == p.argv
+                })
+            })),
             Field::LineageDepth => {
                 match ctx.proc.and_then(|p| p.lineage.as_ref().map(|l| (p, l))) {
                     Some((p, l)) => ctx

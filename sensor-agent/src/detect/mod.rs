@@ -160,9 +160,18 @@ impl Engine {
             ..Default::default()
         };
         let ctx = Ctx::new(&probe, table, &self.users, self.agent_pid, &[]);
+        // The label `p` inherited, if any: it may only be replaced by an identity that
+        // names it in `within`, and only when `p` is a direct child of its source.
+        let inherited = table.get(p.ppid).and_then(|parent| parent.lineage.clone());
         self.rules
             .identities
             .iter()
+            .filter(|i| match &inherited {
+                None => true,
+                Some(label) => {
+                    label.source_pid == p.ppid && i.within.iter().any(|w| *w == label.identity)
+                }
+            })
             .find(|i| i.cond.eval(&ctx))
             .map(|i| {
                 Arc::new(LineageLabel {

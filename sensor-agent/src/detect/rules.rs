@@ -159,6 +159,12 @@ struct IdentityDef {
     name: Spanned<String>,
     /// Tested on exec events; the process that matches is the identity's source.
     condition: Spanned<String>,
+    /// A process already in a web-tier lineage takes this identity only as a direct
+    /// child of a source of one of these identities (the helpers httpd starts). Without
+    /// it, only processes outside every lineage can take the identity: a descendant can
+    /// never shed or replace the label it inherited.
+    #[serde(default)]
+    within: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -263,6 +269,8 @@ pub struct Rule {
 pub struct Identity {
     pub name: Arc<str>,
     pub cond: Cond,
+    /// Identities whose sources may start a process of this one (see `IdentityDef`).
+    pub within: Vec<Arc<str>>,
 }
 
 #[derive(Clone, Debug)]
@@ -363,7 +371,7 @@ struct Merged {
     lists: HashMap<String, Vec<String>>,
     /// Macro definitions in order of first definition; a redefinition replaces in place.
     macros: Vec<(String, Spanned<String>, usize)>,
-    identities: Vec<(String, Spanned<String>, usize)>,
+    identities: Vec<(String, Spanned<String>, Vec<String>, usize)>,
     rules: Vec<(RuleDef, usize)>,
     disabled: Vec<(Spanned<String>, usize)>,
     allows: Vec<(AllowDef, usize)>,
@@ -539,12 +547,14 @@ fn merge(
     }
     for ident in file.identities {
         let name = ident.name.to_string();
+        let within: Vec<String> = ident.within.iter().map(|w| w.to_string()).collect();
         match m.identities.iter_mut().find(|(n, ..)| *n == name) {
             Some(slot) => {
                 slot.1 = ident.condition;
-                slot.2 = index;
+                slot.2 = within;
+                slot.3 = index;
             }
-            None => m.identities.push((name, ident.condition, index)),
+            None => m.identities.push((name, ident.condition, within, index)),
         }
     }
     for rule in file.rules {
@@ -627,7 +637,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
     let identities: Vec<Identity> = m
         .identities
         .iter()
-        .filter_map(|(name, cond_text, index)| {
+        .filter_map(|(name, cond_text, within, index)| {
             let env = Env {
                 lists: &lists,
                 macros: &macros,
@@ -638,6 +648,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
                 Ok(cond) => Some(Identity {
                     name: name.as_str().into(),
                     cond,
+                    within: within.iter().map(|w| w.as_str().into()).collect(),
                 }),
                 Err(e) => {
                     errors.push(src(*index).in_condition(cond_text, &e));

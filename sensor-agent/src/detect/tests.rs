@@ -338,6 +338,70 @@ fn repeats_on_one_tree_collapse_and_are_counted() {
 
 // ---- One positive and one negative scenario per rule ------------------------------------
 
+/// A label a process inherited can never be shed or replaced by what it chooses to look
+/// like: names and argv are the attacker's.
+#[test]
+fn a_descendant_cannot_become_a_web_tier_source() {
+    // The payload renames itself after a helper (`exec -a /mi/bin/map-appstore-url bash`):
+    // it stays the helper's child, alerts, and so do its own children.
+    let mut w = World::new();
+    w.engine.set_collapse_window(0);
+    let sub = w.fork(HELPER);
+    let (fake, alerts) = w.spawn(
+        sub,
+        "/usr/bin/bash",
+        &["/bin/bash", "/mi/bin/map-appstore-url"],
+    );
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
+    let label = w.table.get(fake).unwrap().lineage.clone().unwrap();
+    assert_eq!(label.source_pid, HELPER, "the real helper stays the source");
+    let (_, alerts) = w.spawn(fake, "/usr/bin/id", &["id"]);
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
+
+    // Dressed as the post-hotfix Java mapper, two levels below httpd: not a helper.
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(
+        HELPER,
+        "/usr/bin/java",
+        &["/bin/java", "-cp", "/mi/bin", "AppStoreUrlMapper"],
+    );
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
+
+    // A Tomcat descendant exec'ing a JVM with Tomcat's arguments: still Tomcat's child.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "java ..."]);
+    let (fake, _) = w.spawn(sh, "/usr/java/jdk1.8.0/bin/java", &tomcat_argv());
+    assert_eq!(
+        w.table
+            .get(fake)
+            .unwrap()
+            .lineage
+            .as_ref()
+            .unwrap()
+            .source_pid,
+        TOMCAT
+    );
+
+    // The helper itself replacing its image (`exec sh` in the helper's process) is no
+    // longer the source: what it runs is a web child.
+    let mut w = World::new();
+    let alerts = w.exec_at(HELPER, HTTPD, "/usr/bin/sh", &["sh", "-c", "id"], 0);
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
+
+    // httpd starting a helper still makes a helper (the within: rule of the pack).
+    let mut w = World::new();
+    let (helper, _) = w.spawn(
+        HTTPD,
+        "/usr/bin/bash",
+        &["/bin/bash", "/mi/bin/map-aft-store-url"],
+    );
+    let label = w.table.get(helper).unwrap().lineage.clone().unwrap();
+    assert_eq!(
+        (&*label.identity, label.source_pid),
+        ("rewritemap-helper", helper)
+    );
+}
+
 #[test]
 fn b1_helper_subshell_payload() {
     let mut w = World::new();
