@@ -174,6 +174,12 @@ fn header_event(hdr: &Header, clock: &BootClock) -> Event {
 
 /// Decodes one ring-buffer record. `Ok(None)` is a record that is deliberately not an
 /// event (a write-open under /proc that is not a process's memory).
+/// A kernel `dev_t` (major in the top 12 bits, minor in the low 20) as `stat` reports it.
+fn user_dev(kernel: u32) -> u64 {
+    let (major, minor) = (kernel >> 20, kernel & 0xfffff);
+    libc::makedev(major, minor)
+}
+
 pub fn decode(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<Event>, DecodeError> {
     let clock = &ctx.clock;
     let hdr: Header = read_struct(bytes, "header")?;
@@ -542,6 +548,12 @@ fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError
         exe_outside_root,
         exe_inode: r.exe_ino,
         exe_fs_magic: r.exe_fs_magic,
+        exe_dev: user_dev(r.exe_dev),
+        exe_size: r.exe_size,
+        exe_mtime: r.exe_mtime,
+        exe_ctime: r.exe_ctime,
+        // Filled in by the pipeline (`executables.rs`), which reads the file.
+        exe_identity: None,
         cwd: if r.cwd_len == 0 {
             String::new()
         } else {

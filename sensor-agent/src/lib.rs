@@ -9,6 +9,7 @@ pub mod config;
 pub mod decode;
 pub mod delivery;
 pub mod detect;
+pub mod executables;
 pub mod identity;
 pub mod ops;
 pub mod output;

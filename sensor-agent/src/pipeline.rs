@@ -79,6 +79,8 @@ pub struct Pipeline<S: Sink> {
     pub recorder: Option<Recorder>,
     /// The last seconds of events, written out when an alert fires.
     pub flight: Option<FlightRecorder>,
+    /// What executables are (live runs only: replayed events carry it).
+    pub executables: Option<crate::executables::Executables>,
 }
 
 impl<S: Sink> Pipeline<S> {
@@ -98,6 +100,7 @@ impl<S: Sink> Pipeline<S> {
             stats: PipelineStats::default(),
             recorder: None,
             flight: None,
+            executables: None,
         }
     }
 
@@ -119,7 +122,13 @@ impl<S: Sink> Pipeline<S> {
     pub fn handle_record(&mut self, bytes: &[u8]) {
         self.stats.records += 1;
         match decode::decode(bytes, &self.decode) {
-            Ok(Some(event)) => self.handle_event(event),
+            Ok(Some(mut event)) => {
+                // Live runs read what each new executable is; replay has it recorded.
+                if let Some(executables) = self.executables.as_mut() {
+                    executables.enrich(&mut event);
+                }
+                self.handle_event(event)
+            }
             Ok(None) => {}
             Err(err) => {
                 self.stats.decode_errors += 1;

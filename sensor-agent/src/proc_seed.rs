@@ -53,6 +53,7 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
                 .unwrap_or_default()
                 .into(),
             cgroup_id: 0,
+            exe_identity: None,
             exec_boot_ns: 0,
             exited: None,
             source: Source::Proc,

@@ -10,7 +10,7 @@ use std::{collections::VecDeque, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use sensor_proto::v1::{Event, event};
+use sensor_proto::v1::{Event, ExeIdentity, event};
 
 /// How long an exited process stays in the table, in boot-clock nanoseconds.
 pub const DEFAULT_RETENTION_NS: u64 = 60 * 1_000_000_000;
@@ -41,6 +41,8 @@ pub struct ProcessInfo {
     pub cgroup_id: u64,
     pub exe_memfd: bool,
     pub exe_deleted: bool,
+    /// What the executable is (content, package, shell...), when the agent read it.
+    pub exe_identity: Option<Arc<ExeIdentity>>,
     /// Boot time of the last exec seen (0 when the image predates the agent).
     pub exec_boot_ns: u64,
     /// Set when the process has exited: boot time, exit status and signal.
@@ -143,6 +145,13 @@ impl ProcessTable {
         let mut all: Vec<ProcessInfo> = self.procs.values().cloned().collect();
         all.sort_by_key(|p| p.pid);
         all
+    }
+
+    /// Sets what the executable of `pid` is (a process seeded from /proc).
+    pub fn set_exe_identity(&mut self, pid: u32, identity: Arc<ExeIdentity>) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.exe_identity = Some(identity);
+        }
     }
 
     /// Sets the lineage label of `pid`.
@@ -282,6 +291,7 @@ impl ProcessTable {
                     cgroup_id: ev.cgroup_id,
                     exe_memfd: exec.exe_memfd,
                     exe_deleted: exec.exe_deleted,
+                    exe_identity: exec.exe_identity.clone().map(Arc::new),
                     exec_boot_ns: ev.boot_ns,
                     exited: None,
                     source: Source::Exec,
@@ -388,6 +398,7 @@ fn partial(ev: &Event) -> ProcessInfo {
         cgroup_id: ev.cgroup_id,
         exe_memfd: false,
         exe_deleted: false,
+        exe_identity: None,
         exec_boot_ns: 0,
         exited: None,
         source: Source::Partial,

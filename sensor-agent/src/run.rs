@@ -28,6 +28,7 @@ use crate::{
         sigma::SigmaSet,
         users::UserNames,
     },
+    executables::Executables,
     ops::{
         health::{self, Fingerprint, Liveness},
         metrics::{self, Metrics, Snapshot},
@@ -155,6 +156,9 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     if let Some(window) = options.collapse_window_ns {
         engine.set_collapse_window(window);
     }
+    // What every running executable is, before the web-tier identities (which may ask).
+    let mut executables = Executables::load(Path::new("/"));
+    executables.label_seeded(&mut table);
     engine.label_table(&mut table);
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut pipeline = Pipeline::new(
@@ -170,6 +174,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
             agent_pid: std::process::id(),
         },
     );
+    pipeline.executables = Some(executables);
     if let Some(record) = &options.record {
         pipeline.recorder = Some(Recorder::new(record.clone()).context("cannot record")?);
         info!(path = %record.path.display(), "recording events");
@@ -395,6 +400,9 @@ async fn event_loop(
                 ops.notifier.alive(&status);
             }
             _ = health.tick() => {
+                if let Some(executables) = pipeline.executables.as_mut() {
+                    executables.refresh();
+                }
                 let now = Fingerprint::read(&ops.watched_files);
                 let changed = fingerprint.changes(&now);
                 if !changed.is_empty() && !reported_change {

@@ -55,8 +55,14 @@ pub struct KernelLayout {
     pub inode_i_sb: u16,
     pub inode_i_ino: u16,
     pub inode_i_rdev: u16,
+    pub inode_i_size: u16,
+    /// Seconds of the modification and status-change times (`i_mtime.tv_sec` before 6.7,
+    /// `__i_mtime` in 6.7-6.10, `i_mtime_sec` from 6.11; likewise ctime from 6.6).
+    pub inode_mtime_sec: u16,
+    pub inode_ctime_sec: u16,
 
     pub sb_s_magic: u16,
+    pub sb_s_dev: u16,
 
     /// Offset of the `struct vfsmount` embedded in `struct mount`.
     pub mount_mnt: u16,

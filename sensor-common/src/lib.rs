@@ -169,6 +169,13 @@ pub struct ExecRecord {
     pub exe_ino: u64,
     /// Magic of the executable's filesystem (`TMPFS_MAGIC` for a memfd).
     pub exe_fs_magic: u64,
+    /// The executable's size, and its modification and status-change times (seconds).
+    pub exe_size: u64,
+    pub exe_mtime: i64,
+    pub exe_ctime: i64,
+    /// Device of the executable's filesystem, in the kernel's encoding (major << 20).
+    pub exe_dev: u32,
+    pub _pad2: u32,
     pub exe_nlink: u32,
     /// The pid before exec: differs from `hdr.pid` when a non-leader thread exec'd.
     pub old_tid: u32,

@@ -117,12 +117,22 @@ fn on_exec<const LOOP: bool>(ctx: &BtfTracePointContext) -> Result<(), i64> {
     r.exe_ino = 0;
     r.exe_nlink = 0;
     r.exe_fs_magic = 0;
+    r.exe_size = 0;
+    r.exe_mtime = 0;
+    r.exe_ctime = 0;
+    r.exe_dev = 0;
+    r._pad2 = 0;
     if let Ok(exe) = read_ptr(mm, off!(mm_exe_file)) {
         if let Ok(inode) = read_ptr(exe, off!(file_f_inode)) {
+            // The executable's identity: what it is, not what it is called.
             r.exe_ino = get::<u64>(inode, off!(inode_i_ino));
             r.exe_nlink = get::<u32>(inode, off!(inode_i_nlink));
+            r.exe_size = get::<u64>(inode, off!(inode_i_size));
+            r.exe_mtime = get::<i64>(inode, off!(inode_mtime_sec));
+            r.exe_ctime = get::<i64>(inode, off!(inode_ctime_sec));
             if let Ok(sb) = read_ptr(inode, off!(inode_i_sb)) {
                 r.exe_fs_magic = get::<u64>(sb, off!(sb_s_magic));
+                r.exe_dev = get::<u32>(sb, off!(sb_s_dev));
             }
             if r.exe_nlink == 0 {
                 r.exec_flags |= exec_flags::EXE_UNLINKED;

@@ -95,8 +95,10 @@ fn rewritemap_helper_subshell_runs_id() {
     )
     .unwrap();
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The helper's path comes through the environment: httpd's own argv does not name it.
     let mut server = Command::new(&httpd)
-        .args(["-c", &format!("echo request | {}", helper.display())])
+        .args(["-c", "echo request | \"$HELPER\""])
+        .env("HELPER", &helper)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -47,6 +47,7 @@ pub fn process_info(p: &ProcessInfo, users: &UserNames, clock: &BootClock) -> pb
         exe_memfd: p.exe_memfd,
         exe_deleted: p.exe_deleted,
         exited: p.exited.is_some(),
+        exe_identity: p.exe_identity.as_deref().cloned(),
     }
 }
 

@@ -126,6 +126,12 @@ fields! {
     ProcComm => "proc.comm", Str, [], "kernel task name";
     ProcExeMemfd => "proc.exe_memfd", Bool, [], "the executable is a memfd";
     ProcExeDeleted => "proc.exe_deleted", Bool, [], "the executable has no name on disk";
+    ProcExeSha256 => "proc.exe_sha256", Str, [], "SHA-256 of the executable's content (hex)";
+    ProcExePackage => "proc.exe_package", Str, [], "package that installed the executable's path, \"\" if none";
+    ProcExeShell => "proc.exe_shell", Bool, [], "the executable's content is an installed shell, whatever its name or place";
+    ProcExeInterpreter => "proc.exe_interpreter", Bool, [], "the executable's content is an installed script interpreter (python, perl...)";
+    ProcExeChanged => "proc.exe_changed_since_boot", Bool, [], "the executable was written or changed (ctime) after boot";
+    ProcScriptPackage => "proc.script_package", Str, [], "for a script run by a shell or interpreter, the package that installed the script";
 
     ParentPid => "parent.pid", Int, [], "the parent process";
     ParentExe => "parent.exe", Str, [], "parent's executable";
@@ -135,16 +141,20 @@ fields! {
     ParentUid => "parent.uid", Int, [], "parent's real uid";
     ParentComm => "parent.comm", Str, [], "parent's task name";
     ParentThread => "parent.thread", Str, ["exec"], "name of the parent thread that forked (a JVM pool)";
+    ParentExeShell => "parent.exe_shell", Bool, [], "the parent's executable is an installed shell's content";
 
     AncestorExe => "ancestor.exe", StrList, [], "executables of all ancestors (any matches)";
     AncestorName => "ancestor.name", StrList, [], "names of all ancestors (any matches)";
     AncestorCmdline => "ancestor.cmdline", StrList, [], "command lines of all ancestors";
+    AncestorExePackage => "ancestor.exe_package", StrList, [], "packages that installed the ancestors' executables";
+    AncestorScriptPackage => "ancestor.script_package", StrList, [], "packages that installed the scripts the ancestors ran";
 
     LineageIdentity => "lineage.identity", Str, [], "web-tier identity the process descends from, \"\" if none";
     LineageTainted => "lineage.tainted", Bool, [], "the process descends from (or is) a web-tier identity";
     LineageIsSource => "lineage.is_source", Bool, [], "the process itself has the identity";
     LineageDepth => "lineage.depth", Int, [], "generations below the identity's process";
     LineageSourceExe => "lineage.source_exe", Str, [], "executable of the identity's process";
+    LineageSourceImage => "lineage.source_image", Bool, [], "the process runs its source's very executable (a worker fork, or the source itself)";
 
     ExecFilename => "exec.filename", Str, ["exec"], "filename passed to execve";
     ExecStdin => "exec.stdin", Str, ["exec"], "what fd 0 is: none, file, dir, pipe, socket, tty, char, other";
@@ -354,6 +364,15 @@ fn proc_value<'a>(
     p.map_or(Value::Missing, get)
 }
 
+/// A value of the executable identity of `p`; missing when the agent has none.
+fn exe_identity<'a>(
+    p: Option<&'a ProcessInfo>,
+    get: impl FnOnce(&'a sensor_proto::v1::ExeIdentity) -> Value<'a>,
+) -> Value<'a> {
+    p.and_then(|p| p.exe_identity.as_deref())
+        .map_or(Value::Missing, get)
+}
+
 impl Field {
     /// This field's value for `ctx`.
     pub fn get<'a>(self, ctx: &Ctx<'a>) -> Value<'a> {
@@ -391,6 +410,12 @@ impl Field {
             Field::ProcComm => proc_value(ctx.proc, |p| s(&p.comm)),
             Field::ProcExeMemfd => proc_value(ctx.proc, |p| Value::Bool(p.exe_memfd)),
             Field::ProcExeDeleted => proc_value(ctx.proc, |p| Value::Bool(p.exe_deleted)),
+            Field::ProcExeSha256 => exe_identity(ctx.proc, |i| s(&i.sha256)),
+            Field::ProcExePackage => exe_identity(ctx.proc, |i| s(&i.package)),
+            Field::ProcExeShell => exe_identity(ctx.proc, |i| Value::Bool(i.shell)),
+            Field::ProcExeInterpreter => exe_identity(ctx.proc, |i| Value::Bool(i.interpreter)),
+            Field::ProcExeChanged => exe_identity(ctx.proc, |i| Value::Bool(i.changed_since_boot)),
+            Field::ProcScriptPackage => exe_identity(ctx.proc, |i| s(&i.script_package)),
 
             Field::ParentPid => proc_value(ctx.parent(), |p| Value::Int(i64::from(p.pid))),
             Field::ParentExe => proc_value(ctx.parent(), |p| s(&p.exe)),
@@ -401,6 +426,7 @@ impl Field {
             }),
             Field::ParentUid => proc_value(ctx.parent(), |p| Value::Int(i64::from(p.uid))),
             Field::ParentComm => proc_value(ctx.parent(), |p| s(&p.comm)),
+            Field::ParentExeShell => exe_identity(ctx.parent(), |i| Value::Bool(i.shell)),
             Field::ParentThread => match kind {
                 Some(K::Exec(e)) => s(&e.parent_thread_comm),
                 _ => Value::Missing,
@@ -416,6 +442,20 @@ impl Field {
                 ctx.ancestors()
                     .iter()
                     .map(|p| Cow::Borrowed(basename(&p.exe)))
+                    .collect(),
+            ),
+            Field::AncestorExePackage => Value::List(
+                ctx.ancestors()
+                    .iter()
+                    .filter_map(|p| p.exe_identity.as_deref())
+                    .map(|i| Cow::Borrowed(i.package.as_str()))
+                    .collect(),
+            ),
+            Field::AncestorScriptPackage => Value::List(
+                ctx.ancestors()
+                    .iter()
+                    .filter_map(|p| p.exe_identity.as_deref())
+                    .map(|i| Cow::Borrowed(i.script_package.as_str()))
                     .collect(),
             ),
             Field::AncestorCmdline => Value::List(
@@ -437,6 +477,10 @@ impl Field {
                     l.source_pid == p.pid && l.source_exe == p.exe && l.source_argv == p.argv
                 })
             })),
+            Field::LineageSourceImage => Value::Bool(
+                ctx.proc
+                    .is_some_and(|p| p.lineage.as_ref().is_some_and(|l| l.source_exe == p.exe)),
+            ),
             Field::LineageDepth => {
                 match ctx.proc.and_then(|p| p.lineage.as_ref().map(|l| (p, l))) {
                     Some((p, l)) => ctx

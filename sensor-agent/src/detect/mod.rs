@@ -161,16 +161,19 @@ impl Engine {
         };
         let ctx = Ctx::new(&probe, table, &self.users, self.agent_pid, &[]);
         // The label `p` inherited, if any: it may only be replaced by an identity that
-        // names it in `within`, and only when `p` is a direct child of its source.
-        let inherited = table.get(p.ppid).and_then(|parent| parent.lineage.clone());
+        // names it in `within`, and only when `p`'s parent runs the source's very
+        // executable (the source, or a fork of it such as an httpd worker).
+        let parent = table.get(p.ppid);
+        let inherited = parent.and_then(|parent| parent.lineage.clone());
         self.rules
             .identities
             .iter()
-            .filter(|i| match &inherited {
-                None => true,
-                Some(label) => {
-                    label.source_pid == p.ppid && i.within.iter().any(|w| *w == label.identity)
+            .filter(|i| match (&inherited, parent) {
+                (None, _) => true,
+                (Some(label), Some(parent)) => {
+                    parent.exe == label.source_exe && i.within.iter().any(|w| *w == label.identity)
                 }
+                (Some(_), None) => false,
             })
             .find(|i| i.cond.eval(&ctx))
             .map(|i| {

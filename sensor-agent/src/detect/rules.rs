@@ -160,7 +160,8 @@ struct IdentityDef {
     /// Tested on exec events; the process that matches is the identity's source.
     condition: Spanned<String>,
     /// A process already in a web-tier lineage takes this identity only as a direct
-    /// child of a source of one of these identities (the helpers httpd starts). Without
+    /// child of a process running the source's executable, of one of these identities
+    /// (the helpers httpd or its workers start). Without
     /// it, only processes outside every lineage can take the identity: a descendant can
     /// never shed or replace the label it inherited.
     #[serde(default)]

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use sensor_proto::v1::{
-    Alert, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent, FdInfo, FdKind,
-    FileEvent, FileOp, ForkEvent, ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent,
-    SignalEvent, SocketInfo, event,
+    Alert, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExeIdentity, ExecEvent, FdInfo,
+    FdKind, FileEvent, FileOp, ForkEvent, ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent,
+    PtraceEvent, SignalEvent, SocketInfo, event,
 };
 
 use super::{
@@ -32,6 +32,8 @@ struct World {
     engine: Engine,
     now: u64,
     next_pid: u32,
+    /// The identity the next exec's executable has, instead of `installed`'s.
+    next_identity: Option<ExeIdentity>,
 }
 
 fn tomcat_argv() -> Vec<&'static str> {
@@ -62,6 +64,7 @@ impl World {
             engine,
             now: 1_000_000_000,
             next_pid: 1000,
+            next_identity: None,
         };
         w.exec_at(INIT, 0, "/usr/lib/systemd/systemd", &["/sbin/init"], 0);
         w.exec_at(
@@ -132,6 +135,7 @@ impl World {
             })
             .collect();
         let now = self.now;
+        let exe_identity = self.next_identity.take().or_else(|| installed(exe));
         self.feed(Event {
             pid,
             tid: pid,
@@ -150,6 +154,7 @@ impl World {
                 argv: argv.iter().map(|a| (*a).to_owned()).collect(),
                 start_boot_ns: now,
                 stdio,
+                exe_identity,
                 ..Default::default()
             })),
             ..Default::default()
@@ -234,6 +239,36 @@ impl World {
             }),
         )
     }
+}
+
+/// What the agent's executable identities say of the programs the scenarios run: the
+/// package that installed them, and whether they are the content of a shell or an
+/// interpreter. Anything else (under /tmp, /opt, /mi...) is nobody's package.
+fn installed(exe: &str) -> Option<ExeIdentity> {
+    let package = match exe {
+        "/usr/bin/rpm" => "rpm",
+        "/usr/bin/yum" => "yum",
+        "/usr/bin/dpkg" => "dpkg",
+        "/usr/sbin/logrotate" => "logrotate",
+        "/usr/bin/bash" | "/bin/bash" => "bash",
+        "/bin/sh" | "/usr/bin/sh" | "/usr/bin/dash" | "/bin/dash" => "dash",
+        "/usr/bin/python3" | "/usr/bin/python3.11" => "python3.11-minimal",
+        "/usr/bin/perl" => "perl-base",
+        "/usr/sbin/httpd" => "httpd",
+        "/usr/sbin/sshd" => "openssh-server",
+        "/usr/sbin/mysqld" => "mysql-server",
+        "/usr/lib/systemd/systemd" => "systemd",
+        e if e.starts_with("/usr/java/") || e.starts_with("/usr/lib/jvm/") => "jdk",
+        e if e.starts_with("/usr/bin/") || e.starts_with("/usr/sbin/") => "coreutils",
+        _ => "",
+    };
+    let name = exe.rsplit('/').next().unwrap_or("");
+    Some(ExeIdentity {
+        package: package.into(),
+        shell: !package.is_empty() && matches!(name, "sh" | "bash" | "dash"),
+        interpreter: !package.is_empty() && matches!(name, "python3" | "python3.11" | "perl"),
+        ..Default::default()
+    })
 }
 
 fn ids(alerts: &[Alert]) -> Vec<&str> {
@@ -400,6 +435,93 @@ fn a_descendant_cannot_become_a_web_tier_source() {
         (&*label.identity, label.source_pid),
         ("rewritemap-helper", helper)
     );
+}
+
+/// What a program is comes from its content and package, never from its name: a copied
+/// shell is a shell, a versioned interpreter an interpreter, and a name exempts nothing.
+#[test]
+fn identity_not_names_decides_what_a_program_is() {
+    let shell_copy = || ExeIdentity {
+        sha256: "bash-content".into(),
+        shell: true,
+        changed_since_boot: true,
+        ..Default::default()
+    };
+    // bash copied to a name no list knows, on a socket: a reverse shell.
+    let mut w = World::new();
+    w.next_identity = Some(shell_copy());
+    let (_, alerts) = w.spawn_with(
+        ADMIN_SHELL,
+        "/var/lib/misc/kworker",
+        &["[kworker/0:1]"],
+        FdKind::Socket,
+    );
+    assert!(has(&alerts, "EPMM-B7"), "{:?}", ids(&alerts));
+    // The same copy started by Tomcat: a shell from the JVM.
+    let mut w = World::new();
+    w.next_identity = Some(shell_copy());
+    let (_, alerts) = w.spawn(TOMCAT, "/opt/mi/bin/helper", &["helper", "-c", "id"]);
+    assert!(has(&alerts, "EPMM-B2"), "{:?}", ids(&alerts));
+    // ... even when it calls itself jspawnhelper: only the JDK's own is plumbing.
+    let mut w = World::new();
+    w.next_identity = Some(shell_copy());
+    let (_, alerts) = w.spawn(TOMCAT, "/opt/mi/lib/jspawnhelper", &["jspawnhelper"]);
+    assert!(has(&alerts, "EPMM-B2"), "{:?}", ids(&alerts));
+    // A versioned interpreter name no list has.
+    let mut w = World::new();
+    w.next_identity = Some(ExeIdentity {
+        package: "python3.13-minimal".into(),
+        interpreter: true,
+        ..Default::default()
+    });
+    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/python3.13", &["python3.13", "-c", "x"]);
+    assert!(has(&alerts, "EPMM-B2"), "{:?}", ids(&alerts));
+
+    // A wrapper named rpm (no package installed it) exempts nothing below it; the
+    // package's rpm does.
+    let mut w = World::new();
+    let (fake_rpm, _) = w.spawn(TOMCAT, "/opt/tools/rpm", &["rpm", "-Uvh", "x.rpm"]);
+    let (_, alerts) = w.spawn(fake_rpm, "/tmp/.x/payload", &["payload"]);
+    assert!(has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
+    let mut w = World::new();
+    let (rpm, _) = w.spawn(ADMIN_SHELL, "/usr/bin/rpm", &["rpm", "-Uvh", "x.rpm"]);
+    let (_, alerts) = w.spawn(rpm, "/tmp/rpm-tmp.1234", &["/tmp/rpm-tmp.1234"]);
+    assert!(!has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
+    // A script run by an interpreter counts as its package's: python3 /usr/bin/dnf.
+    let mut w = World::new();
+    w.next_identity = Some(ExeIdentity {
+        package: "python3.11-minimal".into(),
+        interpreter: true,
+        script_package: "dnf".into(),
+        ..Default::default()
+    });
+    let (dnf, _) = w.spawn(
+        ADMIN_SHELL,
+        "/usr/bin/python3.11",
+        &["/usr/bin/python3", "/usr/bin/dnf", "update"],
+    );
+    let (_, alerts) = w.spawn(dnf, "/tmp/rpm-tmp.99", &["/tmp/rpm-tmp.99"]);
+    assert!(!has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
+
+    // A listener called sshd that no package installed, started from the web tier, is a
+    // new listener; the real sshd is the baseline.
+    let listen = event::Kind::Listen(ListenEvent {
+        fd: 3,
+        backlog: 1,
+        socket: Some(SocketInfo {
+            family: "inet".into(),
+            r#type: "stream".into(),
+            local_addr: "0.0.0.0".into(),
+            local_port: 2222,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut w = World::new();
+    let (fake_sshd, _) = w.spawn(TOMCAT, "/var/lib/tomcat/sshd", &["sshd"]);
+    assert!(has(&w.on(fake_sshd, listen.clone()), "EPMM-B25"));
+    let mut w = World::new();
+    assert!(!has(&w.on(SSHD, listen), "EPMM-B25"));
 }
 
 #[test]

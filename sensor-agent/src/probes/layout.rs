@@ -73,7 +73,11 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         inode_i_sb: r.offset("inode", "i_sb")?,
         inode_i_ino: r.offset("inode", "i_ino")?,
         inode_i_rdev: r.offset("inode", "i_rdev")?,
+        inode_i_size: r.offset("inode", "i_size")?,
+        inode_mtime_sec: r.offset_any("inode", &["i_mtime_sec", "__i_mtime", "i_mtime"])?,
+        inode_ctime_sec: r.offset_any("inode", &["i_ctime_sec", "__i_ctime", "i_ctime"])?,
         sb_s_magic: r.offset("super_block", "s_magic")?,
+        sb_s_dev: r.offset("super_block", "s_dev")?,
         mount_mnt: r.offset("mount", "mnt")?,
         mount_mnt_parent: r.offset("mount", "mnt_parent")?,
         mount_mnt_mountpoint: r.offset("mount", "mnt_mountpoint")?,
@@ -159,6 +163,19 @@ impl Resolver<'_> {
             field: field.to_owned(),
             offset,
         })
+    }
+
+    /// The offset of the first of `fields` the struct has: a field renamed across kernel
+    /// releases. For a `timespec64` the seconds come first, so its offset is theirs.
+    fn offset_any(&self, strukt: &str, fields: &[&str]) -> Result<u16, LayoutError> {
+        let mut last = None;
+        for field in fields {
+            match self.offset(strukt, field) {
+                Ok(offset) => return Ok(offset),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| LayoutError::NoStruct(strukt.to_owned())))
     }
 
     fn named_struct(&self, name: &str) -> Result<btf_rs::Struct, LayoutError> {

@@ -83,6 +83,7 @@ fn entry(p: &PbProcess, e: &TableEntry) -> ProcessInfo {
         cgroup_id: e.cgroup_id,
         exe_memfd: p.exe_memfd,
         exe_deleted: p.exe_deleted,
+        exe_identity: p.exe_identity.clone().map(Arc::new),
         exec_boot_ns: e.exec_boot_ns,
         exited: p.exited.then_some(Exited {
             boot_ns: e.exited_boot_ns,
