@@ -371,3 +371,48 @@ fn tomcat_started_before_the_agent_is_in_the_ancestry() {
     );
     agent.stop();
 }
+
+/// A shell or interpreter is recognised by its content, not its name: bash copied to a
+/// name no list has, and perl under a versioned name, each with a socket on its stdio,
+/// are reverse shells.
+#[test]
+fn a_renamed_shell_or_interpreter_on_a_socket_is_a_reverse_shell() {
+    use std::os::fd::OwnedFd;
+    let mut agent = Agent::start(&["--collapse", "0"]);
+    let dir = Scratch::new("renamed");
+    for (installed, name, args) in [
+        ("/bin/bash", "kworker", vec!["-c", "exit 0"]),
+        ("/usr/bin/perl", "perl5.99", vec!["-e", "0"]),
+    ] {
+        let copy = dir.path(name);
+        std::fs::copy(installed, &copy).unwrap();
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _peer = listener.accept().unwrap();
+        let fd = |s: &std::net::TcpStream| Stdio::from(OwnedFd::from(s.try_clone().unwrap()));
+        let status = Command::new(&copy)
+            .args(&args)
+            .stdin(fd(&conn))
+            .stdout(fd(&conn))
+            .stderr(fd(&conn))
+            .status()
+            .unwrap();
+        assert!(status.success(), "{name}");
+        let exe = copy.to_str().unwrap().to_owned();
+        let line = agent.wait_for(&format!("EPMM-B7 on {name}"), |l| {
+            alert_of(l, "EPMM-B7").is_some_and(|a| a["process"]["exe"] == exe.as_str())
+        });
+        let identity = &line["alert"]["process"]["exeIdentity"];
+        assert!(
+            identity["shell"] == true || identity["interpreter"] == true,
+            "{name}: {identity}"
+        );
+        assert_eq!(
+            identity["package"],
+            Value::Null,
+            "{name}: a copy has no package"
+        );
+    }
+    agent.stop();
+}
