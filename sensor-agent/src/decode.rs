@@ -10,7 +10,7 @@ use pbjson_types::Timestamp;
 use sensor_common::{
     BpfRecord, DupRecord, ExecFailedRecord, ExecRecord, ExitRecord, FdInfo as WireFd, FileRecord,
     ForkRecord, Header, MemfdRecord, ModuleRecord, NetRecord, PtraceRecord, SignalRecord,
-    SocketRecord, VmWriteRecord, dup_call, exec_flags, fd_kind, file_op, kind,
+    SocketRecord, VmWriteRecord, dup_call, exec_flags, fd_kind, file_info, file_op, kind,
 };
 use sensor_proto::v1::{
     AcceptEvent, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent,
@@ -419,16 +419,32 @@ fn decode_file(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<event::Kind>,
         file_op::LINK => FileOp::Link,
         _ => FileOp::Unspecified,
     };
+    let resolved = r.info & file_info::RESOLVED != 0;
+    let created = r.info & file_info::CREATED != 0;
+    let (other, given) = if r.info & file_info::OTHER_IS_GIVEN != 0 {
+        // The caller's string, kept only where it says something the resolved path does not.
+        let given = normalize(&other);
+        (
+            String::new(),
+            if given == path { String::new() } else { given },
+        )
+    } else {
+        (other, String::new())
+    };
     Ok(Some(event::Kind::File(FileEvent {
         op: op as i32,
         path,
         path_truncated: r.truncated & 1 != 0,
         other_path: other,
-        path_is_source: r.path_is_source != 0,
+        path_is_source: r.info & file_info::PATH_IS_SOURCE != 0,
         flags: r.flags,
         mode: r.mode,
         result: r.result,
         error: error_of(r.result),
+        given_path: given,
+        resolved,
+        created,
+        existed: resolved && !created,
     })))
 }
 

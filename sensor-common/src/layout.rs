@@ -69,6 +69,7 @@ pub struct KernelLayout {
     pub mount_mnt_parent: u16,
     pub mount_mnt_mountpoint: u16,
     pub vfsmount_mnt_root: u16,
+    pub vfsmount_mnt_sb: u16,
 
     pub fs_root: u16,
     pub fs_pwd: u16,

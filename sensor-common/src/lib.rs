@@ -367,8 +367,8 @@ pub struct FileRecord {
     pub hdr: Header,
     /// One of [`file_op`].
     pub op: u16,
-    /// 1 when `path` is the source of a rename (a watched file moved away).
-    pub path_is_source: u16,
+    /// [`file_info`] bits.
+    pub info: u16,
     /// `open` flags, `unlinkat` flags, or `renameat2` flags.
     pub flags: u32,
     /// Mode given to open (O_CREAT) or chmod.
@@ -378,6 +378,20 @@ pub struct FileRecord {
     pub other_len: u16,
     /// Bit 0: `path` was cut; bit 1: `other` was cut.
     pub truncated: u32,
+}
+
+/// What is known about a [`FileRecord`]'s paths and outcome (`FileRecord::info`).
+pub mod file_info {
+    /// `path` is the source of a rename (a watched file moved away).
+    pub const PATH_IS_SOURCE: u16 = 1;
+    /// `path` was walked up from the file the kernel opened (links, `..`, bind mounts and
+    /// `/proc/<pid>/root` resolved), not taken from the caller's string.
+    pub const RESOLVED: u16 = 2;
+    /// This open created the file (the kernel's FMODE_CREATED); without it, an open that
+    /// succeeded found the file in place.
+    pub const CREATED: u16 = 4;
+    /// `other` is the path as the caller gave it (cwd or directory descriptor resolved).
+    pub const OTHER_IS_GIVEN: u16 = 8;
 }
 
 /// A kernel module load was attempted.

@@ -1,10 +1,15 @@
 //! File activity in watched places: writes and creations, truncation, renames onto or
 //! away from, unlinks, chmod adding execute, timestamp changes and links.
 //!
-//! Opens are seen where the kernel offers fentry at `security_file_open` (fexit, for the
-//! verdict): the path is that of the file actually opened, walked up from its dentry, so a
-//! symbolic link, `/proc/self/root/...` or a bind mount leads to the real place. Elsewhere
-//! the open syscalls' exits are the fallback, with the path the caller named.
+//! An open is judged by the file the kernel opened: where fentry exists, at
+//! `security_file_open` (fexit, for the verdict); elsewhere at the open syscalls' exit,
+//! from the descriptor they returned. Its path is walked up from the file's dentry, so a
+//! symbolic link, `..`, `/proc/self/root/...` or a bind mount leads to the real place, and
+//! at the syscall exit the caller's string goes along when it differs. Whether the open
+//! created the file is the kernel's own FMODE_CREATED, so `O_CREAT|O_TRUNC` of a file
+//! already there is a truncation. An open that failed, and the path operations (rename,
+//! unlink, chmod, utimes, truncate, link by name), are matched on the path the caller
+//! named; those given a descriptor use the file behind it.
 //!
 //! Cost: most opens are read-only and return after one flag test. A candidate builds the
 //! absolute path (walked backwards from a dentry, then for a syscall the argument) and asks
@@ -17,7 +22,7 @@ use aya_ebpf::{
     programs::FExitContext,
 };
 use sensor_common::{
-    FileRecord, MAX_WATCH_SUFFIXES, WATCH_KEY_BYTES, WatchSuffix, file_op, kind, slot,
+    FileRecord, MAX_WATCH_SUFFIXES, WATCH_KEY_BYTES, WatchSuffix, file_info, file_op, kind, slot,
 };
 
 use crate::{
@@ -231,7 +236,7 @@ fn emit<const LOOP: bool>(
     mode: u64,
     path: &Built,
     other: Option<Source>,
-    path_is_source: bool,
+    info: u16,
 ) {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return;
@@ -241,7 +246,7 @@ fn emit<const LOOP: bool>(
     let data = (scratch as *mut u8).wrapping_add(core::mem::size_of::<FileRecord>());
     fill_header(&mut r.hdr, kind::FILE, 0);
     r.op = op;
-    r.path_is_source = path_is_source as u16;
+    r.info = info;
     r.flags = flags as u32;
     r.mode = mode as u32;
     r.result = result as i32;
@@ -260,7 +265,8 @@ fn emit<const LOOP: bool>(
     submit_scratch(scratch, size, kind::FILE);
 }
 
-/// The operations an open with `flags` and `mode` performs.
+/// The operations an open with `flags` and `mode` may perform, when all that is known is
+/// what it asked for (an open that failed).
 #[inline(always)]
 fn open_bits(flags: u64, mode: u64) -> u32 {
     let mut bits = 0;
@@ -277,6 +283,34 @@ fn open_bits(flags: u64, mode: u64) -> u32 {
         bits |= file_op::bit(file_op::TRUNCATE);
     }
     bits
+}
+
+/// The operations an open of `file` with `flags` performed: a creation only when the
+/// kernel created the file (its mode then decides whether it is executable), a
+/// truncation only of a file that was there, a write whenever it may write.
+#[inline(always)]
+fn opened_bits(file: KPtr, flags: u64) -> (u32, u64, u16) {
+    let created = get::<u32>(file, off!(file_f_mode)) & FMODE_CREATED != 0;
+    let mut bits = 0;
+    if flags & (O_WRONLY | O_RDWR | O_APPEND | O_TRUNC) != 0 {
+        bits |= file_op::bit(file_op::OPEN_WRITE);
+    }
+    if created {
+        let mode = u64::from(get::<u16>(
+            get_ptr(file, off!(file_f_inode)),
+            off!(inode_i_mode),
+        )) & 0o7777;
+        bits |= file_op::bit(file_op::CREATE);
+        if mode & S_IXUGO != 0 {
+            bits |= file_op::bit(file_op::CREATE_EXEC);
+        }
+        (bits, mode, file_info::RESOLVED | file_info::CREATED)
+    } else {
+        if flags & O_TRUNC != 0 {
+            bits |= file_op::bit(file_op::TRUNCATE);
+        }
+        (bits, 0, file_info::RESOLVED)
+    }
 }
 
 /// The single op an open is reported as (the most telling of its bits).
@@ -347,9 +381,30 @@ fn on_open<const LOOP: bool>(sc: &Syscall) {
             (user(sc.arg(0), sc.arg(1)), mode)
         }
     };
+    // An open that succeeded is judged by the file it opened, found from the descriptor it
+    // returned: its path walked up from the dentry, the caller's string kept beside it.
+    if sc.ret >= 0 {
+        let file = task_fd_file(current_task(), sc.ret as u32);
+        if !file.is_null() {
+            let (bits, mode, info) = opened_bits(file, flags);
+            if let Some(path) = watched::<LOOP>(Source::File(file), bits) {
+                let info = info | file_info::OTHER_IS_GIVEN;
+                emit::<LOOP>(
+                    sc.ret,
+                    open_op(bits),
+                    flags,
+                    mode,
+                    &path,
+                    Some(source),
+                    info,
+                );
+            }
+            return;
+        }
+    }
     let bits = open_bits(flags, mode);
     if let Some(path) = watched::<LOOP>(source, bits) {
-        emit::<LOOP>(sc.ret, open_op(bits), flags, mode, &path, None, false);
+        emit::<LOOP>(sc.ret, open_op(bits), flags, mode, &path, None, 0);
     }
 }
 
@@ -372,26 +427,16 @@ pub fn fxb_file_open(ctx: FExitContext) -> i32 {
 }
 
 /// The flags are the open's own (the kernel clears O_CREAT and O_TRUNC from `f_flags`
-/// only after this hook); the mode is the new inode's when this open created the file, so
-/// an O_CREAT open of an existing file is never taken for a new executable.
+/// only after this hook).
 #[inline(always)]
 fn on_file_open<const LOOP: bool>(file: KPtr, verdict: i64) {
     let flags = u64::from(get::<u32>(file, off!(file_f_flags)));
     if flags & (O_WRONLY | O_RDWR | O_APPEND | O_CREAT | O_TRUNC) == 0 {
         return;
     }
-    let f_mode = get::<u32>(file, off!(file_f_mode));
-    let mode = if f_mode & FMODE_CREATED != 0 {
-        u64::from(get::<u16>(
-            get_ptr(file, off!(file_f_inode)),
-            off!(inode_i_mode),
-        )) & 0o7777
-    } else {
-        0
-    };
-    let bits = open_bits(flags, mode);
+    let (bits, mode, info) = opened_bits(file, flags);
     if let Some(path) = watched::<LOOP>(Source::File(file), bits) {
-        emit::<LOOP>(verdict, open_op(bits), flags, mode, &path, None, false);
+        emit::<LOOP>(verdict, open_op(bits), flags, mode, &path, None, info);
     }
 }
 
@@ -469,7 +514,7 @@ fn on_path<const LOOP: bool>(sc: &Syscall) {
         _ => return,
     };
     if let Some(path) = watched::<LOOP>(source, file_op::bit(op)) {
-        emit::<LOOP>(sc.ret, op, flags, mode, &path, None, false);
+        emit::<LOOP>(sc.ret, op, flags, mode, &path, None, 0);
     }
 }
 
@@ -479,8 +524,16 @@ fn on_path<const LOOP: bool>(sc: &Syscall) {
 fn rename<const LOOP: bool>(sc: &Syscall, old: Source, new: Source, flags: u64) {
     let bit = file_op::bit(file_op::RENAME);
     if let Some(path) = watched::<LOOP>(new, bit) {
-        emit::<LOOP>(sc.ret, file_op::RENAME, flags, 0, &path, Some(old), false);
+        emit::<LOOP>(sc.ret, file_op::RENAME, flags, 0, &path, Some(old), 0);
     } else if let Some(path) = watched::<LOOP>(old, bit) {
-        emit::<LOOP>(sc.ret, file_op::RENAME, flags, 0, &path, Some(new), true);
+        emit::<LOOP>(
+            sc.ret,
+            file_op::RENAME,
+            flags,
+            0,
+            &path,
+            Some(new),
+            file_info::PATH_IS_SOURCE,
+        );
     }
 }

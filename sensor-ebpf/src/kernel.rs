@@ -61,6 +61,7 @@ pub static LAYOUT: KernelLayout = KernelLayout {
     mount_mnt_parent: 0,
     mount_mnt_mountpoint: 0,
     vfsmount_mnt_root: 0,
+    vfsmount_mnt_sb: 0,
     fs_root: 0,
     fs_pwd: 0,
     files_fdt: 0,

@@ -1,5 +1,6 @@
 //! Paths from dentries: the walk from a `struct path` up to the task's root, crossing
-//! mount points, written either as NUL-terminated components (exec records) or as a
+//! mount points (a bind mount of the root's filesystem climbed through, to the path the
+//! file has in the tree), written either as NUL-terminated components (exec records) or as a
 //! `/a/b/c` string assembled right to left (file probes).
 //!
 //! Two flavours of every program that walks, chosen by the agent at load time (`LOOP`):
@@ -226,6 +227,9 @@ fn step<const BACKWARDS: bool>(s: &mut WalkState) -> bool {
         return true;
     };
     if dentry == mnt_root {
+        if other_mount_of_root_fs(s, vfsmnt) {
+            return false;
+        }
         let Ok(parent_mount) = read_ptr(mount, off!(mount_mnt_parent)) else {
             return true;
         };
@@ -262,6 +266,31 @@ fn step<const BACKWARDS: bool>(s: &mut WalkState) -> bool {
     }
     s.dentry = parent as u64;
     false
+}
+
+/// At the root of a mount: when the mount shows (part of) the filesystem the task's root
+/// is on, a bind mount (`mount --bind /etc/cron.d /tmp/x`, or of `/` itself), the walk
+/// goes on from the same dentry in the root's mount, so a file reached through the bind
+/// mount gets the path it has in the tree (`/etc/cron.d/job`, not `/tmp/x/job`). Mounts
+/// of other filesystems are crossed to where they are mounted.
+#[inline(always)]
+fn other_mount_of_root_fs(s: &mut WalkState, vfsmnt: KPtr) -> bool {
+    let root_mnt = s.root_mnt as KPtr;
+    if vfsmnt == root_mnt {
+        return false;
+    }
+    let (Ok(sb), Ok(root_sb)) = (
+        read_ptr(vfsmnt, off!(vfsmount_mnt_sb)),
+        read_ptr(root_mnt, off!(vfsmount_mnt_sb)),
+    ) else {
+        return false;
+    };
+    if sb != root_sb {
+        return false;
+    }
+    s.vfsmnt = root_mnt as u64;
+    s.mount = (root_mnt as u64).wrapping_sub(off!(mount_mnt) as u64);
+    true
 }
 
 /// Appends `name` and its NUL at `s.end` in the scratch data area.

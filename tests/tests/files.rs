@@ -3,7 +3,7 @@
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -78,6 +78,114 @@ fn writes_renames_unlinks_chmod_and_touch_in_a_watched_directory() {
     agent.wait_for("the unlink", |l| {
         file_event(l, "FILE_OP_UNLINK", &moved).is_some()
     });
+    let _ = fs::remove_dir_all(&watched);
+    agent.stop();
+}
+
+/// Writes that reach a watched directory by another way than its name: a symbolic link, a
+/// `..`, `/proc/self/root` and a bind mount. Each is reported at the path of the file the
+/// kernel opened, with the caller's path beside it.
+#[test]
+fn writes_through_links_dots_proc_root_and_bind_mounts_are_reported_where_they_land() {
+    let watched = dir("landing");
+    let elsewhere = dir("elsewhere");
+    let w = watched.to_str().unwrap().to_owned();
+    let q = elsewhere.to_str().unwrap().to_owned();
+    let same_fs = |p: &Path| fs::metadata(p).unwrap().dev() == fs::metadata("/").unwrap().dev();
+    assert!(
+        same_fs(&watched),
+        "this test needs /var/tmp on the root filesystem (bind mounts of it are climbed through)"
+    );
+    let mut agent = Agent::start(&["--watch", &format!("{w}/")]);
+
+    let link = format!("{q}/link");
+    std::os::unix::fs::symlink(&watched, &link).unwrap();
+    let bind = format!("{q}/bind");
+    fs::create_dir(&bind).unwrap();
+    let status = Command::new("mount")
+        .args(["--bind", &w, &bind])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount --bind {w} {bind}");
+    let wname = watched.file_name().unwrap().to_str().unwrap();
+    let ways = [
+        (format!("{link}/via-link.jsp"), format!("{w}/via-link.jsp")),
+        (
+            format!("{q}/../{wname}/via-dots.jsp"),
+            format!("{w}/via-dots.jsp"),
+        ),
+        (
+            format!("/proc/self/root{w}/via-proc-root.jsp"),
+            format!("{w}/via-proc-root.jsp"),
+        ),
+        (format!("{bind}/via-bind.jsp"), format!("{w}/via-bind.jsp")),
+    ];
+    for (given, _) in &ways {
+        fs::write(
+            given,
+            "<% Runtime.getRuntime().exec(request.getParameter(\"c\")); %>",
+        )
+        .unwrap();
+    }
+    let status = Command::new("umount").arg(&bind).status().unwrap();
+    assert!(status.success(), "umount {bind}");
+
+    for (given, real) in &ways {
+        let ev = agent.wait_for(&format!("the write through {given}"), |l| {
+            file_event(l, "FILE_OP_CREATE", real).is_some()
+        });
+        let f = &ev["event"]["file"];
+        assert_eq!(f["givenPath"], given.as_str(), "{ev}");
+        assert_eq!(f["resolved"], true, "{ev}");
+        assert_eq!(f["created"], true, "{ev}");
+    }
+    let _ = fs::remove_dir_all(&watched);
+    let _ = fs::remove_dir_all(&elsewhere);
+    agent.stop();
+}
+
+/// `: > log` opens with O_CREAT|O_TRUNC: on a file that exists it is a truncation, not a
+/// creation; `>>` is a write; a new file is a creation.
+#[test]
+fn an_open_that_truncates_an_existing_file_is_a_truncation() {
+    let watched = dir("logs");
+    let w = watched.to_str().unwrap().to_owned();
+    let log = format!("{w}/access.log");
+    fs::write(&log, "10.0.0.1 GET /mifs/\n".repeat(100)).unwrap();
+    let mut agent = Agent::start(&["--watch", &format!("{w}/")]);
+
+    let fresh = format!("{w}/new.log");
+    let status = Command::new("/bin/sh")
+        .args([
+            "-c",
+            &format!(": > {log}; echo cover >> {log}; : > {fresh}"),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let trunc = agent.wait_for("the truncation", |l| {
+        file_event(l, "FILE_OP_TRUNCATE", &log).is_some()
+    });
+    let f = &trunc["event"]["file"];
+    assert_eq!(f["existed"], true, "{trunc}");
+    assert_ne!(f["created"], true, "{trunc}");
+    assert!(f["flags"].as_u64().unwrap() & libc::O_TRUNC as u64 != 0);
+    let append = agent.wait_for("the append", |l| {
+        file_event(l, "FILE_OP_OPEN_WRITE", &log).is_some()
+    });
+    assert!(append["event"]["file"]["flags"].as_u64().unwrap() & libc::O_APPEND as u64 != 0);
+    let created = agent.wait_for("the creation", |l| {
+        file_event(l, "FILE_OP_CREATE", &fresh).is_some()
+    });
+    assert_eq!(created["event"]["file"]["created"], true, "{created}");
+    let wrong = agent.collect(Duration::from_millis(200), |l| {
+        file_event(l, "FILE_OP_CREATE", &log).is_some()
+    });
+    assert!(
+        wrong.is_empty(),
+        "the truncated log was reported created: {wrong:?}"
+    );
     let _ = fs::remove_dir_all(&watched);
     agent.stop();
 }

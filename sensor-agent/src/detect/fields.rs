@@ -13,6 +13,12 @@ use crate::{
     proctable::{ProcessInfo, ProcessTable},
 };
 
+/// Open flags (x86-64) the `file.flag_*` fields test.
+const O_CREAT: u32 = 0o100;
+const O_EXCL: u32 = 0o200;
+const O_TRUNC: u32 = 0o1000;
+const O_APPEND: u32 = 0o2000;
+
 /// What a field holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -208,6 +214,14 @@ fields! {
     FileIsSource => "file.is_source", Bool, ["file"], "file.path is where a rename came from";
     FileMode => "file.mode", Int, ["file"], "mode given to open or chmod";
     FileFlags => "file.flags", Int, ["file"], "open flags";
+    FileGivenPath => "file.given_path", Str, ["file"], "the path as the process gave it, when a link, '..' or another mount made it differ from file.path";
+    FileResolved => "file.resolved", Bool, ["file"], "file.path was walked up from the file the kernel opened";
+    FileCreated => "file.created", Bool, ["file"], "the open created the file (known when file.resolved)";
+    FileExisted => "file.existed", Bool, ["file"], "the file was there before the open (known when file.resolved)";
+    FileFlagCreate => "file.flag_create", Bool, ["file"], "the open asked O_CREAT";
+    FileFlagTruncate => "file.flag_truncate", Bool, ["file"], "the open asked O_TRUNC";
+    FileFlagAppend => "file.flag_append", Bool, ["file"], "the open asked O_APPEND";
+    FileFlagExclusive => "file.flag_exclusive", Bool, ["file"], "the open asked O_EXCL";
 
     BpfProgName => "bpf.prog_name", Str, ["bpf_load"], "name of the loaded program";
     BpfProgType => "bpf.prog_type", Int, ["bpf_load"], "BPF program type";
@@ -695,10 +709,23 @@ impl Field {
             | Field::FileOtherPath
             | Field::FileIsSource
             | Field::FileMode
-            | Field::FileFlags => {
+            | Field::FileFlags
+            | Field::FileGivenPath
+            | Field::FileResolved
+            | Field::FileCreated
+            | Field::FileExisted
+            | Field::FileFlagCreate
+            | Field::FileFlagTruncate
+            | Field::FileFlagAppend
+            | Field::FileFlagExclusive => {
                 let Some(K::File(f)) = kind else {
                     return Value::Missing;
                 };
+                let is_open = matches!(
+                    FileOp::try_from(f.op),
+                    Ok(FileOp::OpenWrite | FileOp::Create | FileOp::CreateExec)
+                ) || (f.op == FileOp::Truncate as i32 && f.flags & O_TRUNC != 0);
+                let flag = |bit: u32| Value::Bool(is_open && f.flags & bit != 0);
                 match self {
                     Field::FileOp => s(file_op_name(f.op)),
                     Field::FilePath => s(&f.path),
@@ -708,6 +735,14 @@ impl Field {
                     Field::FileOtherPath => s(&f.other_path),
                     Field::FileIsSource => Value::Bool(f.path_is_source),
                     Field::FileMode => Value::Int(i64::from(f.mode)),
+                    Field::FileGivenPath => s(&f.given_path),
+                    Field::FileResolved => Value::Bool(f.resolved),
+                    Field::FileCreated => Value::Bool(f.created),
+                    Field::FileExisted => Value::Bool(f.existed),
+                    Field::FileFlagCreate => flag(O_CREAT),
+                    Field::FileFlagTruncate => flag(O_TRUNC),
+                    Field::FileFlagAppend => flag(O_APPEND),
+                    Field::FileFlagExclusive => flag(O_EXCL),
                     _ => Value::Int(i64::from(f.flags)),
                 }
             }

@@ -82,6 +82,7 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         mount_mnt_parent: r.offset("mount", "mnt_parent")?,
         mount_mnt_mountpoint: r.offset("mount", "mnt_mountpoint")?,
         vfsmount_mnt_root: r.offset("vfsmount", "mnt_root")?,
+        vfsmount_mnt_sb: r.offset("vfsmount", "mnt_sb")?,
         fs_root: r.offset("fs_struct", "root")?,
         fs_pwd: r.offset("fs_struct", "pwd")?,
         files_fdt: r.offset("files_struct", "fdt")?,

@@ -258,12 +258,7 @@ fn drive(hooks: &str) -> Value {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    // Opens are hooked at security_file_open where open_files runs on fexit.
-    let resolved_opens = probes.iter().any(|p| {
-        p.get("probe").and_then(Value::as_str) == Some("open_files")
-            && p.get("mode").and_then(Value::as_str) == Some("fexit")
-    });
-    let checks = check(&lines, &expect, resolved_opens);
+    let checks = check(&lines, &expect);
     let alerts: Vec<String> = lines
         .iter()
         .filter_map(|l| l.pointer("/alert/ruleId").and_then(Value::as_str))
@@ -326,6 +321,7 @@ struct Expect {
     ptrace_target: u32,
     cron_file: String,
     linked_file: String,
+    bound_file: String,
     errors: Vec<String>,
 }
 
@@ -463,17 +459,44 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
         .and_then(|()| fs::write(&e.cron_file, "* * * * * root true\n"));
     note(e, "cron file", r);
 
-    // The same through a symbolic link: where opens are hooked at security_file_open the
-    // event names the file the kernel opened, under the watched /etc/cron.d.
+    // The same through a symbolic link and through a bind mount: the event names the file
+    // the kernel opened, under the watched /etc/cron.d.
     e.linked_file = format!("/etc/cron.d/{MARK}-link");
     let _ = fs::remove_file("/tmp/kmx-cron");
     let r = std::os::unix::fs::symlink("/etc/cron.d", "/tmp/kmx-cron")
         .and_then(|()| fs::write(format!("/tmp/kmx-cron/{MARK}-link"), "# via a link\n"));
     note(e, "file through a link", r);
+    e.bound_file = format!("/etc/cron.d/{MARK}-bind");
+    let r = fs::create_dir_all("/tmp/kmx-bind")
+        .and_then(|()| bind_mount("/etc/cron.d", "/tmp/kmx-bind"))
+        .and_then(|()| fs::write(format!("/tmp/kmx-bind/{MARK}-bind"), "# via a bind\n"));
+    note(e, "file through a bind mount", r);
+    // SAFETY: unmounts what this driver mounted.
+    unsafe { libc::umount2(c"/tmp/kmx-bind".as_ptr(), libc::MNT_DETACH) };
 
     // A signal to the agent (one that does nothing to it).
     // SAFETY: SIGCONT to the agent we started.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+}
+
+fn bind_mount(from: &str, to: &str) -> std::io::Result<()> {
+    let from = std::ffi::CString::new(from)?;
+    let to = std::ffi::CString::new(to)?;
+    // SAFETY: valid C strings; a bind mount takes no type or data.
+    let rc = unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn wait(pid: i32) {
@@ -482,7 +505,7 @@ fn wait(pid: i32) {
     unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
-fn check(lines: &[Value], e: &Expect, resolved_opens: bool) -> Checks {
+fn check(lines: &[Value], e: &Expect) -> Checks {
     let mut c = Checks { items: Vec::new() };
     for err in &e.errors {
         c.add("re-enactment", false, err.clone());
@@ -593,14 +616,18 @@ fn check(lines: &[Value], e: &Expect, resolved_opens: bool) -> Checks {
             s(ev, "/file/op")
         }),
     );
-    if resolved_opens {
-        let linked = find("file", &|_, b| s(b, "/path") == e.linked_file);
-        c.add(
-            "file_resolved",
-            linked.is_some(),
-            format!("/tmp/kmx-cron/{MARK}-link reported as {}", e.linked_file),
-        );
-    }
+    let linked = find("file", &|_, b| s(b, "/path") == e.linked_file);
+    c.add(
+        "file_resolved",
+        linked.is_some(),
+        format!("/tmp/kmx-cron/{MARK}-link reported as {}", e.linked_file),
+    );
+    let bound = find("file", &|_, b| s(b, "/path") == e.bound_file);
+    c.add(
+        "file_bind_mount",
+        bound.is_some(),
+        format!("/tmp/kmx-bind/{MARK}-bind reported as {}", e.bound_file),
+    );
     let signal = find("signal", &|ev, _| pid_of(ev) == e.driver);
     c.add(
         "signal",
