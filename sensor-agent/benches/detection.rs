@@ -194,6 +194,7 @@ fn run_replay(label: &str, trace: &std::path::Path, sigma: SigmaSet) {
         &sensor_agent::replay::ReplayOptions {
             traces: vec![trace.to_path_buf()],
             print_events: false,
+            collapse_window_ns: None,
         },
         set,
         Arc::new(sigma),

@@ -568,8 +568,9 @@ fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError
         exe_size: r.exe_size,
         exe_mtime: r.exe_mtime,
         exe_ctime: r.exe_ctime,
-        // Filled in by the pipeline (`executables.rs`), which reads the file.
+        // Filled in by the pipeline (`executables.rs`, `connections.rs`) from /proc.
         exe_identity: None,
+        parent_connections: Vec::new(),
         cwd: if r.cwd_len == 0 {
             String::new()
         } else {

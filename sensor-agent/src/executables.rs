@@ -282,6 +282,11 @@ impl Executables {
         }
     }
 
+    /// The host root the identities are read under (`/` on a live host).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The identity of the executable `exec` ran, from the cache or by reading it through
     /// `/proc/PID/exe` (the very file, even renamed or deleted since).
     pub fn identify(&mut self, pid: u32, exec: &ExecEvent) -> Arc<ExeIdentity> {

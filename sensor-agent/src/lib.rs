@@ -6,6 +6,7 @@
 //! `run` is the live command.
 
 pub mod config;
+pub mod connections;
 pub mod decode;
 pub mod delivery;
 pub mod detect;

@@ -53,6 +53,11 @@ struct ReplayArgs {
     /// SigmaHQ rule directory (repeatable).
     #[arg(long = "sigma", value_name = "DIR")]
     sigma: Vec<PathBuf>,
+    /// As `run --collapse`: repeats of a rule on one process tree within this many
+    /// seconds collapse into one alert; 0: every match is its own alert (60). Replay with
+    /// the live run's value to get its very lines.
+    #[arg(long, value_name = "SECONDS")]
+    collapse: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -307,6 +312,7 @@ fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {
         &replay::ReplayOptions {
             traces: args.traces,
             print_events: args.events,
+            collapse_window_ns: args.collapse.map(|s| s.saturating_mul(1_000_000_000)),
         },
         rules,
         sigma,
@@ -334,13 +340,25 @@ fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {
 fn rules_check(dirs: &[PathBuf], sigma: &[PathBuf]) -> anyhow::Result<()> {
     let mut failed = false;
     match detect::rules::load(dirs, true) {
-        Ok(set) => println!(
-            "rules: {} rules, {} identities, {} allow entries from {} files: ok",
-            set.rules.len(),
-            set.identities.len(),
-            set.allows.len(),
-            set.files.len()
-        ),
+        Ok(set) => {
+            println!(
+                "rules: {} rules, {} identities, {} allow entries from {} files: ok",
+                set.rules.len(),
+                set.identities.len(),
+                set.allows.len(),
+                set.files.len()
+            );
+            // Where the file rules look is what the probes watch: say what they cannot see.
+            let places = detect::places::derive(&set);
+            println!(
+                "watched: {} prefixes and {} names anywhere, from the file rules",
+                places.prefixes.len(),
+                places.suffixes.len()
+            );
+            for warning in &places.warnings {
+                println!("warning: {warning}");
+            }
+        }
         Err(errors) => {
             failed = true;
             println!("{errors}");

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
-use sensor_proto::v1::{Alert, Event, TraceHeader};
+use sensor_proto::v1::{Alert, Event, TraceHeader, event};
 use tracing::warn;
 
 use crate::{
@@ -126,6 +126,7 @@ impl<S: Sink> Pipeline<S> {
                 // Live runs read what each new executable is; replay has it recorded.
                 if let Some(executables) = self.executables.as_mut() {
                     executables.enrich(&mut event);
+                    link_parent_connections(&mut event, &self.table, executables.root());
                 }
                 self.handle_event(event)
             }
@@ -226,6 +227,21 @@ impl<S: Sink> Pipeline<S> {
         if let Some(flight) = self.flight.as_mut() {
             flight.flush();
         }
+    }
+}
+
+/// A shell or interpreter started by the web tier: the connections its parent holds
+/// outwards (live runs; a replayed event carries the ones it was recorded with).
+fn link_parent_connections(event: &mut Event, table: &ProcessTable, root: &std::path::Path) {
+    if let Some(event::Kind::Exec(exec)) = event.kind.as_mut()
+        && exec.parent_connections.is_empty()
+        && exec
+            .exe_identity
+            .as_ref()
+            .is_some_and(|i| i.shell || i.interpreter)
+        && table.get(exec.ppid).is_some_and(|p| p.lineage.is_some())
+    {
+        exec.parent_connections = crate::connections::outbound(&root.join("proc"), exec.ppid);
     }
 }
 

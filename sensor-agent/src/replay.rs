@@ -29,6 +29,8 @@ use crate::{
 pub struct ReplayOptions {
     pub traces: Vec<PathBuf>,
     pub print_events: bool,
+    /// The collapse window, as `run --collapse` (None: the default).
+    pub collapse_window_ns: Option<u64>,
 }
 
 /// What a replay went through.
@@ -49,7 +51,7 @@ fn pipeline<W: Write>(
     rules: &Arc<RuleSet>,
     sigma: &Arc<SigmaSet>,
     out: W,
-    print_events: bool,
+    opts: &ReplayOptions,
 ) -> Pipeline<JsonLines<W>> {
     let clock = BootClock {
         boot_epoch_ns: i128::from(header.boot_epoch_ns),
@@ -57,7 +59,7 @@ fn pipeline<W: Write>(
     let mut table = ProcessTable::default();
     snapshot::from_entries(&header.processes, &mut table);
     let users = UserNames::from_pairs(header.users.iter().map(|(u, n)| (*u, n.clone())));
-    let engine = Engine::new(
+    let mut engine = Engine::new(
         Arc::clone(rules),
         Arc::clone(sigma),
         users,
@@ -68,11 +70,14 @@ fn pipeline<W: Write>(
         clock,
         header.agent_pid,
     );
+    if let Some(window) = opts.collapse_window_ns {
+        engine.set_collapse_window(window);
+    }
     Pipeline::new(
         table,
         engine,
         JsonLines::new(out),
-        print_events,
+        opts.print_events,
         DecodeContext {
             clock,
             agent_pid: header.agent_pid,
@@ -143,10 +148,7 @@ pub fn replay<W: Write>(
                 out = Some(p.sink.into_inner());
             }
             let Some(w) = out.take() else { break };
-            current = Some((
-                header.clone(),
-                pipeline(&header, &rules, &sigma, w, opts.print_events),
-            ));
+            current = Some((header.clone(), pipeline(&header, &rules, &sigma, w, opts)));
         }
         let Some((prev, pipeline)) = current.as_mut() else {
             break;

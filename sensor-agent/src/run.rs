@@ -130,7 +130,10 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let (rule_set, sigma_set) = load_detection(&options.sources.rules, &options.sources.sigma)?;
-    options.load.watch = reload::watch_rules(&options.sources.watch).map_err(anyhow::Error::msg)?;
+    let watch =
+        reload::watch_rules(&rule_set, &options.sources.watch).map_err(anyhow::Error::msg)?;
+    options.load.watch = watch.prefixes;
+    options.load.watch_suffixes = watch.suffixes;
     // Before the probes: a bad URL, TLS file or spool is an error at start, not later.
     let delivery = options
         .delivery
@@ -258,6 +261,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
             cli: options.cli_sources.clone(),
         },
         watch: options.load.watch.clone(),
+        watch_suffixes: options.load.watch_suffixes.clone(),
         watched_files: watched_files(options.config_path.as_ref(), &options.sources),
         ring_capacity: u64::from(options.load.ring_bytes),
     };
@@ -271,6 +275,8 @@ struct Ops {
     reload: ReloadSource,
     /// The watch list in the probes now.
     watch: Vec<crate::probes::watch::WatchRule>,
+    /// The names watched anywhere, fixed when the probes were loaded.
+    watch_suffixes: Vec<(String, u32)>,
     /// The configuration file and rule directories, watched for changes on disk.
     watched_files: Vec<PathBuf>,
     /// Size of the kernel ring buffer in bytes.
@@ -422,12 +428,19 @@ async fn event_loop(
                 info!("SIGHUP: reloading the rules");
                 ops.notifier.reloading();
                 match reload::prepare(&ops.reload) {
-                    Ok(new) => match reload::swap_watch(&mut ebpf, &ops.watch, &new.watch) {
+                    Ok(new) => match reload::swap_watch(&mut ebpf, &ops.watch, &new.watch.prefixes) {
                         Ok(()) => {
+                            if new.watch.suffixes != ops.watch_suffixes {
+                                warn!(
+                                    "the new rules watch other names anywhere ({:?}); names are \
+                                     set when the probes load and change at the next start",
+                                    new.watch.suffixes.iter().map(|(s, _)| s).collect::<Vec<_>>()
+                                );
+                            }
                             let (rules, sigma) = (new.rules.rules.len(), new.sigma.counts().0);
                             pipeline.engine.set_rules(new.rules);
                             pipeline.engine.set_sigma(new.sigma);
-                            ops.watch = new.watch;
+                            ops.watch = new.watch.prefixes;
                             ops.watched_files =
                                 watched_files(ops.reload.config_path.as_ref(), &new.sources);
                             fingerprint = Fingerprint::read(&ops.watched_files);

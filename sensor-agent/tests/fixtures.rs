@@ -27,6 +27,7 @@ fn fixtures_raise_the_expected_rules() {
             &ReplayOptions {
                 traces: vec![fixtures().join(file)],
                 print_events: false,
+                collapse_window_ns: None,
             },
             Arc::clone(&set),
             Arc::new(SigmaSet::default()),
@@ -68,6 +69,7 @@ fn the_same_fixture_replays_byte_for_byte() {
             &ReplayOptions {
                 traces: vec![fixtures().join("java-reverse-shell.trace.zst")],
                 print_events: true,
+                collapse_window_ns: None,
             },
             Arc::clone(&set),
             Arc::new(SigmaSet::default()),

@@ -497,7 +497,7 @@ pub struct WatchSuffix {
 }
 
 /// Slots for watched suffixes.
-pub const MAX_WATCH_SUFFIXES: usize = 4;
+pub const MAX_WATCH_SUFFIXES: usize = 16;
 
 #[cfg(feature = "user")]
 mod user {

@@ -168,15 +168,17 @@ fn wanted(built: &Built) -> u32 {
     );
     let mut ops = WATCH.get(&buf.key).copied().unwrap_or(0);
 
-    // The last 16 bytes of the path against the watched suffixes.
-    if built.len >= 16 {
-        let end = (built.start + built.len - 16) & (AREA - 1);
+    // The last 16 bytes of the path against the watched suffixes. A path shorter than 16
+    // bytes brings bytes from before it in the area; a slot longer than the path is
+    // skipped, and a shorter one's mask leaves them out.
+    {
+        let end = (built.start + built.len).wrapping_sub(16) & (AREA - 1);
         let tail = buf.area.as_ptr().wrapping_add(end) as *const u64;
         // SAFETY: end + 16 <= AREA + slack.
         let (t0, t1) = unsafe { (tail.read_unaligned(), tail.add(1).read_unaligned()) };
         for i in 0..MAX_WATCH_SUFFIXES {
             let slot = unsafe { core::ptr::read_volatile(&WATCH_SUFFIXES[i]) };
-            if slot.len == 0 {
+            if slot.len == 0 || slot.len as usize > built.len {
                 continue;
             }
             let bytes = slot.bytes.as_ptr() as *const u64;

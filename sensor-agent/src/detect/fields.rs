@@ -168,6 +168,9 @@ fields! {
     ExecStderr => "exec.stderr", Str, ["exec"], "what fd 2 is";
     ExecStdioSocket => "exec.stdio_socket", Bool, ["exec"], "any of fds 0-2 is a socket";
     ExecStdioRemoteAddr => "exec.stdio_remote_addr", StrList, ["exec"], "remote addresses of socket fds 0-2";
+    ExecParentConnected => "exec.parent_connected", Bool, ["exec"], "a shell or interpreter whose web-tier parent held a TCP connection out when it started";
+    ExecParentRemoteAddr => "exec.parent_remote_addr", Str, ["exec"], "remote address of that parent's newest outbound connection";
+    ExecParentRemotePort => "exec.parent_remote_port", Int, ["exec"], "remote port of that parent's newest outbound connection";
     ExecTty => "exec.tty", Bool, ["exec"], "any of fds 0-2 is a terminal";
     ExecExecveat => "exec.execveat", Bool, ["exec"], "started with execveat (fexecve)";
     ExecArgvTruncated => "exec.argv_truncated", Bool, ["exec"], "argv was longer than 4 KiB";
@@ -539,6 +542,24 @@ impl Field {
                         .map(|s| Cow::Borrowed(s.remote_addr.as_str()))
                         .collect(),
                 ),
+                _ => Value::Missing,
+            },
+            Field::ExecParentConnected => match kind {
+                Some(K::Exec(e)) => Value::Bool(!e.parent_connections.is_empty()),
+                _ => Value::Missing,
+            },
+            Field::ExecParentRemoteAddr => match kind {
+                Some(K::Exec(e)) => e
+                    .parent_connections
+                    .first()
+                    .map_or(Value::Missing, |c| s(&c.remote_addr)),
+                _ => Value::Missing,
+            },
+            Field::ExecParentRemotePort => match kind {
+                Some(K::Exec(e)) => e
+                    .parent_connections
+                    .first()
+                    .map_or(Value::Missing, |c| Value::Int(i64::from(c.remote_port))),
                 _ => Value::Missing,
             },
             Field::ExecTty => match kind {

@@ -7,9 +7,11 @@
 pub mod alert;
 pub mod expr;
 pub mod fields;
+pub mod places;
 pub mod rules;
 pub mod sequence;
 pub mod sigma;
+pub mod threshold;
 pub mod users;
 
 use std::{collections::HashMap, sync::Arc};
@@ -24,6 +26,7 @@ use self::{
     rules::{Body, RuleSet},
     sequence::Tracker,
     sigma::SigmaSet,
+    threshold::Counter,
     users::UserNames,
 };
 use crate::{
@@ -53,6 +56,8 @@ pub struct Engine {
     /// Sequence rules with a step on each event kind.
     sequences: FxHashMap<&'static str, Vec<usize>>,
     trackers: FxHashMap<usize, Tracker>,
+    /// The windows of each threshold rule.
+    counters: FxHashMap<usize, Counter>,
     collapser: Collapser,
     users: UserNames,
     identity: AgentIdentity,
@@ -78,6 +83,7 @@ impl Engine {
             singles: FxHashMap::default(),
             sequences: FxHashMap::default(),
             trackers: FxHashMap::default(),
+            counters: FxHashMap::default(),
             collapser: Collapser::new(COLLAPSE_WINDOW_NS),
             users,
             identity,
@@ -102,11 +108,15 @@ impl Engine {
         self.singles.clear();
         self.sequences.clear();
         self.trackers.clear();
+        self.counters.clear();
         for (i, rule) in rules.rules.iter().enumerate() {
             match &rule.body {
-                Body::Single { on, .. } => {
+                Body::Single { on, threshold, .. } => {
                     for kind in on {
                         self.singles.entry(*kind).or_default().push(i);
+                    }
+                    if threshold.is_some() {
+                        self.counters.insert(i, Counter::default());
                     }
                 }
                 Body::Sequence { steps, .. } => {
@@ -202,10 +212,24 @@ impl Engine {
         if let Some(singles) = self.singles.get(kind) {
             for &i in singles {
                 self.stats.evaluated += 1;
-                if let Body::Single { cond, .. } = &self.rules.rules[i].body
-                    && cond.eval(&ctx)
-                {
-                    matched.push((i, vec![event.clone()]));
+                let Body::Single {
+                    cond, threshold, ..
+                } = &self.rules.rules[i].body
+                else {
+                    continue;
+                };
+                if !cond.eval(&ctx) {
+                    continue;
+                }
+                match threshold {
+                    None => matched.push((i, vec![event.clone()])),
+                    Some(t) => {
+                        if let Some(evidence) =
+                            self.counters.entry(i).or_default().feed(t, event, &ctx)
+                        {
+                            matched.push((i, evidence));
+                        }
+                    }
                 }
             }
         }

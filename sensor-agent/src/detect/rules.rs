@@ -182,6 +182,9 @@ struct RuleDef {
     on: Vec<Spanned<String>>,
     condition: Option<Spanned<String>>,
     sequence: Option<SequenceDef>,
+    /// With `condition`: the rule fires when the matching events of one key carry this
+    /// many distinct values within the window (a fan-out), not on each event.
+    threshold: Option<ThresholdDef>,
     #[serde(default = "yes")]
     enabled: bool,
 }
@@ -195,6 +198,20 @@ fn yes() -> bool {
 struct SequenceDef {
     within: Spanned<String>,
     steps: Vec<StepDef>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThresholdDef {
+    /// The fields whose combined values are counted (e.g. remote address and port).
+    distinct: Vec<Spanned<String>>,
+    /// How many distinct values make the rule fire (2 to MAX_THRESHOLD).
+    count: Spanned<String>,
+    within: Spanned<String>,
+    /// Whose events are counted together: `tree` (default), `process`, `parent`, or a
+    /// field name.
+    #[serde(default)]
+    key: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -248,10 +265,30 @@ pub struct Step {
     pub captures: Vec<(String, Field)>,
 }
 
+/// A fan-out: `count` distinct values of `distinct` among one key's matching events
+/// within `within_ns`.
+#[derive(Clone, Debug)]
+pub struct Threshold {
+    pub distinct: Vec<Field>,
+    pub count: u32,
+    pub within_ns: u64,
+    pub key: Key,
+}
+
+/// The largest `threshold.count` a rule may ask for: what one key keeps is bounded by it.
+pub const MAX_THRESHOLD: u32 = 10_000;
+
 #[derive(Clone, Debug)]
 pub enum Body {
-    Single { on: Vec<&'static str>, cond: Cond },
-    Sequence { within_ns: u64, steps: Vec<Step> },
+    Single {
+        on: Vec<&'static str>,
+        cond: Cond,
+        threshold: Option<Threshold>,
+    },
+    Sequence {
+        within_ns: u64,
+        steps: Vec<Step>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -593,6 +630,102 @@ fn event_kinds(
 }
 
 /// `5s`, `500ms`, `2m`, `1h` in nanoseconds.
+/// A sequence step's or threshold's `key:`; `at` places the error when there is none.
+fn parse_key(
+    key: Option<&Spanned<String>>,
+    at: &Spanned<String>,
+    s: &Source<'_>,
+    errors: &mut Vec<RuleError>,
+) -> Option<Key> {
+    Some(match key.map(|k| k.as_str()) {
+        None | Some("tree") => Key::Tree,
+        Some("process") => Key::Process,
+        Some("parent") => Key::Parent,
+        Some(name) => match Field::by_name(name) {
+            Some((f, Kind::Int | Kind::Str, _)) => Key::Field(f),
+            _ => {
+                errors.push(s.at(
+                    key.unwrap_or(at),
+                    format!(
+                        "key `{name}` is not tree, process, parent or a string or number field"
+                    ),
+                ));
+                return None;
+            }
+        },
+    })
+}
+
+/// A rule's `threshold:`, checked against the event kinds of its `on:`.
+fn parse_threshold(
+    def: &ThresholdDef,
+    on: &[&'static str],
+    s: &Source<'_>,
+    errors: &mut Vec<RuleError>,
+) -> Option<Threshold> {
+    let before = errors.len();
+    let within_ns = parse_duration(&def.within);
+    if within_ns.is_none() {
+        errors.push(s.at(
+            &def.within,
+            format!("`{}` is not a duration like 5s, 500ms, 2m", *def.within),
+        ));
+    }
+    let count = def
+        .count
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|n| (2..=MAX_THRESHOLD).contains(n));
+    if count.is_none() {
+        errors.push(s.at(
+            &def.count,
+            format!(
+                "count `{}` is not a number from 2 to {MAX_THRESHOLD}",
+                *def.count
+            ),
+        ));
+    }
+    if def.distinct.is_empty() {
+        errors.push(s.at(
+            &def.within,
+            "a threshold needs `distinct:` (the fields counted)",
+        ));
+    }
+    let mut distinct = Vec::new();
+    for name in &def.distinct {
+        match Field::by_name(name) {
+            Some((f, Kind::Int | Kind::Str, kinds)) if on.iter().all(|k| kinds.contains(k)) => {
+                distinct.push(f)
+            }
+            Some((_, Kind::Int | Kind::Str, _)) => errors.push(s.at(
+                name,
+                format!(
+                    "`{}` is not set on every event kind of the rule's `on:`",
+                    **name
+                ),
+            )),
+            _ => errors.push(s.at(
+                name,
+                format!(
+                    "distinct needs string or number fields; `{}` is not one",
+                    **name
+                ),
+            )),
+        }
+    }
+    let key = parse_key(def.key.as_ref(), &def.within, s, errors);
+    if errors.len() > before {
+        return None;
+    }
+    Some(Threshold {
+        distinct,
+        count: count?,
+        within_ns: within_ns?,
+        key: key?,
+    })
+}
+
 fn parse_duration(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
@@ -791,13 +924,28 @@ fn compile_rule(
                 vars: &[],
                 on: &on_names,
             };
+            let threshold = match &def.threshold {
+                Some(t) => Some(parse_threshold(t, &on, s, errors)?),
+                None => None,
+            };
             match expr::compile(cond_text, &env) {
-                Ok(cond) => Body::Single { on, cond },
+                Ok(cond) => Body::Single {
+                    on,
+                    cond,
+                    threshold,
+                },
                 Err(e) => {
                     errors.push(s.in_condition(cond_text, &e));
                     return None;
                 }
             }
+        }
+        (None, Some(_)) if def.threshold.is_some() => {
+            errors.push(s.at(
+                &def.id,
+                "`threshold` goes with `condition`; a sequence cannot have one",
+            ));
+            return None;
         }
         (None, Some(seq)) => {
             let Some(within_ns) = parse_duration(&seq.within) else {
@@ -833,20 +981,8 @@ fn compile_rule(
                         continue;
                     }
                 };
-                let key = match step.key.as_ref().map(|k| k.as_str()) {
-                    None | Some("tree") => Key::Tree,
-                    Some("process") => Key::Process,
-                    Some("parent") => Key::Parent,
-                    Some(name) => match Field::by_name(name) {
-                        Some((f, Kind::Int | Kind::Str, _)) => Key::Field(f),
-                        _ => {
-                            errors.push(s.at(
-                                step.key.as_ref().unwrap_or(&step.condition),
-                                format!("key `{name}` is not tree, process, parent or a string or number field"),
-                            ));
-                            continue;
-                        }
-                    },
+                let Some(key) = parse_key(step.key.as_ref(), &step.condition, s, errors) else {
+                    continue;
                 };
                 let mut captures = Vec::new();
                 for cap in &step.capture {

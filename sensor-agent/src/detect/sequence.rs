@@ -44,7 +44,8 @@ pub struct Tracker {
     count: usize,
 }
 
-fn key_of(key: Key, ctx: &Ctx<'_>) -> Option<GroupKey> {
+/// The group an event belongs to under `key`; `None` when the key's field is unset.
+pub(super) fn key_of(key: Key, ctx: &Ctx<'_>) -> Option<GroupKey> {
     use std::hash::{Hash, Hasher};
     let ev = ctx.event;
     Some(match key {

@@ -267,6 +267,7 @@ impl SigmaSet {
             body: Body::Single {
                 on: Vec::new(),
                 cond: Cond::Const(true),
+                threshold: None,
             },
         };
         self.rules.push(SigmaRule {

@@ -14,6 +14,7 @@ use super::{
     alert::AgentIdentity,
     rules::{self, RuleSet},
     sigma::SigmaSet,
+    threshold::MAX_EVIDENCE,
     users::UserNames,
 };
 use crate::{decode::BootClock, proctable::ProcessTable};
@@ -34,6 +35,8 @@ struct World {
     next_pid: u32,
     /// The identity the next exec's executable has, instead of `installed`'s.
     next_identity: Option<ExeIdentity>,
+    /// The connections the next exec's parent holds (what the pipeline reads from /proc).
+    next_parent_connections: Vec<SocketInfo>,
 }
 
 fn tomcat_argv() -> Vec<&'static str> {
@@ -65,6 +68,7 @@ impl World {
             now: 1_000_000_000,
             next_pid: 1000,
             next_identity: None,
+            next_parent_connections: Vec::new(),
         };
         w.exec_at(INIT, 0, "/usr/lib/systemd/systemd", &["/sbin/init"], 0);
         w.exec_at(
@@ -136,6 +140,7 @@ impl World {
             .collect();
         let now = self.now;
         let exe_identity = self.next_identity.take().or_else(|| installed(exe));
+        let parent_connections = std::mem::take(&mut self.next_parent_connections);
         self.feed(Event {
             pid,
             tid: pid,
@@ -155,6 +160,7 @@ impl World {
                 start_boot_ns: now,
                 stdio,
                 exe_identity,
+                parent_connections,
                 ..Default::default()
             })),
             ..Default::default()
@@ -223,6 +229,11 @@ impl World {
     }
 
     fn connect(&mut self, pid: u32, addr: &str, port: u32) -> Vec<Alert> {
+        self.connect_failed(pid, addr, port, 0)
+    }
+
+    /// A connect that returned `result` (0, or a negative errno).
+    fn connect_failed(&mut self, pid: u32, addr: &str, port: u32, result: i32) -> Vec<Alert> {
         self.on(
             pid,
             event::Kind::Connect(ConnectEvent {
@@ -235,6 +246,7 @@ impl World {
                     local_addr: "10.0.0.5".into(),
                     local_port: 40000,
                 }),
+                result,
                 ..Default::default()
             }),
         )
@@ -258,6 +270,7 @@ fn installed(exe: &str) -> Option<ExeIdentity> {
         "/usr/sbin/sshd" => "openssh-server",
         "/usr/sbin/mysqld" => "mysql-server",
         "/usr/lib/systemd/systemd" => "systemd",
+        "/sbin/auditd" | "/usr/sbin/auditd" => "audit",
         e if e.starts_with("/usr/java/") || e.starts_with("/usr/lib/jvm/") => "jdk",
         e if e.starts_with("/usr/bin/") || e.starts_with("/usr/sbin/") => "coreutils",
         _ => "",
@@ -666,6 +679,44 @@ fn b8_java_native_reverse_shell() {
 }
 
 #[test]
+fn b8_reverse_shell_linked_by_the_socket_the_jvm_holds() {
+    let held = |port: u32| SocketInfo {
+        family: "inet".into(),
+        r#type: "stream".into(),
+        local_addr: "10.0.0.5".into(),
+        local_port: 41000,
+        remote_addr: "198.51.100.7".into(),
+        remote_port: port,
+    };
+    // Minutes after the connect: no window, the socket the JVM still holds links them.
+    let mut w = World::new();
+    w.connect(TOMCAT, "198.51.100.7", 4444);
+    w.now += 600_000_000_000;
+    w.next_parent_connections = vec![held(4444), held(3306)];
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh"]);
+    assert!(has(&alerts, "EPMM-B8-SOCKET"), "{:?}", ids(&alerts));
+    assert!(!has(&alerts, "EPMM-B8"), "past the sequence's window");
+    // A python interpreter on pipes is the same channel.
+    let mut w = World::new();
+    w.next_parent_connections = vec![held(443)];
+    let (_, alerts) = w.spawn(TOMCAT, "/usr/bin/python3", &["python3"]);
+    assert!(has(&alerts, "EPMM-B8-SOCKET"), "{:?}", ids(&alerts));
+    // The JVM's newest connection is MySQL, or it holds none: no link.
+    let mut w = World::new();
+    w.next_parent_connections = vec![held(3306), held(4444)];
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh"]);
+    assert!(!has(&alerts, "EPMM-B8-SOCKET"));
+    let mut w = World::new();
+    let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh"]);
+    assert!(!has(&alerts, "EPMM-B8-SOCKET"));
+    // An admin's shell outside the web tier holding connections is nobody's channel.
+    let mut w = World::new();
+    w.next_parent_connections = vec![held(4444)];
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/bin/sh", &["/bin/sh"]);
+    assert!(!has(&alerts, "EPMM-B8-SOCKET"));
+}
+
+#[test]
 fn b9_web_shell_written() {
     let mut w = World::new();
     let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "echo > 403.jsp"]);
@@ -856,16 +907,19 @@ fn b18_persistence() {
         &w.file(sh, FileOp::Create, "/etc/cron.d/update"),
         "EPMM-B18"
     ));
-    assert!(
-        has(
-            &w.file(
-                sh,
-                FileOp::OpenWrite,
-                "/home/misupport/.ssh/authorized_keys"
-            ),
-            "EPMM-B18"
-        ) || w.engine.stats.collapsed > 0
-    );
+    // Boot and login persistence beyond cron: rc.local, a profile script, a PAM module.
+    for path in [
+        "/etc/rc.d/rc.local",
+        "/etc/profile.d/zz-update.sh",
+        "/usr/lib64/security/pam_unix2.so",
+    ] {
+        let mut w = World::new();
+        let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+        assert!(
+            has(&w.file(sh, FileOp::OpenWrite, path), "EPMM-B18"),
+            "{path}"
+        );
+    }
     let (_, alerts) = w.spawn(sh, "/usr/bin/crontab", &["crontab", "-"]);
     assert!(has(&alerts, "EPMM-B18-EXEC"));
     let mut w = World::new();
@@ -874,6 +928,40 @@ fn b18_persistence() {
     assert!(
         w.file(rpm, FileOp::Create, "/usr/lib/systemd/system/mi.service")
             .is_empty()
+    );
+}
+
+/// User-level persistence: a service user's profile, an SSH key, a systemd user unit, in
+/// any home; an administrator's own edits from SSH are not flagged.
+#[test]
+fn b18_user_persistence_in_any_home() {
+    for (op, path) in [
+        (FileOp::OpenWrite, "/home/tomcat/.bashrc"),
+        (FileOp::Create, "/home/misupport/.ssh/authorized_keys"),
+        (
+            FileOp::Create,
+            "/var/lib/tomcat/.config/systemd/user/update.timer",
+        ),
+        (FileOp::Rename, "/root/.profile"),
+    ] {
+        let mut w = World::new();
+        let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+        assert!(has(&w.file(sh, op, path), "EPMM-B18-USER"), "{path}");
+    }
+    let mut w = World::new();
+    let (vim, _) = w.spawn(ADMIN_SHELL, "/usr/bin/vim", &["vim", ".bashrc"]);
+    assert!(!has(
+        &w.file(vim, FileOp::OpenWrite, "/root/.bashrc"),
+        "EPMM-B18-USER"
+    ));
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    assert!(
+        !has(
+            &w.file(sh, FileOp::Create, "/var/lib/tomcat/units/update.timer"),
+            "EPMM-B18-USER"
+        ),
+        "a unit-named file outside a systemd user directory"
     );
 }
 
@@ -911,6 +999,65 @@ fn b21_tunnels() {
 }
 
 #[test]
+fn b21_scan_by_fan_out_whatever_the_tool() {
+    // A /dev/tcp loop from a web shell: every connect from its own subshell, all open
+    // or not; 16 distinct ports within 10 s.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(
+        TOMCAT,
+        "/bin/bash",
+        &["bash", "-c", "for p in ...; do ...; done"],
+    );
+    let mut all = Vec::new();
+    for port in 1..=15 {
+        let sub = w.fork(sh);
+        all.extend(w.connect(sub, "10.0.0.9", port));
+        w.now += 100_000_000;
+    }
+    assert!(!has(&all, "EPMM-B21-SCAN"), "15 ports are not yet a scan");
+    let sub = w.fork(sh);
+    let alerts = w.connect(sub, "10.0.0.9", 16);
+    assert!(has(&alerts, "EPMM-B21-SCAN"), "{:?}", ids(&alerts));
+    let scan = alerts
+        .iter()
+        .find(|a| a.rule_id == "EPMM-B21-SCAN")
+        .unwrap();
+    assert_eq!(scan.techniques, ["T1046"]);
+    assert_eq!(scan.evidence.len(), MAX_EVIDENCE);
+
+    // A python sweep of hosts by a process outside the web tier, every one refused.
+    let mut w = World::new();
+    let (py, _) = w.spawn(
+        ADMIN_SHELL,
+        "/usr/bin/python3.11",
+        &["python3.11", "-c", "..."],
+    );
+    let mut all = Vec::new();
+    for host in 1..=16 {
+        all.extend(w.connect_failed(py, &format!("10.0.1.{host}"), 22, -111));
+        w.now += 10_000_000;
+    }
+    assert!(has(&all, "EPMM-B21-SCAN"), "{:?}", ids(&all));
+
+    // The same port over and over is one value; spread over more than 10 s it is no
+    // burst; successful connects of a process outside the web tier do not count.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/bash", &["bash"]);
+    let mut all = Vec::new();
+    for _ in 0..40 {
+        all.extend(w.connect(sh, "10.0.0.9", 443));
+    }
+    for port in 1..=20 {
+        all.extend(w.connect(sh, "10.0.0.9", port));
+        w.now += 1_000_000_000;
+    }
+    for port in 1..=40 {
+        all.extend(w.connect(ADMIN_SHELL, "10.0.0.9", port));
+    }
+    assert!(!has(&all, "EPMM-B21-SCAN"), "{:?}", ids(&all));
+}
+
+#[test]
 fn b23_log_tampering() {
     let mut w = World::new();
     let (sed, _) = w.spawn(
@@ -939,6 +1086,89 @@ fn b23_log_tampering() {
     assert!(
         w.on(lr, event::Kind::File(rename)).is_empty(),
         "logrotate rotates logs"
+    );
+}
+
+/// `: > log` (a truncating open of a file that was there) and a deleted audit log.
+#[test]
+fn b23_truncation_and_deletion_of_logs_and_audit_trail() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    assert!(has(
+        &w.file(sh, FileOp::Truncate, "/mi/tomcat/logs/catalina.out"),
+        "EPMM-B23"
+    ));
+    // Another tree (alerts of one rule in one tree are collapsed).
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    let (rm, _) = w.spawn(sh, "/usr/bin/rm", &["rm", "-f", "/var/log/audit/audit.log"]);
+    assert!(has(
+        &w.file(rm, FileOp::Unlink, "/var/log/audit/audit.log"),
+        "EPMM-B23"
+    ));
+    // auditd rotating its own log.
+    let mut w = World::new();
+    let (auditd, _) = w.spawn(INIT, "/sbin/auditd", &["auditd"]);
+    assert!(
+        w.file(auditd, FileOp::Rename, "/var/log/audit/audit.log")
+            .is_empty()
+    );
+}
+
+#[test]
+fn b23_history_erased() {
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    let (ln, _) = w.spawn(
+        sh,
+        "/usr/bin/ln",
+        &["ln", "-sf", "/dev/null", "/root/.bash_history"],
+    );
+    assert!(has(
+        &w.file(ln, FileOp::Link, "/root/.bash_history"),
+        "EPMM-B23-HISTORY"
+    ));
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    let (tr, _) = w.spawn(
+        sh,
+        "/usr/bin/truncate",
+        &["truncate", "-s0", "/root/.mysql_history"],
+    );
+    assert!(has(
+        &w.file(tr, FileOp::Truncate, "/root/.mysql_history"),
+        "EPMM-B23-HISTORY"
+    ));
+    // bash trimming its own history on exit.
+    let mut w = World::new();
+    let (bash, _) = w.spawn(ADMIN_SHELL, "/bin/bash", &["bash"]);
+    assert!(!has(
+        &w.file(bash, FileOp::Truncate, "/root/.bash_history"),
+        "EPMM-B23-HISTORY"
+    ));
+}
+
+/// touch -r on a served JSP, a cron file and a log; the package manager is left alone.
+#[test]
+fn b23_timestomp_of_served_persistence_and_log_files() {
+    for path in [
+        "/mi/tomcat/webapps/mifs/403.jsp",
+        "/etc/cron.d/update",
+        "/var/log/httpd/https-access_log",
+    ] {
+        let mut w = World::new();
+        let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+        let (touch, _) = w.spawn(sh, "/usr/bin/touch", &["touch", "-r", "/etc/hosts", path]);
+        assert!(
+            has(&w.file(touch, FileOp::Utimes, path), "EPMM-B23-TIMESTOMP"),
+            "{path}"
+        );
+    }
+    let mut w = World::new();
+    let (rpm, _) = w.spawn(ADMIN_SHELL, "/usr/bin/rpm", &["rpm", "-U", "mi.rpm"]);
+    assert!(
+        w.file(rpm, FileOp::Utimes, "/mi/tomcat/webapps/mifs/index.jsp")
+            .is_empty()
     );
 }
 

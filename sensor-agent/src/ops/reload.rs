@@ -12,11 +12,12 @@ use aya::{
     },
 };
 use sensor_common::WATCH_KEY_BYTES;
+use tracing::warn;
 
 use crate::{
     config::{self, RuleSources},
     detect::{rules::RuleSet, sigma::SigmaSet},
-    probes::watch::{self, WatchRule},
+    probes::watch::{self, WatchList, WatchRule},
     run::load_detection,
 };
 
@@ -33,7 +34,7 @@ pub struct Prepared {
     pub sources: RuleSources,
     pub rules: Arc<RuleSet>,
     pub sigma: Arc<SigmaSet>,
-    pub watch: Vec<WatchRule>,
+    pub watch: WatchList,
 }
 
 /// Reads and checks everything; changes nothing.
@@ -45,7 +46,7 @@ pub fn prepare(source: &ReloadSource) -> Result<Prepared, String> {
     let sources = RuleSources::resolve(&config, &source.cli);
     let (rules, sigma) =
         load_detection(&sources.rules, &sources.sigma).map_err(|e| format!("{e:#}"))?;
-    let watch = watch_rules(&sources.watch)?;
+    let watch = watch_rules(&rules, &sources.watch)?;
     Ok(Prepared {
         sources,
         rules,
@@ -54,16 +55,13 @@ pub fn prepare(source: &ReloadSource) -> Result<Prepared, String> {
     })
 }
 
-/// The default watch list plus `extra` prefixes.
-pub fn watch_rules(extra: &[String]) -> Result<Vec<WatchRule>, String> {
-    let mut rules = watch::default_rules();
-    for prefix in extra {
-        rules.push(watch::rule_for(prefix).map_err(|e| e.to_string())?);
+/// The watch list the rules of `set` need, plus `extra` prefixes; warnings logged.
+pub fn watch_rules(set: &RuleSet, extra: &[String]) -> Result<WatchList, String> {
+    let list = WatchList::for_rules(set, extra).map_err(|e| e.to_string())?;
+    for warning in &list.warnings {
+        warn!("{warning}");
     }
-    for rule in &rules {
-        watch::validate(rule).map_err(|e| e.to_string())?;
-    }
-    Ok(rules)
+    Ok(list)
 }
 
 /// Replaces the probes' watched prefixes: new entries are written before stale ones are

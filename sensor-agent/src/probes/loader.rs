@@ -52,7 +52,7 @@ pub struct LoadOptions {
     pub syscall_hooks: SyscallHooks,
     /// Watched path prefixes for the file probes.
     pub watch: Vec<WatchRule>,
-    /// Watched path suffixes (at most four, 16 bytes each).
+    /// Watched path suffixes (at most `MAX_WATCH_SUFFIXES`, 16 bytes each).
     pub watch_suffixes: Vec<(String, u32)>,
 }
 
@@ -70,8 +70,8 @@ impl Default for LoadOptions {
             ring_bytes: 16 * 1024 * 1024,
             skip: Vec::new(),
             syscall_hooks: SyscallHooks::Auto,
-            watch: watch::default_rules(),
-            watch_suffixes: watch::default_suffixes(),
+            watch: Vec::new(),
+            watch_suffixes: Vec::new(),
         }
     }
 }

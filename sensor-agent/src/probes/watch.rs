@@ -1,7 +1,13 @@
 //! Watched places for the file probes: path prefixes (an LPM trie in the kernel) and a few
-//! suffixes for names that can be anywhere, each with the operations it wants reported.
+//! suffixes for names that can be anywhere, each with the operations it wants reported,
+//! derived from the loaded rules (`detect::places`).
 
 use sensor_common::{MAX_WATCH_SUFFIXES, WATCH_KEY_BYTES, WatchSuffix, file_op};
+
+use crate::detect::{
+    places,
+    rules::{self, RuleSet},
+};
 
 /// One watched prefix and the `file_op` bits wanted under it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,64 +34,57 @@ pub enum WatchError {
     TooManySuffixes,
 }
 
-/// Operations that write executables where payloads are staged.
-const EXEC_STAGING: u32 = file_op::bit(file_op::CREATE_EXEC) | file_op::bit(file_op::CHMOD_EXEC);
 /// Opens for writing only: /proc/PID/mem (the decoder keeps nothing else under /proc).
 const OPEN_ONLY: u32 = file_op::bit(file_op::OPEN_WRITE)
     | file_op::bit(file_op::CREATE)
     | file_op::bit(file_op::TRUNCATE);
 
-/// The default watch list for an EPMM appliance (THREATS.md B9, B10, B18, B19, B23, B5/B17).
-pub fn default_rules() -> Vec<WatchRule> {
-    let all = |p: &str| WatchRule {
-        prefix: p.into(),
-        ops: file_op::ALL,
-    };
-    let exec = |p: &str| WatchRule {
-        prefix: p.into(),
-        ops: EXEC_STAGING,
-    };
-    vec![
-        // Web root and Tomcat's compiled JSPs: web shells, staged data (B9, B10).
-        all("/mi/tomcat/webapps/"),
-        all("/mi/tomcat/work/"),
-        // Persistence (B18).
-        all("/etc/cron"),
-        all("/var/spool/cron/"),
-        all("/etc/systemd/system/"),
-        all("/usr/lib/systemd/system/"),
-        all("/lib/systemd/system/"),
-        all("/etc/rc.d/"),
-        all("/etc/init.d/"),
-        all("/etc/profile.d/"),
-        all("/etc/ld.so.preload"),
-        // Accounts and keys (B19).
-        all("/etc/sudoers"),
-        all("/etc/passwd"),
-        all("/etc/shadow"),
-        all("/etc/group"),
-        all("/root/.ssh/"),
-        // Log tampering (B23).
-        all("/var/log/httpd/"),
-        all("/var/log/tomcat/"),
-        // Executables dropped where anyone can write (B5, B17).
-        exec("/tmp/"),
-        exec("/var/tmp/"),
-        exec("/dev/shm/"),
-        // Writes into another process's memory (B15).
-        WatchRule {
-            prefix: "/proc/".into(),
-            ops: OPEN_ONLY,
-        },
-    ]
+/// What the probes watch: the places the loaded rules need, the operator's `--watch`
+/// prefixes, and `/proc/` for writes into another process's memory (B15, which the
+/// decoder turns into proc_mem_write events).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchList {
+    pub prefixes: Vec<WatchRule>,
+    pub suffixes: Vec<(String, u32)>,
+    /// Rules and places the probes cannot serve (see `detect::places`).
+    pub warnings: Vec<String>,
 }
 
-/// Suffixes watched anywhere: SSH keys of any account.
-pub fn default_suffixes() -> Vec<(String, u32)> {
-    vec![
-        ("/authorized_keys".into(), file_op::ALL),
-        ("authorized_keys2".into(), file_op::ALL),
-    ]
+impl WatchList {
+    pub fn for_rules(set: &RuleSet, extra: &[String]) -> Result<WatchList, WatchError> {
+        let places = places::derive(set);
+        let mut prefixes = vec![WatchRule {
+            prefix: "/proc/".into(),
+            ops: OPEN_ONLY,
+        }];
+        prefixes.extend(
+            places
+                .prefixes
+                .into_iter()
+                .map(|(prefix, ops)| WatchRule { prefix, ops }),
+        );
+        for prefix in extra {
+            prefixes.push(rule_for(prefix)?);
+        }
+        for rule in &prefixes {
+            validate(rule)?;
+        }
+        let suffixes: Vec<(String, u32)> = places.suffixes.into_iter().collect();
+        suffix_slots(&suffixes)?;
+        Ok(WatchList {
+            prefixes,
+            suffixes,
+            warnings: places.warnings,
+        })
+    }
+
+    /// The watch list of the embedded EPMM pack alone.
+    pub fn embedded() -> WatchList {
+        rules::load(&[], true)
+            .ok()
+            .and_then(|set| WatchList::for_rules(&set, &[]).ok())
+            .unwrap_or_default()
+    }
 }
 
 /// A rule from the command line: every operation under `prefix`.
@@ -165,11 +164,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_valid() {
-        for rule in default_rules() {
-            validate(&rule).unwrap();
-        }
-        suffix_slots(&default_suffixes()).unwrap();
+    fn the_embedded_pack_gives_a_valid_watch_list() {
+        let list = WatchList::embedded();
+        assert!(list.prefixes.iter().any(|r| r.prefix == "/proc/"));
+        assert!(list.prefixes.iter().any(|r| r.prefix == "/etc/cron"));
+        assert!(list.suffixes.iter().any(|(s, _)| s == "/authorized_keys"));
+        assert!(list.warnings.is_empty(), "{:?}", list.warnings);
+    }
+
+    #[test]
+    fn an_extra_prefix_is_watched_for_everything_and_a_bad_one_refused() {
+        let set = rules::load(&[], true).unwrap();
+        let list = WatchList::for_rules(&set, &["/srv/www/".into()]).unwrap();
+        assert!(
+            list.prefixes
+                .iter()
+                .any(|r| r.prefix == "/srv/www/" && r.ops == file_op::ALL)
+        );
+        assert_eq!(
+            WatchList::for_rules(&set, &["srv".into()]).unwrap_err(),
+            WatchError::NotAbsolute("srv".into())
+        );
     }
 
     #[test]
