@@ -12,6 +12,7 @@ pub mod delivery;
 pub mod detect;
 pub mod executables;
 pub mod identity;
+pub mod learn;
 pub mod ops;
 pub mod output;
 pub mod pipeline;

@@ -37,6 +37,35 @@ enum Command {
     /// Run recorded traces through the same detection as a live run and print the same
     /// JSON lines.
     Replay(ReplayArgs),
+    /// Learn the appliance's own baseline: watch a clean appliance for a while (or read
+    /// recorded traces) and write the web tier's legitimate programs as an allow-list rule
+    /// file to review and load with --rules.
+    Learn(LearnArgs),
+}
+
+#[derive(clap::Args)]
+struct LearnArgs {
+    /// How long to watch the live host: 30s, 45m, 12h, 7d. Not with TRACES.
+    #[arg(long, value_parser = learn_duration)]
+    duration: Option<std::time::Duration>,
+    /// The rule file to write (YAML, `allow:` entries).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Learn from these recorded traces instead of the live host.
+    traces: Vec<PathBuf>,
+    /// Keep the live run's recording in this directory (default: a temporary one, removed
+    /// after learning).
+    #[arg(long, value_name = "DIR")]
+    record: Option<PathBuf>,
+    /// Rule directory (repeatable), after the embedded EPMM pack.
+    #[arg(long = "rules", value_name = "DIR")]
+    rules: Vec<PathBuf>,
+}
+
+fn learn_duration(s: &str) -> Result<std::time::Duration, String> {
+    detect::rules::parse_duration(s)
+        .map(std::time::Duration::from_nanos)
+        .ok_or_else(|| format!("`{s}` is not a duration like 30s, 45m, 12h, 7d"))
 }
 
 #[derive(clap::Args)]
@@ -199,6 +228,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => run_command(*args),
         Command::Rules(RulesCommand::Check { dirs, sigma }) => rules_check(&dirs, &sigma),
         Command::Replay(args) => replay_command(args),
+        Command::Learn(args) => learn_command(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -301,7 +331,124 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         metrics: args.metrics.or(c.metrics.listen),
         config_path,
         cli_sources,
+        duration: None,
     }))
+}
+
+fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let (traces, host, span, _tmp) = match (args.duration, args.traces.is_empty()) {
+        (Some(_), false) => {
+            anyhow::bail!("learn: --duration watches the live host; give it or traces, not both")
+        }
+        (None, true) => {
+            anyhow::bail!("learn: give --duration (watch the live host) or recorded traces")
+        }
+        (None, false) => (
+            args.traces.clone(),
+            "the recorded host".to_owned(),
+            format!("{} trace files", args.traces.len()),
+            None,
+        ),
+        (Some(duration), true) => {
+            let (dir, tmp) = match &args.record {
+                Some(dir) => {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    (dir.clone(), None)
+                }
+                None => {
+                    let tmp = tempfile::Builder::new()
+                        .prefix("sensor-learn-")
+                        .tempdir_in("/var/tmp")
+                        .context(
+                            "cannot create a directory for the learning recording in /var/tmp",
+                        )?;
+                    (tmp.path().to_path_buf(), Some(tmp))
+                }
+            };
+            let identity = identity::detect(None);
+            let host = identity.host.clone();
+            let started = std::time::SystemTime::now();
+            const MIB: u64 = 1024 * 1024;
+            runtime()?.block_on(run::run(run::RunOptions {
+                print_events: false,
+                load: LoadOptions::default(),
+                sources: config::RuleSources {
+                    rules: args.rules.clone(),
+                    sigma: Vec::new(),
+                    watch: Vec::new(),
+                },
+                identity,
+                record: Some(RecordOptions {
+                    path: dir.join(""),
+                    max_file_bytes: 256 * MIB,
+                    max_file_age_ns: u64::MAX,
+                    max_total_bytes: u64::MAX,
+                }),
+                collapse_window_ns: Some(0),
+                duration: Some(duration),
+                ..run::RunOptions::default()
+            }))?;
+            let mut traces: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file())
+                .collect();
+            traces.sort();
+            let span = format!(
+                "{} s of the live host from {}",
+                duration.as_secs(),
+                humantime_rfc3339(started)
+            );
+            (traces, host, span, tmp)
+        }
+    };
+    let (rules, sigma) = run::load_detection(&args.rules, &[])?;
+    let mut printed = Vec::new();
+    let summary = replay::replay(
+        &replay::ReplayOptions {
+            traces,
+            print_events: false,
+            collapse_window_ns: Some(0),
+        },
+        rules,
+        sigma,
+        &mut printed,
+    );
+    if summary.failed > 0 {
+        anyhow::bail!("learn: {} trace files could not be read", summary.failed);
+    }
+    let mut learner = sensor_agent::learn::Learner::default();
+    learner
+        .json_lines(&String::from_utf8_lossy(&printed))
+        .map_err(anyhow::Error::msg)?;
+    sensor_agent::learn::write(&args.out, &learner.rule_file(&host, &span))
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    tracing::info!(
+        events = summary.events,
+        alerts = summary.alerts,
+        learned = learner.learned(),
+        left_alerting = learner.not_learned.values().sum::<u64>(),
+        out = %args.out.display(),
+        "baseline learned; review it, then load it with --rules"
+    );
+    Ok(())
+}
+
+/// `t` as RFC 3339 in UTC, to the second.
+fn humantime_rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let ts = pbjson_types::Timestamp {
+        seconds: secs,
+        nanos: 0,
+    };
+    serde_json::to_value(ts)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {

@@ -68,6 +68,8 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
     /// The command line's rule lists (they win over the file's on reload too).
     pub cli_sources: RuleSources,
+    /// Stop after this long, as on SIGTERM (`learn --duration`).
+    pub duration: Option<Duration>,
 }
 
 /// Where a live run's output goes: the collector's spool, then JSON lines on stdout (in
@@ -264,6 +266,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         watch_suffixes: options.load.watch_suffixes.clone(),
         watched_files: watched_files(options.config_path.as_ref(), &options.sources),
         ring_capacity: u64::from(options.load.ring_bytes),
+        stop_at: options.duration.map(|d| tokio::time::Instant::now() + d),
     };
     event_loop(probes, &mut pipeline, ops).await
 }
@@ -281,6 +284,8 @@ struct Ops {
     watched_files: Vec<PathBuf>,
     /// Size of the kernel ring buffer in bytes.
     ring_capacity: u64,
+    /// When to stop by itself, if ever.
+    stop_at: Option<tokio::time::Instant>,
 }
 
 /// Hands every record waiting in the ring to the pipeline; returns the ring space they
@@ -461,6 +466,10 @@ async fn event_loop(
                 ops.notifier.ready("reloaded");
             }
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
+            _ = async { tokio::time::sleep_until(ops.stop_at.unwrap_or_else(tokio::time::Instant::now)).await }, if ops.stop_at.is_some() => {
+                info!("duration reached: stopping");
+                break;
+            }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
         }
     }

