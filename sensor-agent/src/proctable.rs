@@ -97,9 +97,27 @@ pub struct TableStats {
     pub evicted: u64,
 }
 
+/// The process that last wrote a file the probes reported (created it, opened it for
+/// writing, made it executable, renamed or linked it there): what "who wrote this
+/// executable" is answered from.
+#[derive(Clone, Debug)]
+pub struct Writer {
+    pub pid: u32,
+    pub exe: Arc<str>,
+    /// The writer's web-tier identity, if it had one.
+    pub identity: Option<Arc<str>>,
+    pub boot_ns: u64,
+}
+
+/// Files whose writer is remembered at most; the oldest are forgotten first.
+pub const MAX_WRITERS: usize = 4096;
+
 pub struct ProcessTable {
     /// Keyed by pid; Fx hashing: pids are not attacker-chosen keys worth SipHash.
     procs: FxHashMap<u32, ProcessInfo>,
+    /// path -> its last writer, and the order paths were written in (for the bound).
+    writers: FxHashMap<Arc<str>, Writer>,
+    writer_order: VecDeque<Arc<str>>,
     /// Exit order: (pid, exit boot time), oldest first.
     exited: VecDeque<(u32, u64)>,
     retention_ns: u64,
@@ -117,6 +135,8 @@ impl ProcessTable {
     pub fn new(capacity: usize, retention_ns: u64) -> Self {
         Self {
             procs: FxHashMap::default(),
+            writers: FxHashMap::default(),
+            writer_order: VecDeque::new(),
             exited: VecDeque::new(),
             retention_ns,
             capacity: capacity.max(16),
@@ -235,7 +255,45 @@ impl ProcessTable {
     }
 
     /// Updates the table from one event.
+    /// The last writer of `path`, if the probes reported one.
+    pub fn writer_of(&self, path: &str) -> Option<&Writer> {
+        self.writers.get(path)
+    }
+
+    fn note_writer(&mut self, ev: &Event, file: &sensor_proto::v1::FileEvent) {
+        use sensor_proto::v1::FileOp;
+        let written = match FileOp::try_from(file.op) {
+            Ok(FileOp::Create | FileOp::OpenWrite | FileOp::Truncate | FileOp::CreateExec)
+            | Ok(FileOp::ChmodExec | FileOp::Link) => file.path.as_str(),
+            Ok(FileOp::Rename) if file.path_is_source => file.other_path.as_str(),
+            Ok(FileOp::Rename) => file.path.as_str(),
+            _ => return,
+        };
+        if written.is_empty() || file.result < 0 {
+            return;
+        }
+        let proc = self.procs.get(&ev.pid);
+        let writer = Writer {
+            pid: ev.pid,
+            exe: proc.map_or_else(|| Arc::from(""), |p| p.exe.clone()),
+            identity: proc.and_then(|p| p.lineage.as_ref().map(|l| l.identity.clone())),
+            boot_ns: ev.boot_ns,
+        };
+        let path: Arc<str> = written.into();
+        if self.writers.insert(path.clone(), writer).is_none() {
+            self.writer_order.push_back(path);
+            while self.writer_order.len() > MAX_WRITERS {
+                if let Some(old) = self.writer_order.pop_front() {
+                    self.writers.remove(&old);
+                }
+            }
+        }
+    }
+
     pub fn apply(&mut self, ev: &Event) {
+        if let Some(event::Kind::File(file)) = &ev.kind {
+            self.note_writer(ev, file);
+        }
         match &ev.kind {
             Some(event::Kind::Fork(fork)) if !fork.thread => {
                 let child = match self.procs.get(&fork.parent_pid) {

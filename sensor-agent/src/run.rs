@@ -488,6 +488,17 @@ async fn event_loop(
     Probes::detach(&mut ebpf);
     let stats = &pipeline.stats;
     let lost_total: u64 = last_lost.iter().sum();
+    if let Some(exes) = pipeline.executables.as_ref() {
+        let s = &exes.stats;
+        info!(
+            hashed = s.hashed,
+            hashed_mib = s.hashed_bytes / (1024 * 1024),
+            hash_ms = s.hash_ns / 1_000_000,
+            us_per_new_executable = s.hash_ns / s.hashed.max(1) / 1000,
+            cached = s.cached,
+            "executable identities"
+        );
+    }
     info!(
         records = stats.records,
         events = stats.events,

@@ -366,6 +366,56 @@ fn secrets_read_then_sent_out_from_the_web_tier() {
     agent.stop();
 }
 
+/// Who wrote it: one Tomcat request drops an executable, another (a separate JVM, so no
+/// sequence ties them) runs it: EPMM-B5-WRITTEN. A file the test itself wrote and ran
+/// raises nothing of the kind.
+#[test]
+fn a_payload_the_web_tier_wrote_is_known_by_its_writer() {
+    let mut agent = Agent::start(&[]);
+    let payload = format!("/tmp/{}", marker("dropped"));
+    let out = tomcat_reenact(&[
+        "exec",
+        "/bin/sh",
+        "-c",
+        &format!("cp /bin/true {payload}; chmod 755 {payload}"),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = tomcat_reenact(&["exec", &payload]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let own = format!("/tmp/{}", marker("own"));
+    std::fs::copy("/bin/true", &own).unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(Command::new(&own).status().unwrap().success());
+
+    let line = agent.wait_for("EPMM-B5-WRITTEN", |l| {
+        alert_of(l, "EPMM-B5-WRITTEN").is_some_and(|a| a["process"]["exe"] == payload.as_str())
+    });
+    assert_eq!(line["alert"]["techniques"][0], "T1105");
+    let sentinel = format!("/tmp/{}", marker("sentinel"));
+    let out = tomcat_reenact(&[
+        "exec",
+        "/bin/sh",
+        "-c",
+        &format!("cp /bin/true {sentinel}; chmod 755 {sentinel}; {sentinel}"),
+    ])
+    .output()
+    .unwrap();
+    assert!(out.status.success());
+    agent.wait_for("the sentinel", |l| {
+        alert_of(l, "EPMM-B5-WRITTEN").is_some_and(|a| a["process"]["exe"] == sentinel.as_str())
+    });
+    let quiet = agent.collect(Duration::from_millis(100), |l| {
+        alert_of(l, "EPMM-B5-WRITTEN").is_some_and(|a| a["process"]["exe"] == own.as_str())
+    });
+    for f in [&payload, &own, &sentinel] {
+        let _ = std::fs::remove_file(f);
+    }
+    assert!(quiet.is_empty(), "{quiet:?}");
+    agent.stop();
+}
+
 /// A payload executed from a memfd.
 #[test]
 fn memfd_execution_raises_b16() {

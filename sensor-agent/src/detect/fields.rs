@@ -137,6 +137,8 @@ fields! {
     ProcExeShell => "proc.exe_shell", Bool, [], "the executable's content is an installed shell, whatever its name or place";
     ProcExeInterpreter => "proc.exe_interpreter", Bool, [], "the executable's content is an installed script interpreter (python, perl...)";
     ProcExeChanged => "proc.exe_changed_since_boot", Bool, [], "the executable was written or changed (ctime) after boot";
+    ProcExeWriter => "proc.exe_writer", Str, [], "executable of the process that last wrote the executable's path, as the probes saw it (\"\" if unseen)";
+    ProcExeWriterIdentity => "proc.exe_writer_identity", Str, [], "web-tier identity of that writer, \"\" if none or unseen";
     ProcScriptPackage => "proc.script_package", Str, [], "for a script run by a shell or interpreter, the package that installed the script";
 
     ParentPid => "parent.pid", Int, [], "the parent process";
@@ -432,6 +434,18 @@ impl Field {
             Field::ProcExeShell => exe_identity(ctx.proc, |i| Value::Bool(i.shell)),
             Field::ProcExeInterpreter => exe_identity(ctx.proc, |i| Value::Bool(i.interpreter)),
             Field::ProcExeChanged => exe_identity(ctx.proc, |i| Value::Bool(i.changed_since_boot)),
+            Field::ProcExeWriter => match ctx.proc {
+                Some(p) => s(ctx.table.writer_of(&p.exe).map_or("", |w| &w.exe)),
+                None => Value::Missing,
+            },
+            Field::ProcExeWriterIdentity => match ctx.proc {
+                Some(p) => s(ctx
+                    .table
+                    .writer_of(&p.exe)
+                    .and_then(|w| w.identity.as_deref())
+                    .unwrap_or("")),
+                None => Value::Missing,
+            },
             Field::ProcScriptPackage => exe_identity(ctx.proc, |i| s(&i.script_package)),
 
             Field::ParentPid => proc_value(ctx.parent(), |p| Value::Int(i64::from(p.pid))),

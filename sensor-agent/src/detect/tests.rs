@@ -614,6 +614,43 @@ fn b5_download_chmod_execute() {
 }
 
 #[test]
+fn b5_a_program_the_web_tier_wrote_runs_whoever_starts_it() {
+    // Dropped by one request, started an hour later by cron: no window, the writer is
+    // remembered.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(
+        TOMCAT,
+        "/bin/sh",
+        &["sh", "-c", "cp x /var/tmp/.cache/kworker"],
+    );
+    w.file(sh, FileOp::CreateExec, "/var/tmp/.cache/kworker");
+    w.now += 3_600_000_000_000;
+    let (cron, _) = w.spawn(INIT, "/usr/sbin/crond", &["crond"]);
+    let (_, alerts) = w.spawn(cron, "/var/tmp/.cache/kworker", &["kworker"]);
+    assert!(has(&alerts, "EPMM-B5-WRITTEN"), "{:?}", ids(&alerts));
+    // Renamed into place by the web tier: the destination is what it wrote.
+    let mut w = World::new();
+    let (sh, _) = w.spawn(TOMCAT, "/bin/sh", &["sh"]);
+    w.on(
+        sh,
+        event::Kind::File(FileEvent {
+            op: FileOp::Rename as i32,
+            path: "/tmp/a".into(),
+            other_path: "/tmp/b".into(),
+            path_is_source: true,
+            ..Default::default()
+        }),
+    );
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/b", &["b"]);
+    assert!(has(&alerts, "EPMM-B5-WRITTEN"), "{:?}", ids(&alerts));
+    // An admin's own build run from /tmp was not written by the web tier.
+    let mut w = World::new();
+    w.file(ADMIN_SHELL, FileOp::CreateExec, "/tmp/tool");
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/tmp/tool", &["tool"]);
+    assert!(!has(&alerts, "EPMM-B5-WRITTEN"), "{:?}", ids(&alerts));
+}
+
+#[test]
 fn b6_piped_and_encoded_one_liners() {
     let alerts = fresh_spawn(
         TOMCAT,
