@@ -14,11 +14,13 @@
 //! Cost: most opens are read-only and return after one flag test. A candidate builds the
 //! absolute path (walked backwards from a dentry, then for a syscall the argument) and asks
 //! an LPM trie of watched prefixes and a few watched suffixes; only a match is reported.
+//! Each CPU remembers the last opened file's answer (`OPEN_SEEN`), so a storm of writes to
+//! one file walks its path once; a rename anywhere, or a new watch list, forgets it.
 
 use aya_ebpf::{
     helpers::generated::bpf_get_current_task,
     macros::{fexit, map},
-    maps::LpmTrie,
+    maps::{Array, LpmTrie, PerCpuArray},
     programs::FExitContext,
 };
 use sensor_common::{
@@ -47,6 +49,40 @@ static WATCH_SUFFIXES: [WatchSuffix; MAX_WATCH_SUFFIXES] = [WatchSuffix {
     bytes: [0; 16],
     mask: [0; 16],
 }; MAX_WATCH_SUFFIXES];
+
+/// The open cache's control, set by the agent: [0] = 1 when the cache may be used (the
+/// rename probe is attached, so renames invalidate it), [1] = the epoch, which the agent
+/// moves when the watch list changes and every rename moves too.
+#[map]
+pub static OPEN_CACHE_CTL: Array<u64> = Array::with_max_entries(2, 0);
+
+/// The last file an open asked about on this CPU and the watched operations its path had:
+/// a storm of writes to one file (a log, a spool) walks its path once, not per open.
+/// Keyed by what makes the path: the mount, the dentry, its parent, its name and inode.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SeenOpen {
+    mnt: u64,
+    dentry: u64,
+    parent: u64,
+    name: u64,
+    inode: u64,
+    epoch: u64,
+    ops: u64,
+}
+
+#[map]
+static OPEN_SEEN: PerCpuArray<SeenOpen> = PerCpuArray::with_max_entries(1, 0);
+
+/// A rename may change the path of any file below what it moved: cached decisions go.
+#[inline(always)]
+fn bump_open_epoch() {
+    if let Some(epoch) = OPEN_CACHE_CTL.get_ptr_mut(1) {
+        // SAFETY: a map value; a lost increment under a race still moves the epoch away
+        // from what any cache holds.
+        unsafe { *epoch = (*epoch).wrapping_add(1) };
+    }
+}
 
 /// Where the directory part of a path ends in the PATHBUF area: the directory is written
 /// backwards before it, the argument after it.
@@ -208,6 +244,50 @@ pub extern "C" fn sensor_match_suffixes(t0: u64, t1: u64, len: u64) -> u64 {
         }
     }
     ops
+}
+
+/// `watched` for an opened file, through this CPU's one-entry cache of the last file's
+/// watched operations: an open of the same file under the same epoch that wants none of
+/// `bits` ends without walking the path.
+#[inline(always)]
+fn watched_file<const LOOP: bool>(file: KPtr, bits: u32) -> Option<Built> {
+    if bits == 0 {
+        return None;
+    }
+    let enabled = OPEN_CACHE_CTL.get(0).copied().unwrap_or(0) != 0;
+    let epoch = OPEN_CACHE_CTL.get(1).copied().unwrap_or(0);
+    let mnt = get::<u64>(file, off!(file_f_path) + off!(path_mnt));
+    let dentry = get_ptr(file, off!(file_f_path) + off!(path_dentry));
+    let key = SeenOpen {
+        mnt,
+        dentry: dentry as u64,
+        parent: get::<u64>(dentry, off!(dentry_d_parent)),
+        name: get::<u64>(dentry, off!(dentry_d_name) + off!(qstr_name)),
+        inode: get::<u64>(file, off!(file_f_inode)),
+        epoch,
+        ops: 0,
+    };
+    let seen = OPEN_SEEN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry.
+    let seen = unsafe { &mut *seen };
+    if enabled
+        && seen.mnt == key.mnt
+        && seen.dentry == key.dentry
+        && seen.parent == key.parent
+        && seen.name == key.name
+        && seen.inode == key.inode
+        && seen.epoch == key.epoch
+        && seen.ops & u64::from(bits) == 0
+    {
+        return None;
+    }
+    let built = build::<LOOP>(Source::File(file))?;
+    let ops = wanted(&built);
+    *seen = SeenOpen {
+        ops: u64::from(ops),
+        ..key
+    };
+    (ops & bits != 0).then_some(built)
 }
 
 /// Builds `source` and returns it when a watch rule wants any of `bits` on it.
@@ -399,7 +479,7 @@ fn on_open<const LOOP: bool>(sc: &Syscall) {
         let file = task_fd_file(current_task(), sc.ret as u32);
         if !file.is_null() {
             let (bits, mode, info) = opened_bits(file, flags);
-            if let Some(path) = watched::<LOOP>(Source::File(file), bits) {
+            if let Some(path) = watched_file::<LOOP>(file, bits) {
                 let info = info | file_info::OTHER_IS_GIVEN;
                 emit::<LOOP>(
                     sc.ret,
@@ -447,7 +527,7 @@ fn on_file_open<const LOOP: bool>(file: KPtr, verdict: i64) {
         return;
     }
     let (bits, mode, info) = opened_bits(file, flags);
-    if let Some(path) = watched::<LOOP>(Source::File(file), bits) {
+    if let Some(path) = watched_file::<LOOP>(file, bits) {
         emit::<LOOP>(verdict, open_op(bits), flags, mode, &path, None, info);
     }
 }
@@ -534,6 +614,7 @@ fn on_path<const LOOP: bool>(sc: &Syscall) {
 /// (a watched file moved away, as `sed -i` and log cleaners do).
 #[inline(always)]
 fn rename<const LOOP: bool>(sc: &Syscall, old: Source, new: Source, flags: u64) {
+    bump_open_epoch();
     let bit = file_op::bit(file_op::RENAME);
     if let Some(path) = watched::<LOOP>(new, bit) {
         emit::<LOOP>(sc.ret, file_op::RENAME, flags, 0, &path, Some(old), 0);

@@ -267,3 +267,37 @@ fn bad_watch_path_is_refused_with_a_clear_error() {
         "{stderr}"
     );
 }
+
+/// Each CPU remembers the last opened file's answer, so a storm of writes to one file
+/// walks its path once. A rename must make it forget: a file written in an unwatched
+/// directory, the directory moved into a watched one, the same file (same dentry, same
+/// parent) written again on the same CPU is reported under its new path.
+#[test]
+fn a_file_moved_into_a_watched_place_is_reported_at_its_next_write() {
+    let watched = dir("cache-watched");
+    let outside = dir("cache-outside");
+    let w = watched.to_str().unwrap().to_owned();
+    let mut agent = Agent::start(&["--watch", &format!("{w}/")]);
+    let o = outside.to_str().unwrap().to_owned();
+    fs::create_dir_all(format!("{o}/sub")).unwrap();
+    // One shell pinned to CPU 0 does all three: the opens are its own (builtin `:`).
+    let script = format!(": > {o}/sub/f; : > {o}/sub/f; mv {o}/sub {w}/sub; : > {w}/sub/f");
+    let status = Command::new("taskset")
+        .args(["-c", "0", "/bin/bash", "-c", &script])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let moved = format!("{w}/sub/f");
+    agent.wait_for("the write after the move", |l| {
+        event_of(l, "file").is_some_and(|e| {
+            e["file"]["path"] == moved.as_str()
+                && matches!(
+                    e["file"]["op"].as_str(),
+                    Some("FILE_OP_TRUNCATE" | "FILE_OP_OPEN_WRITE")
+                )
+        })
+    });
+    agent.stop();
+    let _ = fs::remove_dir_all(&watched);
+    let _ = fs::remove_dir_all(&outside);
+}

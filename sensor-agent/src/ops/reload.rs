@@ -85,5 +85,6 @@ pub fn swap_watch(ebpf: &mut Ebpf, old: &[WatchRule], new: &[WatchRule]) -> Resu
                 .map_err(|e| format!("unwatch {prefix}: {e}"))?;
         }
     }
-    Ok(())
+    // What the kernel cached of the old list's answers goes.
+    crate::probes::loader::set_open_cache(ebpf, None).map_err(|e| e.to_string())
 }

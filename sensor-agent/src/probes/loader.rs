@@ -226,6 +226,12 @@ impl Probes {
             }
         }
 
+        // The open cache is sound only while renames move its epoch: with path_files.
+        let renames_seen = status
+            .iter()
+            .any(|s| s.name == Probe::PathFiles.name() && matches!(s.state, State::Attached));
+        set_open_cache(&mut ebpf, Some(renames_seen))?;
+
         let ring = take_map(&mut ebpf, "EVENTS")?;
         let lost = take_map(&mut ebpf, "LOST")?;
         Ok(Self {
@@ -645,6 +651,29 @@ impl LossCounters {
             })
             .collect()
     }
+}
+
+/// Controls the kernel's per-CPU cache of the last opened file's watched operations:
+/// `enable` turns it on or off; every call moves its epoch, so what it held is forgotten
+/// (call it after any change of the watch list).
+pub fn set_open_cache(ebpf: &mut Ebpf, enable: Option<bool>) -> Result<(), LoadError> {
+    let map_err = |reason: String| LoadError::Map {
+        name: "OPEN_CACHE_CTL",
+        reason,
+    };
+    let map = ebpf
+        .map_mut("OPEN_CACHE_CTL")
+        .ok_or_else(|| map_err("missing from the probe object".into()))?;
+    let mut ctl: aya::maps::Array<&mut MapData, u64> =
+        aya::maps::Array::try_from(map).map_err(|e| map_err(e.to_string()))?;
+    if let Some(enable) = enable {
+        ctl.set(0, u64::from(enable), 0)
+            .map_err(|e| map_err(e.to_string()))?;
+    }
+    let epoch = ctl.get(&1, 0).map_err(|e| map_err(e.to_string()))?;
+    ctl.set(1, epoch.wrapping_add(1), 0)
+        .map_err(|e| map_err(e.to_string()))?;
+    Ok(())
 }
 
 /// Writes the watched prefixes into the probes' LPM trie.
