@@ -279,13 +279,17 @@ impl ProcessTable {
             identity: proc.and_then(|p| p.lineage.as_ref().map(|l| l.identity.clone())),
             boot_ns: ev.boot_ns,
         };
+        // A file written again (a log, a spool) is updated in place, without allocating.
+        if let Some(known) = self.writers.get_mut(written) {
+            *known = writer;
+            return;
+        }
         let path: Arc<str> = written.into();
-        if self.writers.insert(path.clone(), writer).is_none() {
-            self.writer_order.push_back(path);
-            while self.writer_order.len() > MAX_WRITERS {
-                if let Some(old) = self.writer_order.pop_front() {
-                    self.writers.remove(&old);
-                }
+        self.writers.insert(path.clone(), writer);
+        self.writer_order.push_back(path);
+        while self.writer_order.len() > MAX_WRITERS {
+            if let Some(old) = self.writer_order.pop_front() {
+                self.writers.remove(&old);
             }
         }
     }

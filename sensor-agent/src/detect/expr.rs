@@ -258,11 +258,110 @@ impl Op {
 pub enum Rhs {
     /// Shared with the list it came from when the condition names one list whole.
     Strs(Arc<[String]>),
+    /// A long list (at least `INDEX_AT` strings), with its index: a hash set for `=`,
+    /// automata for `startswith`, `endswith` and `contains`, so a comparison costs about
+    /// the length of the value, not the length of the list. Shared by every condition that
+    /// names the same list.
+    Indexed(Arc<[String]>, Arc<StrIndex>),
     Ints(Vec<i64>),
     Bool(bool),
     Var(String),
     Globs(Vec<GlobMatcher>),
     Regexes(Vec<Regex>),
+}
+
+/// Lists at least this long are compared through an index.
+pub const INDEX_AT: usize = 6;
+
+/// The index of a list, each part built the first time an operator needs it.
+#[derive(Debug, Default)]
+pub struct StrIndex {
+    exact: std::sync::OnceLock<rustc_hash::FxHashSet<String>>,
+    /// Anchored: a match is a pattern that starts the value.
+    prefixes: std::sync::OnceLock<Option<aho_corasick::AhoCorasick>>,
+    /// Unanchored, overlapping: for `contains` any match, for `endswith` one that ends
+    /// where the value does.
+    anywhere: std::sync::OnceLock<Option<aho_corasick::AhoCorasick>>,
+}
+
+impl StrIndex {
+    fn exact(&self, items: &[String]) -> &rustc_hash::FxHashSet<String> {
+        self.exact.get_or_init(|| items.iter().cloned().collect())
+    }
+
+    fn prefixes(&self, items: &[String]) -> Option<&aho_corasick::AhoCorasick> {
+        self.prefixes
+            .get_or_init(|| {
+                aho_corasick::AhoCorasick::builder()
+                    .start_kind(aho_corasick::StartKind::Anchored)
+                    .build(items)
+                    .ok()
+            })
+            .as_ref()
+    }
+
+    fn anywhere(&self, items: &[String]) -> Option<&aho_corasick::AhoCorasick> {
+        self.anywhere
+            .get_or_init(|| aho_corasick::AhoCorasick::new(items).ok())
+            .as_ref()
+    }
+
+    /// Whether `s` compares true with `op` against any item (`Ne`: against none).
+    fn test(&self, items: &[String], s: &str, op: Op) -> bool {
+        use aho_corasick::{Anchored, Input};
+        match op {
+            Op::Eq => self.exact(items).contains(s),
+            Op::Ne => !self.exact(items).contains(s),
+            Op::StartsWith => match self.prefixes(items) {
+                Some(ac) => ac.find(Input::new(s).anchored(Anchored::Yes)).is_some(),
+                None => items.iter().any(|r| s.starts_with(r.as_str())),
+            },
+            Op::EndsWith => match self.anywhere(items) {
+                Some(ac) => ac.find_overlapping_iter(s).any(|m| m.end() == s.len()),
+                None => items.iter().any(|r| s.ends_with(r.as_str())),
+            },
+            Op::Contains => match self.anywhere(items) {
+                Some(ac) => ac.is_match(s),
+                None => items.iter().any(|r| s.contains(r.as_str())),
+            },
+            _ => false,
+        }
+    }
+}
+
+/// The index of each long list, shared by every condition that names it: keyed by the
+/// list's address, which cannot be reused while its `Weak` is held here; entries of lists
+/// gone are dropped when the next one is added.
+fn index_of(items: &Arc<[String]>) -> Arc<StrIndex> {
+    type Cache = rustc_hash::FxHashMap<usize, (std::sync::Weak<[String]>, Arc<StrIndex>)>;
+    static CACHE: std::sync::Mutex<Option<Cache>> = std::sync::Mutex::new(None);
+    let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = guard.get_or_insert_with(Default::default);
+    let key = Arc::as_ptr(items) as *const u8 as usize;
+    if let Some((weak, index)) = cache.get(&key)
+        && weak.upgrade().is_some_and(|live| Arc::ptr_eq(&live, items))
+    {
+        return Arc::clone(index);
+    }
+    cache.retain(|_, (weak, _)| weak.strong_count() > 0);
+    let index = Arc::new(StrIndex::default());
+    cache.insert(key, (Arc::downgrade(items), Arc::clone(&index)));
+    index
+}
+
+/// `Strs`, or `Indexed` for a long list compared with an operator the index serves.
+fn strs_rhs(items: Arc<[String]>, op: Op) -> Rhs {
+    if items.len() >= INDEX_AT
+        && matches!(
+            op,
+            Op::Eq | Op::Ne | Op::StartsWith | Op::EndsWith | Op::Contains
+        )
+    {
+        let index = index_of(&items);
+        Rhs::Indexed(items, index)
+    } else {
+        Rhs::Strs(items)
+    }
 }
 
 /// A compiled condition.
@@ -664,7 +763,7 @@ impl Parser<'_> {
                     return Ok(Cond::Test {
                         field,
                         op,
-                        rhs: Rhs::Strs(Arc::clone(items)),
+                        rhs: strs_rhs(Arc::clone(items), op),
                     });
                 }
                 let mut strs = Vec::new();
@@ -705,7 +804,7 @@ impl Parser<'_> {
                             .collect::<Result<_, _>>()?,
                     ),
                     Op::IContains => Rhs::Strs(strs.iter().map(|s| s.to_lowercase()).collect()),
-                    _ => Rhs::Strs(strs.into()),
+                    _ => strs_rhs(strs.into(), op),
                 };
                 Ok(Cond::Test { field, op, rhs })
             }
@@ -857,6 +956,7 @@ fn test_str(s: &str, op: Op, rhs: &Rhs, ctx: &Ctx<'_>) -> bool {
             Op::EndsWith => strs.iter().any(|r| s.ends_with(r.as_str())),
             _ => false,
         },
+        Rhs::Indexed(items, index) => index.test(items, s, op),
         Rhs::Globs(globs) => globs.iter().any(|g| g.is_match(s)),
         Rhs::Regexes(res) => res.iter().any(|r| r.is_match(s)),
         Rhs::Var(name) => match ctx.var(name) {
@@ -870,6 +970,61 @@ fn test_str(s: &str, op: Op, rhs: &Rhs, ctx: &Ctx<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_indexed_list_compares_like_the_plain_one() {
+        let items: Arc<[String]> = [
+            "/etc/cron",
+            "/etc/rc.d/",
+            "/var/spool/cron/",
+            ".bashrc",
+            "authorized_keys",
+            "/",
+            "ab",
+            "a",
+            "",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        let index = StrIndex::default();
+        let values = [
+            "",
+            "/",
+            "a",
+            "ab",
+            "abc",
+            "/etc/crontab",
+            "/etc/rc.d/rc.local",
+            "/root/.bashrc",
+            "/home/u/.ssh/authorized_keys",
+            "/home/u/.ssh/authorized_keys2",
+            "x/etc/cron",
+            "/var/spool/cron",
+            "é/ab",
+        ];
+        for op in [Op::Eq, Op::Ne, Op::StartsWith, Op::EndsWith, Op::Contains] {
+            for v in values {
+                let plain = match op {
+                    Op::Eq => items.iter().any(|r| v == r),
+                    Op::Ne => items.iter().all(|r| v != r),
+                    Op::StartsWith => items.iter().any(|r| v.starts_with(r.as_str())),
+                    Op::EndsWith => items.iter().any(|r| v.ends_with(r.as_str())),
+                    _ => items.iter().any(|r| v.contains(r.as_str())),
+                };
+                assert_eq!(index.test(&items, v, op), plain, "{op:?} {v:?}");
+            }
+        }
+        // Conditions naming one long list share one index.
+        let (a, b) = (
+            strs_rhs(Arc::clone(&items), Op::Eq),
+            strs_rhs(Arc::clone(&items), Op::StartsWith),
+        );
+        match (a, b) {
+            (Rhs::Indexed(_, x), Rhs::Indexed(_, y)) => assert!(Arc::ptr_eq(&x, &y)),
+            other => panic!("{other:?}"),
+        }
+    }
 
     fn env_compile(src: &str) -> Result<Cond, ExprError> {
         let mut lists: HashMap<String, Arc<[String]>> = HashMap::new();

@@ -95,7 +95,7 @@ impl Need {
 
 fn strs(rhs: &Rhs) -> Option<&[String]> {
     match rhs {
-        Rhs::Strs(items) => Some(items),
+        Rhs::Strs(items) | Rhs::Indexed(items, _) => Some(items),
         _ => None,
     }
 }

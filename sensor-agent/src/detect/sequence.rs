@@ -42,6 +42,9 @@ pub struct Tracker {
     /// Creation order, for expiry and the bound: (started, step, key).
     order: VecDeque<(u64, usize, GroupKey)>,
     count: usize,
+    /// Partial matches waiting for each step: an event only computes its key for a step
+    /// someone waits for (a tree key walks the ancestry).
+    per_step: Vec<usize>,
 }
 
 /// The group an event belongs to under `key`; `None` when the key's field is unset.
@@ -97,7 +100,7 @@ impl Tracker {
         let plain = make_ctx(event, env, &[]);
         // Continue the partial matches waiting for a step this event can be.
         for (index, step) in steps.iter().enumerate().skip(1) {
-            if !step.on.contains(&kind) {
+            if !step.on.contains(&kind) || self.per_step.get(index).is_none_or(|n| *n == 0) {
                 continue;
             }
             let Some(key) = key_of(step.key, &plain) else {
@@ -109,14 +112,21 @@ impl Tracker {
             let mut i = 0;
             while i < waiting.len() {
                 let p = &waiting[i];
-                if now.saturating_sub(p.started_ns) > within_ns
-                    || !step.cond.eval(&make_ctx(event, env, &p.vars))
-                {
+                // Without captures the event's own context answers (no lookup per partial).
+                let holds = || {
+                    if p.vars.is_empty() {
+                        step.cond.eval(&plain)
+                    } else {
+                        step.cond.eval(&make_ctx(event, env, &p.vars))
+                    }
+                };
+                if now.saturating_sub(p.started_ns) > within_ns || !holds() {
                     i += 1;
                     continue;
                 }
                 let mut p = waiting.remove(i);
                 self.count -= 1;
+                self.per_step[index] -= 1;
                 let snapshot = p.vars.clone();
                 capture(step, &make_ctx(event, env, &snapshot), &mut p.vars);
                 p.evidence.push(event.clone());
@@ -141,6 +151,7 @@ impl Tracker {
                 let before = waiting.len();
                 waiting.retain(|p| p.vars != vars);
                 self.count -= before - waiting.len();
+                self.per_step[1] -= before - waiting.len();
             }
             advanced.push((
                 1,
@@ -156,6 +167,10 @@ impl Tracker {
             self.order.push_back((p.started_ns, index, key));
             self.waiting.entry((index, key)).or_default().push(p);
             self.count += 1;
+            if self.per_step.len() <= index {
+                self.per_step.resize(index + 1, 0);
+            }
+            self.per_step[index] += 1;
         }
         while self.count > MAX_PARTIALS {
             if !self.drop_oldest() {
@@ -186,6 +201,7 @@ impl Tracker {
             if let Some(pos) = waiting.iter().position(|p| p.started_ns == started) {
                 waiting.remove(pos);
                 self.count -= 1;
+                self.per_step[index] -= 1;
             }
             if waiting.is_empty() {
                 self.waiting.remove(&slot);
