@@ -264,6 +264,9 @@ pub struct Ctx<'a> {
     /// Values captured by earlier steps of a sequence (`$name`).
     pub vars: &'a [(String, String)],
     ancestors: OnceLock<Vec<&'a ProcessInfo>>,
+    /// `proc.name` and `file.name`, asked by many rules of one event: found once.
+    proc_name: std::cell::OnceCell<&'a str>,
+    file_name: std::cell::OnceCell<&'a str>,
 }
 
 impl<'a> Ctx<'a> {
@@ -282,7 +285,20 @@ impl<'a> Ctx<'a> {
             agent_pid,
             vars,
             ancestors: OnceLock::new(),
+            proc_name: std::cell::OnceCell::new(),
+            file_name: std::cell::OnceCell::new(),
         }
+    }
+
+    /// The last component of the process's executable.
+    fn proc_name(&self) -> Option<&'a str> {
+        let p = self.proc?;
+        Some(self.proc_name.get_or_init(|| basename(&p.exe)))
+    }
+
+    /// The last component of a file event's path.
+    fn file_name(&self, path: &'a str) -> &'a str {
+        self.file_name.get_or_init(|| basename(path))
     }
 
     pub fn ancestors(&self) -> &[&'a ProcessInfo] {
@@ -407,7 +423,7 @@ impl Field {
             Field::ProcPid => Value::Int(i64::from(ev.pid)),
             Field::ProcPpid => proc_value(ctx.proc, |p| Value::Int(i64::from(p.ppid))),
             Field::ProcExe => proc_value(ctx.proc, |p| s(&p.exe)),
-            Field::ProcName => proc_value(ctx.proc, |p| s(basename(&p.exe))),
+            Field::ProcName => ctx.proc_name().map_or(Value::Missing, s),
             Field::ProcArgv => proc_value(ctx.proc, |p| {
                 Value::List(p.argv.iter().map(|a| Cow::Borrowed(a.as_str())).collect())
             }),
@@ -764,7 +780,7 @@ impl Field {
                 match self {
                     Field::FileOp => s(file_op_name(f.op)),
                     Field::FilePath => s(&f.path),
-                    Field::FileName => s(basename(&f.path)),
+                    Field::FileName => s(ctx.file_name(&f.path)),
                     Field::FileDir => s(f.path.rsplit_once('/').map_or("", |(d, _)| d)),
                     Field::FileExt => s(basename(&f.path).rsplit_once('.').map_or("", |(_, e)| e)),
                     Field::FileOtherPath => s(&f.other_path),

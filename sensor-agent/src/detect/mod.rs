@@ -245,7 +245,7 @@ impl Engine {
                     continue;
                 };
                 let tracker = self.trackers.entry(i).or_default();
-                for evidence in tracker.feed(steps, *within_ns, kind, event, &env) {
+                for evidence in tracker.feed(steps, *within_ns, kind, event, &env, &ctx) {
                     matched.push((i, evidence));
                 }
             }

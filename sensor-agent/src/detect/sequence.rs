@@ -92,18 +92,18 @@ impl Tracker {
         kind: &str,
         event: &Event,
         env: &Env<'_>,
+        plain: &Ctx<'_>,
     ) -> Vec<Vec<Event>> {
         let now = event.boot_ns;
         self.expire(now, within_ns);
         let mut done = Vec::new();
         let mut advanced: Vec<(usize, GroupKey, Partial)> = Vec::new();
-        let plain = make_ctx(event, env, &[]);
         // Continue the partial matches waiting for a step this event can be.
         for (index, step) in steps.iter().enumerate().skip(1) {
             if !step.on.contains(&kind) || self.per_step.get(index).is_none_or(|n| *n == 0) {
                 continue;
             }
-            let Some(key) = key_of(step.key, &plain) else {
+            let Some(key) = key_of(step.key, plain) else {
                 continue;
             };
             let Some(waiting) = self.waiting.get_mut(&(index, key)) else {
@@ -115,7 +115,7 @@ impl Tracker {
                 // Without captures the event's own context answers (no lookup per partial).
                 let holds = || {
                     if p.vars.is_empty() {
-                        step.cond.eval(&plain)
+                        step.cond.eval(plain)
                     } else {
                         step.cond.eval(&make_ctx(event, env, &p.vars))
                     }
@@ -141,11 +141,11 @@ impl Tracker {
         let first = &steps[0];
         if steps.len() > 1
             && first.on.contains(&kind)
-            && first.cond.eval(&plain)
-            && let Some(key) = key_of(first.key, &plain)
+            && first.cond.eval(plain)
+            && let Some(key) = key_of(first.key, plain)
         {
             let mut vars = Vec::new();
-            capture(first, &plain, &mut vars);
+            capture(first, plain, &mut vars);
             // A fresher start replaces an identical one still waiting for step 2.
             if let Some(waiting) = self.waiting.get_mut(&(1, key)) {
                 let before = waiting.len();
