@@ -122,3 +122,48 @@ fn an_unknown_probe_or_hook_mode_is_refused_on_the_command_line() {
         );
     }
 }
+
+/// `learn` says what is wrong with its arguments and with its traces, and writes nothing.
+#[test]
+fn learn_refuses_bad_arguments_and_unreadable_traces() {
+    let dir = Scratch::new("learnargs");
+    let out_file = dir.path("baseline.yaml");
+    let garbage = dir.path("garbage.trace");
+    std::fs::write(&garbage, b"not a trace at all").unwrap();
+    let cases: [(Vec<&str>, &str); 4] = [
+        (vec!["--out", out_file.to_str().unwrap()], "give --duration"),
+        (
+            vec!["--duration", "soon", "--out", out_file.to_str().unwrap()],
+            "`soon` is not a duration",
+        ),
+        (
+            vec![
+                "--duration",
+                "5s",
+                "--out",
+                out_file.to_str().unwrap(),
+                garbage.to_str().unwrap(),
+            ],
+            "not both",
+        ),
+        (
+            vec![
+                "--out",
+                out_file.to_str().unwrap(),
+                garbage.to_str().unwrap(),
+            ],
+            "could not be read",
+        ),
+    ];
+    for (args, expected) in cases {
+        let out = Command::new(agent_bin())
+            .arg("learn")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!out_file.exists(), "{args:?} wrote a baseline");
+    }
+}

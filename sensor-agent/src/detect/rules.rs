@@ -1104,6 +1104,68 @@ mod tests {
     }
 
     #[test]
+    fn thresholds_compile_and_bad_ones_are_located() {
+        let rule = |threshold: &str| {
+            format!(
+                "rules:\n  - id: S\n    title: t\n    severity: high\n    on: [connect]\n    condition: net.result != 0\n    threshold:\n{threshold}"
+            )
+        };
+        let set = one(&rule(
+            "      distinct: [net.remote_addr, net.remote_port]\n      count: 16\n      within: 10s\n      key: process\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Body::Single {
+            threshold: Some(t), ..
+        } = &set.rules[0].body
+        else {
+            panic!("no threshold");
+        };
+        assert_eq!(
+            (t.count, t.within_ns, t.key),
+            (16, 10_000_000_000, Key::Process)
+        );
+        assert_eq!(t.distinct.len(), 2);
+
+        let err = |threshold: &str| one(&rule(threshold)).unwrap_err().to_string();
+        assert_eq!(
+            err("      distinct: [net.remote_port]\n      count: 1\n      within: 10s\n"),
+            "t.yaml:9:14: count `1` is not a number from 2 to 10000"
+        );
+        assert_eq!(
+            err("      distinct: [net.remote_port]\n      count: many\n      within: 10s\n"),
+            "t.yaml:9:14: count `many` is not a number from 2 to 10000"
+        );
+        assert_eq!(
+            err("      distinct: [net.remote_port]\n      count: 5\n      within: soon\n"),
+            "t.yaml:10:15: `soon` is not a duration like 5s, 500ms, 2m"
+        );
+        assert_eq!(
+            err("      distinct: [file.path]\n      count: 5\n      within: 1s\n"),
+            "t.yaml:8:18: `file.path` is not set on every event kind of the rule's `on:`"
+        );
+        assert_eq!(
+            err("      distinct: [net.remote_public]\n      count: 5\n      within: 1s\n"),
+            "t.yaml:8:18: distinct needs string or number fields; `net.remote_public` is not one"
+        );
+        assert!(
+            err("      distinct: []\n      count: 5\n      within: 1s\n")
+                .contains("a threshold needs `distinct:`")
+        );
+        assert!(
+            err("      distinct: [net.remote_port]\n      count: 5\n      within: 1s\n      key: nowhere\n")
+                .contains("key `nowhere` is not tree, process, parent")
+        );
+        // A sequence cannot carry one.
+        let seq = "rules:\n  - id: Q\n    title: t\n    severity: high\n    sequence:\n      within: 5s\n      steps:\n        - on: [exec]\n          condition: proc.uid = 0\n        - on: [exec]\n          condition: proc.uid = 0\n    threshold:\n      distinct: [proc.name]\n      count: 3\n      within: 1s\n";
+        assert!(
+            one(seq)
+                .unwrap_err()
+                .to_string()
+                .contains("`threshold` goes with `condition`"),
+        );
+    }
+
+    #[test]
     fn later_files_override_disable_and_extend() {
         let base = "lists:\n  - name: shells\n    items: [sh]\nrules:\n  - id: A\n    title: a\n    severity: low\n    techniques: [T1059]\n    rationale: r\n    on: [exec]\n    condition: proc.name in (shells)\n  - id: B\n    title: b\n    severity: low\n    on: [exec]\n    condition: proc.uid = 0\n";
         let over = "append:\n  - name: shells\n    items: [bash]\nrules:\n  - id: A\n    title: replaced\n    severity: critical\n    on: [exec]\n    condition: proc.name in (shells)\ndisable: [B]\n";
