@@ -25,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Users bring their own transport (tonic with rustls); the schema crate stays light.
         .build_transport(false)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // An exec is the largest kind by far: boxed, every other event is a third its size
+        // (events are moved, cloned into evidence and kept in sequence partials).
+        .boxed(".sensor.v1.Event.kind.exec")
         .compile_fds(fds)?;
 
     pbjson_build::Builder::new()

@@ -185,7 +185,7 @@ pub fn decode(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<Event>, Decode
     let hdr: Header = read_struct(bytes, "header")?;
     let mut ev = header_event(&hdr, clock);
     ev.kind = Some(match hdr.kind {
-        kind::EXEC => event::Kind::Exec(decode_exec(bytes, clock)?),
+        kind::EXEC => event::Kind::Exec(Box::new(decode_exec(bytes, clock)?)),
         kind::EXEC_FAILED => event::Kind::ExecFailed(decode_exec_failed(bytes)?),
         kind::FORK => {
             let r: ForkRecord = read_struct(bytes, "fork record")?;

@@ -305,7 +305,7 @@ mod tests {
                 ..Default::default()
             }),
             evidence: vec![Event {
-                kind: Some(event::Kind::Exec(ExecEvent {
+                kind: Some(event::Kind::Exec(Box::new(ExecEvent {
                     argv: vec!["sh".into(), "-c".into(), "ulimit -n".into()],
                     exe_memfd: memfd,
                     stdio: vec![FdInfo {
@@ -313,7 +313,7 @@ mod tests {
                         ..Default::default()
                     }],
                     ..Default::default()
-                })),
+                }))),
                 ..Default::default()
             }],
             ..Default::default()

@@ -501,13 +501,13 @@ mod tests {
         ev(
             pid,
             at,
-            event::Kind::Exec(ExecEvent {
+            event::Kind::Exec(Box::new(ExecEvent {
                 ppid,
                 exe: exe.into(),
                 argv: vec![exe.into()],
                 start_boot_ns: start,
                 ..Default::default()
-            }),
+            })),
         )
     }
 

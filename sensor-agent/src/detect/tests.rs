@@ -152,7 +152,7 @@ impl World {
                 .chars()
                 .take(15)
                 .collect(),
-            kind: Some(event::Kind::Exec(ExecEvent {
+            kind: Some(event::Kind::Exec(Box::new(ExecEvent {
                 ppid,
                 filename: exe.into(),
                 exe: exe.into(),
@@ -162,7 +162,7 @@ impl World {
                 exe_identity,
                 parent_connections,
                 ..Default::default()
-            })),
+            }))),
             ..Default::default()
         })
     }
@@ -955,7 +955,7 @@ fn b16_memfd_execution() {
     let mut ev = Event {
         pid,
         tid: pid,
-        kind: Some(event::Kind::Exec(ExecEvent {
+        kind: Some(event::Kind::Exec(Box::new(ExecEvent {
             ppid: ADMIN_SHELL,
             filename: "/dev/fd/3".into(),
             exe: "/memfd:kworker".into(),
@@ -963,7 +963,7 @@ fn b16_memfd_execution() {
             exe_deleted: true,
             argv: vec!["[kworker/0:1]".into()],
             ..Default::default()
-        })),
+        }))),
         ..Default::default()
     };
     assert!(has(&w.feed(ev.clone()), "EPMM-B16"));

@@ -120,13 +120,13 @@ mod tests {
             table.apply(&Event {
                 pid,
                 boot_ns: u64::from(pid),
-                kind: Some(event::Kind::Exec(ExecEvent {
+                kind: Some(event::Kind::Exec(Box::new(ExecEvent {
                     ppid,
                     exe: exe.into(),
                     argv: vec![exe.into(), "-x".into()],
                     start_boot_ns: u64::from(pid),
                     ..Default::default()
-                })),
+                }))),
                 ..Default::default()
             });
         }
