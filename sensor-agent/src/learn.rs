@@ -108,6 +108,14 @@ fn escape(s: &str, out: &mut String) {
     }
 }
 
+/// `t` as RFC 3339 text (UTC), as the JSON lines print times.
+pub fn rfc3339(t: &pbjson_types::Timestamp) -> String {
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn quote(s: &str) -> String {
     let mut out = String::from("\"");
     for c in s.chars() {
@@ -169,12 +177,7 @@ impl Learner {
             cmdline,
             port,
         };
-        let time = alert
-            .time
-            .as_ref()
-            .and_then(|t| serde_json::to_value(t).ok())
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_default();
+        let time = alert.time.as_ref().map(rfc3339).unwrap_or_default();
         let seen = self.shapes.entry(shape).or_default();
         seen.count += alert.count.max(1);
         if seen.first.is_empty() {

@@ -399,7 +399,12 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
             let span = format!(
                 "{} s of the live host from {}",
                 duration.as_secs(),
-                humantime_rfc3339(started)
+                sensor_agent::learn::rfc3339(&pbjson_types::Timestamp {
+                    seconds: started
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                    nanos: 0,
+                })
             );
             (traces, host, span, tmp)
         }
@@ -434,21 +439,6 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
         "baseline learned; review it, then load it with --rules"
     );
     Ok(())
-}
-
-/// `t` as RFC 3339 in UTC, to the second.
-fn humantime_rfc3339(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    let ts = pbjson_types::Timestamp {
-        seconds: secs,
-        nanos: 0,
-    };
-    serde_json::to_value(ts)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {
