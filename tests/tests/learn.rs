@@ -44,10 +44,11 @@ fn a_learned_baseline_quiets_the_maintenance_shell_and_not_the_attackers() {
     let recording = dir.path("recording");
     let maintenance = format!("ulimit -n; : {}", marker("maintenance"));
 
+    // Long enough for a JVM to start and compile the re-enactment on a loaded machine.
     let mut learner = Agent::start_with(&[
         "learn",
         "--duration",
-        "6s",
+        "30s",
         "--out",
         baseline.to_str().unwrap(),
         "--record",
