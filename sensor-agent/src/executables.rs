@@ -303,16 +303,24 @@ impl Executables {
             return self.with_packages(hit, exec);
         }
         let started = Instant::now();
-        let file = File::open(format!("/proc/{pid}/exe")).or_else(|_| {
-            // The process is gone: the path, if it is still the same file.
-            let file = File::open(self.root.join(exec.exe.trim_start_matches('/')))?;
-            let meta = file.metadata()?;
-            if std::os::unix::fs::MetadataExt::ino(&meta) == key.ino {
+        // The very file this exec ran, and only it: by the time the agent reads it the
+        // process may have exec'd again (jspawnhelper becomes /bin/sh within
+        // microseconds), so /proc/PID/exe is taken only when its inode is the exec's.
+        let same_file = |file: File| -> std::io::Result<File> {
+            let ino = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+            if key.ino == 0 || ino == key.ino {
                 Ok(file)
             } else {
-                Err(std::io::Error::other("replaced since the exec"))
+                Err(std::io::Error::other("not the file this exec ran"))
             }
-        });
+        };
+        let file = File::open(format!("/proc/{pid}/exe"))
+            .and_then(same_file)
+            .or_else(|_| {
+                // The process is gone or runs another program: the path, if it is still
+                // the same file.
+                File::open(self.root.join(exec.exe.trim_start_matches('/'))).and_then(same_file)
+            });
         let mut identity = ExeIdentity {
             changed_since_boot: key.ctime > self.boot_time,
             ..Default::default()
@@ -510,6 +518,23 @@ mod tests {
         exes.identify(0, &exec("/usr/bin/true", ino("usr/bin/true"), 500));
         assert_eq!(exes.stats.hashed, hashed);
         assert_eq!(exes.stats.cached, 1);
+    }
+
+    /// A process that exec'd again before the agent read it (jspawnhelper becoming
+    /// /bin/sh): its /proc/PID/exe is another file, which must not be taken for this one.
+    #[test]
+    fn a_process_running_another_program_now_is_not_read_for_this_exec() {
+        let root = fake_root();
+        let r = root.path();
+        let mut exes = Executables::load(r);
+        let ino = std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(r.join("usr/bin/bash")).unwrap(),
+        );
+        // This test process's /proc/PID/exe is the test binary, not the bash the event
+        // names: the path (same inode) is read instead.
+        let identity = exes.identify(std::process::id(), &exec("/usr/bin/bash", ino, 500));
+        assert!(identity.shell, "{identity:?}");
+        assert_eq!(identity.package, "bash");
     }
 
     #[test]

@@ -294,7 +294,7 @@ impl TmpProgram {
 
     /// Runs it once and returns its pid.
     pub fn run(&self) -> u32 {
-        let mut child = Command::new(&self.0).spawn().expect("run the /tmp program");
+        let mut child = crate::spawn_retrying(&mut Command::new(&self.0));
         let pid = child.id();
         child.wait().expect("wait for the /tmp program");
         pid

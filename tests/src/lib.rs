@@ -60,6 +60,34 @@ impl ReverseShell {
     }
 }
 
+/// Spawns `cmd`, retrying while the kernel says the executable is busy (ETXTBSY): a file
+/// the test just wrote can still be open for writing in a child another test thread forked
+/// during the copy, until that child execs. Bounded: 200 tries, 10 ms apart.
+pub fn spawn_retrying(cmd: &mut Command) -> Child {
+    for _ in 0..200 {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+        }
+    }
+    panic!("{cmd:?}: executable still busy after 2 s");
+}
+
+/// `spawn_retrying`, then waits: the exit status.
+pub fn status_retrying(cmd: &mut Command) -> std::process::ExitStatus {
+    spawn_retrying(cmd).wait().expect("wait for the child")
+}
+
+/// `spawn_retrying` with stdout and stderr collected.
+pub fn output_retrying(cmd: &mut Command) -> std::process::Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    spawn_retrying(cmd)
+        .wait_with_output()
+        .expect("wait for the child")
+}
+
 /// Path of the agent binary under test.
 pub fn agent_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("SENSOR_AGENT_BIN") {

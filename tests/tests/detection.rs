@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use sensor_e2e::{Agent, ReverseShell, Scratch, alert_of, marker, num, tomcat_reenact};
+use sensor_e2e::{
+    Agent, ReverseShell, Scratch, alert_of, marker, num, output_retrying, spawn_retrying,
+    status_retrying, tomcat_reenact,
+};
 use serde_json::Value;
 
 fn ancestry_pids(alert: &Value) -> Vec<u64> {
@@ -96,12 +99,12 @@ fn rewritemap_helper_subshell_runs_id() {
     .unwrap();
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
     // The helper's path comes through the environment: httpd's own argv does not name it.
-    let mut server = Command::new(&httpd)
-        .args(["-c", "echo request | \"$HELPER\""])
-        .env("HELPER", &helper)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = spawn_retrying(
+        Command::new(&httpd)
+            .args(["-c", "echo request | \"$HELPER\""])
+            .env("HELPER", &helper)
+            .stdout(Stdio::piped()),
+    );
     let mut served = String::new();
     server
         .stdout
@@ -152,12 +155,12 @@ fn a_forged_argv0_does_not_pass_for_the_helpers_baseline() {
     )
     .unwrap();
     std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new(&httpd)
-        .args(["-c", "echo request | \"$HELPER\""])
-        .env("HELPER", &helper)
-        .env("PAYLOAD", &payload)
-        .output()
-        .unwrap();
+    let out = output_retrying(
+        Command::new(&httpd)
+            .args(["-c", "echo request | \"$HELPER\""])
+            .env("HELPER", &helper)
+            .env("PAYLOAD", &payload),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("served"));
 
     let exe = payload.to_str().unwrap().to_owned();
@@ -199,11 +202,11 @@ fn a_package_manager_name_exempts_nothing() {
         let wrapper = dir.path(name);
         std::fs::copy("/bin/bash", &wrapper).unwrap();
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let status = Command::new(&wrapper)
-            // `; true`: bash forks for the payload instead of exec-ing over itself.
-            .args(["-c", &format!("{} --{name}; true", payload.display())])
-            .status()
-            .unwrap();
+        let status = status_retrying(
+            Command::new(&wrapper)
+                // `; true`: bash forks for the payload instead of exec-ing over itself.
+                .args(["-c", &format!("{} --{name}; true", payload.display())]),
+        );
         assert!(status.success());
         let wrapper = wrapper.to_str().unwrap().to_owned();
         let line = agent.wait_for(&format!("EPMM-B17 under {name}"), |l| {
@@ -292,16 +295,30 @@ fn a_delayed_java_native_reverse_shell_is_linked_by_its_socket() {
     let (mut conn, _) = listener.accept().unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    conn.write_all(b"echo late-$((6*7)); exit\n").unwrap();
-    let mut got = String::new();
-    let _ = conn.read_to_string(&mut got);
-    assert!(got.contains("late-42"), "the shell answered: {got:?}");
-    let _ = jvm.wait();
-
+    // An interactive session: the connection stays up while the operator types, as the
+    // agent reads which connections the JVM holds when the shell starts.
+    conn.write_all(b"echo late-$((6*7))\n").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&got).contains("late-42") {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&got).contains("late-42"),
+        "the shell answered: {:?}",
+        String::from_utf8_lossy(&got)
+    );
     let line = agent.wait_for("EPMM-B8-SOCKET", |l| {
         alert_of(l, "EPMM-B8-SOCKET")
             .is_some_and(|a| num(&a["process"]["ppid"]) == u64::from(jvm.id()))
     });
+    conn.write_all(b"exit\n").unwrap();
+    let mut rest = String::new();
+    let _ = conn.read_to_string(&mut rest);
+    let _ = jvm.wait();
     let alert = &line["alert"];
     assert_eq!(alert["techniques"][0], "T1059.004");
     let exec = &alert["evidence"][0]["exec"];
@@ -387,7 +404,7 @@ fn a_payload_the_web_tier_wrote_is_known_by_its_writer() {
     let own = format!("/tmp/{}", marker("own"));
     std::fs::copy("/bin/true", &own).unwrap();
     std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
-    assert!(Command::new(&own).status().unwrap().success());
+    assert!(status_retrying(&mut Command::new(&own)).success());
 
     let line = agent.wait_for("EPMM-B5-WRITTEN", |l| {
         alert_of(l, "EPMM-B5-WRITTEN").is_some_and(|a| a["process"]["exe"] == payload.as_str())
@@ -687,13 +704,13 @@ fn a_renamed_shell_or_interpreter_on_a_socket_is_a_reverse_shell() {
         let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _peer = listener.accept().unwrap();
         let fd = |s: &std::net::TcpStream| Stdio::from(OwnedFd::from(s.try_clone().unwrap()));
-        let status = Command::new(&copy)
-            .args(&args)
-            .stdin(fd(&conn))
-            .stdout(fd(&conn))
-            .stderr(fd(&conn))
-            .status()
-            .unwrap();
+        let status = status_retrying(
+            Command::new(&copy)
+                .args(&args)
+                .stdin(fd(&conn))
+                .stdout(fd(&conn))
+                .stderr(fd(&conn)),
+        );
         assert!(status.success(), "{name}");
         let exe = copy.to_str().unwrap().to_owned();
         let line = agent.wait_for(&format!("EPMM-B7 on {name}"), |l| {
