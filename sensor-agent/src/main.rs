@@ -390,12 +390,8 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
                 duration: Some(duration),
                 ..run::RunOptions::default()
             }))?;
-            let mut traces: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .with_context(|| format!("cannot read {}", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file())
-                .collect();
-            traces.sort();
+            let traces = sensor_agent::trace::recorder::recorded_files(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?;
             let span = format!(
                 "{} s of the live host from {}",
                 duration.as_secs(),

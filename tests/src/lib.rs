@@ -88,6 +88,35 @@ pub fn output_retrying(cmd: &mut Command) -> std::process::Output {
         .expect("wait for the child")
 }
 
+/// `sensor-agent replay ARGS TRACES...`, its output collected.
+pub fn replay(args: &[&str], traces: &[PathBuf]) -> std::process::Output {
+    Command::new(agent_bin())
+        .arg("replay")
+        .args(args)
+        .args(traces)
+        .output()
+        .expect("run sensor-agent replay")
+}
+
+/// The JSON lines a command printed on stdout.
+pub fn json_lines(out: &std::process::Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// The trace files an agent recorded into `dir`, in recording order.
+pub fn traces_in(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("read the recording directory")
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".trace.zst"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// Path of the agent binary under test.
 pub fn agent_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("SENSOR_AGENT_BIN") {

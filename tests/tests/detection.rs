@@ -11,8 +11,8 @@ use std::{
 };
 
 use sensor_e2e::{
-    Agent, ReverseShell, Scratch, alert_of, marker, num, output_retrying, spawn_retrying,
-    status_retrying, tomcat_reenact,
+    Agent, ReverseShell, Scratch, alert_of, marker, num, output_retrying, status_retrying,
+    tomcat_reenact,
 };
 use serde_json::Value;
 
@@ -81,38 +81,44 @@ fn tomcat_runtime_exec_of_sh_with_a_downloader() {
     agent.stop();
 }
 
+/// `from` copied to `to`, executable.
+fn install(from: impl AsRef<std::path::Path>, to: &std::path::Path) {
+    std::fs::copy(from, to).unwrap();
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A request served by a RewriteMap helper `script` (installed as
+/// `DIR/mi/bin/map-appstore-url`) under a bash named `httpd`, with `env` added; returns
+/// what the helper printed. The helper's path comes through the environment: httpd's own
+/// argv does not name it.
+fn serve_through_helper(dir: &Scratch, script: &str, env: &[(&str, &std::path::Path)]) -> String {
+    std::fs::create_dir_all(dir.path("mi/bin")).unwrap();
+    let httpd = dir.path("httpd");
+    install("/bin/bash", &httpd);
+    let helper = dir.path("mi/bin/map-appstore-url");
+    std::fs::write(&helper, script).unwrap();
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = output_retrying(
+        Command::new(&httpd)
+            .args(["-c", "echo request | \"$HELPER\""])
+            .env("HELPER", &helper)
+            .envs(env.iter().copied()),
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// CVE-2026-1281/1340: a bash RewriteMap helper under an httpd-named parent evaluates an
 /// injected command substitution in a forked subshell, which runs `id`.
 #[test]
 fn rewritemap_helper_subshell_runs_id() {
     let mut agent = Agent::start(&[]);
     let dir = Scratch::new("b1");
-    std::fs::create_dir_all(dir.path("mi/bin")).unwrap();
-    let httpd = dir.path("httpd");
-    std::fs::copy("/bin/bash", &httpd).unwrap();
-    let helper = dir.path("mi/bin/map-appstore-url");
     // A helper that, like the vulnerable script, lets an arithmetic context run `id`.
-    std::fs::write(
-        &helper,
+    let served = serve_through_helper(
+        &dir,
         "#!/bin/bash\nread -r line\ngPath=(x)\ntheValue='gPath[$(id >/dev/null; echo 0)]'\n[[ 1 -gt ${theValue} ]] && echo served\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    // The helper's path comes through the environment: httpd's own argv does not name it.
-    let mut server = spawn_retrying(
-        Command::new(&httpd)
-            .args(["-c", "echo request | \"$HELPER\""])
-            .env("HELPER", &helper)
-            .stdout(Stdio::piped()),
+        &[],
     );
-    let mut served = String::new();
-    server
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut served)
-        .unwrap();
-    let _ = server.wait();
     assert!(served.contains("served"), "{served:?}");
 
     let line = agent.wait_for("EPMM-B1", |l| {
@@ -142,26 +148,14 @@ fn rewritemap_helper_subshell_runs_id() {
 fn a_forged_argv0_does_not_pass_for_the_helpers_baseline() {
     let mut agent = Agent::start(&[]);
     let dir = Scratch::new("argv0");
-    std::fs::create_dir_all(dir.path("mi/bin")).unwrap();
-    let httpd = dir.path("httpd");
-    std::fs::copy("/bin/bash", &httpd).unwrap();
     let payload = dir.path("payload");
-    std::fs::copy("/bin/true", &payload).unwrap();
-    std::fs::set_permissions(&payload, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let helper = dir.path("mi/bin/map-appstore-url");
-    std::fs::write(
-        &helper,
+    install("/bin/true", &payload);
+    let served = serve_through_helper(
+        &dir,
         "#!/bin/bash\nread -r line\ndate +%s >/dev/null\n(exec -a date \"$PAYLOAD\" +%s)\necho served\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = output_retrying(
-        Command::new(&httpd)
-            .args(["-c", "echo request | \"$HELPER\""])
-            .env("HELPER", &helper)
-            .env("PAYLOAD", &payload),
+        &[("PAYLOAD", &payload)],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("served"));
+    assert!(served.contains("served"), "{served:?}");
 
     let exe = payload.to_str().unwrap().to_owned();
     let line = agent.wait_for("EPMM-B1 on the forged date", |l| {
@@ -196,12 +190,10 @@ fn a_package_manager_name_exempts_nothing() {
     let mut agent = Agent::start(&[]);
     let dir = Scratch::new("wrapper");
     let payload = dir.path("payload");
-    std::fs::copy("/bin/true", &payload).unwrap();
-    std::fs::set_permissions(&payload, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install("/bin/true", &payload);
     for name in ["rpm", "dnf"] {
         let wrapper = dir.path(name);
-        std::fs::copy("/bin/bash", &wrapper).unwrap();
-        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        install("/bin/bash", &wrapper);
         let status = status_retrying(
             Command::new(&wrapper)
                 // `; true`: bash forks for the payload instead of exec-ing over itself.
@@ -402,8 +394,7 @@ fn a_payload_the_web_tier_wrote_is_known_by_its_writer() {
     let out = tomcat_reenact(&["exec", &payload]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let own = format!("/tmp/{}", marker("own"));
-    std::fs::copy("/bin/true", &own).unwrap();
-    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o755)).unwrap();
+    install("/bin/true", std::path::Path::new(&own));
     assert!(status_retrying(&mut Command::new(&own)).success());
 
     let line = agent.wait_for("EPMM-B5-WRITTEN", |l| {
@@ -698,8 +689,7 @@ fn a_renamed_shell_or_interpreter_on_a_socket_is_a_reverse_shell() {
         ("/usr/bin/perl", "perl5.99", vec!["-e", "0"]),
     ] {
         let copy = dir.path(name);
-        std::fs::copy(installed, &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        install(installed, &copy);
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let conn = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let _peer = listener.accept().unwrap();

@@ -4,25 +4,20 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use sensor_e2e::{Agent, Scratch, agent_bin, alert_of, marker, tomcat_reenact};
+use sensor_e2e::{
+    Agent, Scratch, agent_bin, alert_of, json_lines, marker, replay, tomcat_reenact, traces_in,
+};
 use serde_json::Value;
 
-fn replay(args: &[&str], traces: &[PathBuf]) -> Vec<Value> {
-    let out = Command::new(agent_bin())
-        .arg("replay")
-        .args(args)
-        .args(traces)
-        .output()
-        .unwrap();
+/// The lines `replay ARGS TRACES` printed; it must succeed.
+fn replayed(args: &[&str], traces: &[PathBuf]) -> Vec<Value> {
+    let out = replay(args, traces);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(&out)
 }
 
 /// A B2 alert (Tomcat started a shell) whose shell ran `cmd`.
@@ -77,14 +72,11 @@ fn a_learned_baseline_quiets_the_maintenance_shell_and_not_the_attackers() {
     );
 
     // The learning run's own recording: an alert without the baseline, quiet with it.
-    let mut traces: Vec<PathBuf> = std::fs::read_dir(&recording)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    traces.sort();
-    let without = replay(&["--collapse", "0"], &traces);
+    let traces = traces_in(&recording);
+    assert!(!traces.is_empty(), "the learning run recorded");
+    let without = replayed(&["--collapse", "0"], &traces);
     assert!(without.iter().any(|l| b2_of(l, &maintenance)));
-    let with = replay(
+    let with = replayed(
         &["--collapse", "0", "--rules", baseline.to_str().unwrap()],
         &traces,
     );

@@ -3,38 +3,15 @@
 //! damaged files are reported by name and offset.
 
 use std::{
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    path::PathBuf,
+    process::{Command, Stdio},
 };
 
-use sensor_e2e::{Agent, ReverseShell, Scratch, agent_bin, alert_of, marker, tomcat_reenact};
+use sensor_e2e::{
+    Agent, ReverseShell, Scratch, alert_of, json_lines as lines, marker, replay, tomcat_reenact,
+    traces_in,
+};
 use serde_json::Value;
-
-fn traces_in(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().ends_with(".trace.zst"))
-        .collect();
-    files.sort();
-    files
-}
-
-fn replay(args: &[&str], traces: &[PathBuf]) -> Output {
-    Command::new(agent_bin())
-        .arg("replay")
-        .args(args)
-        .args(traces)
-        .output()
-        .unwrap()
-}
-
-fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 /// An alert without the flight-record path, the one field replay does not reproduce.
 fn comparable(mut line: Value) -> Value {

@@ -129,18 +129,16 @@ impl Recorder {
 
     /// Deletes the oldest rotated files until the directory is within its bound.
     fn enforce_total(&mut self, keep: &Path) {
-        let Ok(entries) = std::fs::read_dir(&self.opts.path) else {
+        let Ok(files) = recorded_files(&self.opts.path) else {
             return;
         };
-        let mut files: Vec<(PathBuf, u64)> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                (name.starts_with(PREFIX) && name.ends_with(SUFFIX))
-                    .then(|| (e.path(), e.metadata().map_or(0, |m| m.len())))
+        let files: Vec<(PathBuf, u64)> = files
+            .into_iter()
+            .map(|path| {
+                let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                (path, len)
             })
             .collect();
-        files.sort();
         let mut total: u64 = files.iter().map(|(_, len)| len).sum();
         for (path, len) in files {
             if total <= self.opts.max_total_bytes || path == keep {
@@ -170,6 +168,22 @@ impl Recorder {
             None => Ok(None),
         }
     }
+}
+
+/// The trace files a recording into the directory `dir` wrote, oldest first (their names
+/// sort in recording order); other files there are not its own.
+pub fn recorded_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(PREFIX) && name.ends_with(SUFFIX)
+        })
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 #[cfg(test)]
