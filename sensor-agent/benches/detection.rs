@@ -126,6 +126,114 @@ fn cycle(pid: u32, t: u64, downloader: bool) -> Vec<Vec<u8>> {
     ]
 }
 
+/// An exec record of `pid` (child of `ppid`) running `path` with `argv`.
+fn exec_record(pid: u32, ppid: u32, t: u64, path: &str, argv: &[String]) -> Vec<u8> {
+    let args: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    // The kernel walks the executable's dentries leaf first.
+    let exe: Vec<u8> = path
+        .rsplit('/')
+        .filter(|c| !c.is_empty())
+        .flat_map(|c| c.bytes().chain([0]))
+        .collect();
+    let name = path.rsplit('/').next().unwrap_or(path).as_bytes();
+    let cwd = b"tomcat\0mi\0";
+    let mut exec = ExecRecord::default();
+    exec.hdr.kind = kind::EXEC;
+    exec.hdr.pid = pid;
+    exec.hdr.tid = pid;
+    exec.hdr.boot_ns = t + 1;
+    let comm = name.len().min(15);
+    exec.hdr.comm[..comm].copy_from_slice(&name[..comm]);
+    exec.ppid = ppid;
+    exec.start_boot_ns = t;
+    // The kernel copies at most 4 KiB of arguments.
+    let args = &args[..args.len().min(4096)];
+    exec.args_len = args.len() as u16;
+    exec.filename_len = path.len() as u16;
+    exec.exe_len = exe.len() as u16;
+    exec.cwd_len = cwd.len() as u16;
+    for s in &mut exec.stdio {
+        s.kind = fd_kind::PIPE;
+    }
+    let mut bytes = bytes_of(&exec);
+    bytes.extend_from_slice(args);
+    bytes.extend_from_slice(path.as_bytes());
+    bytes.extend_from_slice(&exe);
+    bytes.extend_from_slice(cwd);
+    bytes
+}
+
+fn fork_record(pid: u32, ppid: u32, t: u64) -> Vec<u8> {
+    let mut fork = ForkRecord::default();
+    fork.hdr.kind = kind::FORK;
+    fork.hdr.pid = pid;
+    fork.hdr.tid = pid;
+    fork.hdr.boot_ns = t;
+    fork.parent_pid = ppid;
+    fork.parent_tid = ppid;
+    fork.child_start_boot_ns = t;
+    bytes_of(&fork)
+}
+
+fn exit_record(pid: u32, ppid: u32, start: u64, t: u64) -> Vec<u8> {
+    let mut exit = ExitRecord::default();
+    exit.hdr.kind = kind::EXIT;
+    exit.hdr.pid = pid;
+    exit.hdr.boot_ns = t;
+    exit.ppid = ppid;
+    exit.start_boot_ns = start;
+    bytes_of(&exit)
+}
+
+/// A Tomcat JVM's command line: 60 `-D` properties, about 3 KiB; `salt` makes it
+/// unique (an attacker starting long-argv programs that no cache has seen).
+fn jvm_argv(salt: Option<u32>) -> Vec<String> {
+    let mut argv = vec!["/usr/lib/jvm/java-17/bin/java".to_owned()];
+    let salt = salt.map_or(String::new(), |s| format!("-{s}"));
+    argv.extend((0..60).map(|i| {
+        format!("-Dcom.mobileiron.vsp.property{i:02}=/mi/tomcat/conf/vsp/settings/value-{i:02}{salt}.properties")
+    }));
+    argv.extend(
+        [
+            "-classpath",
+            "/mi/tomcat/bin/bootstrap.jar:/mi/tomcat/bin/tomcat-juli.jar",
+        ]
+        .map(String::from),
+    );
+    argv.push("org.apache.catalina.startup.Bootstrap".into());
+    argv.push("start".into());
+    argv
+}
+
+/// The Sigma worst case of issue 14: a Tomcat JVM whose children are, three times in
+/// four, a maintenance shell, and once a JVM with a 3 KiB command line; each child forks,
+/// execs and exits (3 events). With `unique`, every child JVM's command line differs.
+fn jvm_mix(children: u32, unique: bool) -> Vec<Vec<u8>> {
+    let jvm = jvm_argv(None);
+    let shell: Vec<String> = ["/bin/sh", "-c", "ulimit -n"].map(String::from).to_vec();
+    let mut out = vec![
+        fork_record(400, 1, 1),
+        exec_record(400, 1, 1, "/usr/lib/jvm/java-17/bin/java", &jvm),
+    ];
+    for i in 0..children {
+        let pid = 10_000 + (i % 30_000);
+        let t = u64::from(i + 1) * 1_000_000;
+        out.push(fork_record(pid, 400, t));
+        out.push(if i % 4 == 3 {
+            let argv = if unique {
+                jvm_argv(Some(i))
+            } else {
+                jvm.clone()
+            };
+            exec_record(pid, 400, t, "/usr/lib/jvm/java-17/bin/java", &argv)
+        } else {
+            exec_record(pid, 400, t, "/bin/sh", &shell)
+        });
+        out.push(exit_record(pid, 400, t, t + 4));
+    }
+    out
+}
+
 fn pipeline(sigma: SigmaSet) -> Pipeline<Discard> {
     let set =
         rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
@@ -148,8 +256,8 @@ fn pipeline(sigma: SigmaSet) -> Pipeline<Discard> {
 }
 
 /// Live with `--record`: the same records, timed with the recorder writing a trace.
-fn run_recording(cycles: u32, dir: &std::path::Path) -> std::path::PathBuf {
-    let trace = dir.join("bench.trace.zst");
+fn run_recording(records: &[Vec<u8>], dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let trace = dir.join(format!("{name}.trace.zst"));
     let mut p = pipeline(SigmaSet::default());
     p.recorder = Some(
         sensor_agent::trace::recorder::Recorder::new(
@@ -157,9 +265,6 @@ fn run_recording(cycles: u32, dir: &std::path::Path) -> std::path::PathBuf {
         )
         .unwrap(),
     );
-    let records: Vec<Vec<u8>> = (0..cycles)
-        .flat_map(|i| cycle(10_000 + (i % 30_000), u64::from(i) * 1_000_000, false))
-        .collect();
     let start = Instant::now();
     for (i, r) in records.iter().enumerate() {
         p.handle_record(r);
@@ -182,7 +287,7 @@ fn run_recording(cycles: u32, dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 /// Replay of the recorded trace: read, decompress, pipeline.
-fn run_replay(label: &str, trace: &std::path::Path, sigma: SigmaSet) {
+fn run_replay(label: &str, trace: &std::path::Path, sigma: SigmaSet) -> f64 {
     let set = Arc::new(
         rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
             .unwrap(),
@@ -207,9 +312,18 @@ fn run_replay(label: &str, trace: &std::path::Path, sigma: SigmaSet) {
         summary.events as f64 / secs,
         summary.alerts
     );
+    secs
 }
 
-fn run(label: &str, sigma: SigmaSet, cycles: u32, downloader: bool) {
+/// Service cycles (see `cycle`).
+fn cycles(n: u32, downloader: bool) -> Vec<Vec<u8>> {
+    (0..n)
+        .flat_map(|i| cycle(10_000 + (i % 30_000), u64::from(i) * 1_000_000, downloader))
+        .collect()
+}
+
+/// The pipeline over `records` (prepared up front: only decode onwards is timed); events/s.
+fn run(label: &str, sigma: SigmaSet, records: &[Vec<u8>]) -> f64 {
     let set =
         rules::compile_texts(&[(rules::DEFAULT_PACK_NAME.into(), rules::DEFAULT_PACK.into())])
             .unwrap();
@@ -229,12 +343,8 @@ fn run(label: &str, sigma: SigmaSet, cycles: u32, downloader: bool) {
         false,
         DecodeContext::default(),
     );
-    // Records are prepared up front: only decode onwards is timed.
-    let records: Vec<Vec<u8>> = (0..cycles)
-        .flat_map(|i| cycle(10_000 + (i % 30_000), u64::from(i) * 1_000_000, downloader))
-        .collect();
     let start = Instant::now();
-    for r in &records {
+    for r in records {
         pipeline.handle_record(r);
     }
     pipeline.finish();
@@ -245,45 +355,79 @@ fn run(label: &str, sigma: SigmaSet, cycles: u32, downloader: bool) {
         events as f64 / secs,
         pipeline.sink.alerts
     );
+    events as f64 / secs
 }
 
 fn main() {
-    let cycles = std::env::var("BENCH_CYCLES")
+    let n = std::env::var("BENCH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     println!("| rules | Sigma rules | events | time | events/s (one core) | alerts |");
     println!("| --- | --- | --- | --- | --- | --- |");
+    let service = cycles(n, false);
+    run("default pack, service mix", SigmaSet::default(), &service);
     run(
-        "default pack, service mix",
+        "default pack, curl mix",
         SigmaSet::default(),
-        cycles,
-        false,
+        &cycles(n, true),
     );
-    run("default pack, curl mix", SigmaSet::default(), cycles, true);
     let dir = tempfile::tempdir().expect("temporary directory");
-    let trace = run_recording(cycles, dir.path());
+    let trace = run_recording(&service, dir.path(), "service");
     run_replay(
         "replay of that trace, default pack",
         &trace,
         SigmaSet::default(),
     );
-    if let Some(sigma_dir) = std::env::var_os("SENSOR_SIGMA_DIR") {
-        // cargo runs benches from the package directory: a relative path is taken from the
-        // workspace root, where the command is typed.
-        let sigma_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(sigma_dir);
-        let sigma = SigmaSet::load(std::slice::from_ref(&sigma_dir))
-            .unwrap_or_else(|e| panic!("load Sigma rules from {}: {e}", sigma_dir.display()));
-        run(
-            "default pack + SigmaHQ, service mix",
-            sigma,
-            cycles / 10,
-            false,
-        );
-        let small = run_recording(cycles / 10, dir.path());
-        let sigma = SigmaSet::load(&[sigma_dir]).expect("load Sigma rules");
-        run_replay("replay, default pack + SigmaHQ", &small, sigma);
-    }
+    let Some(sigma_dir) = std::env::var_os("SENSOR_SIGMA_DIR") else {
+        return;
+    };
+    // cargo runs benches from the package directory: a relative path is taken from the
+    // workspace root, where the command is typed.
+    let sigma_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(sigma_dir);
+    let sigma = || {
+        SigmaSet::load(std::slice::from_ref(&sigma_dir))
+            .unwrap_or_else(|e| panic!("load Sigma rules from {}: {e}", sigma_dir.display()))
+    };
+    run("default pack + SigmaHQ, service mix", sigma(), &service);
+    // Issue 14's trace: 4,000 children of a JVM, 1,000 of them JVMs (12,000 events).
+    let children = std::env::var("BENCH_JVM_CHILDREN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(n / 50);
+    let jvm = jvm_mix(children, false);
+    let without = run("default pack, JVM mix", SigmaSet::default(), &jvm);
+    let with = run("default pack + SigmaHQ, JVM mix", sigma(), &jvm);
+    let trace = run_recording(&jvm, dir.path(), "jvm");
+    let replay_without = run_replay(
+        "replay of the JVM mix, default pack",
+        &trace,
+        SigmaSet::default(),
+    );
+    let replay_with = run_replay(
+        "replay of the JVM mix, default pack + SigmaHQ",
+        &trace,
+        sigma(),
+    );
+    let unique = jvm_mix(children, true);
+    let unique_without = run(
+        "default pack, JVM mix, unique command lines",
+        SigmaSet::default(),
+        &unique,
+    );
+    let unique_with = run(
+        "default pack + SigmaHQ, JVM mix, unique command lines",
+        sigma(),
+        &unique,
+    );
+    println!();
+    println!(
+        "JVM mix with SigmaHQ: pipeline {:.2}x the time without, replay {:.2}x; \
+         with unique command lines, pipeline {:.2}x",
+        without / with,
+        replay_with / replay_without,
+        unique_without / unique_with
+    );
 }

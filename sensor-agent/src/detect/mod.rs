@@ -127,6 +127,7 @@ impl Engine {
                     }
                     self.trackers.insert(i, Tracker::default());
                 }
+                Body::Sigma => {}
             }
         }
         self.rules = rules;
@@ -272,16 +273,22 @@ impl Engine {
             }));
         }
         let sigma = Arc::clone(&self.sigma);
-        for rule in sigma.matching(event, &ctx) {
+        for m in sigma.matching(event, &ctx) {
             self.stats.evaluated += 1;
-            built.push(alert::build(AlertInput {
-                rule,
+            let mut alert = alert::build(AlertInput {
+                rule: m.rule,
                 evidence: vec![event.clone()],
                 table,
                 users: &self.users,
                 clock: &self.clock,
                 identity: &self.identity,
-            }));
+            });
+            alert.details = m
+                .fields
+                .into_iter()
+                .map(|(field, value)| (field.name().to_owned(), value))
+                .collect();
+            built.push(alert);
         }
         drop(ctx);
         let mut out = Vec::new();

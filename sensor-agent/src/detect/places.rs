@@ -183,7 +183,7 @@ fn file_conditions(set: &RuleSet) -> Vec<(&str, &Cond)> {
                     out.push((&*rule.id, &step.cond));
                 }
             }
-            Body::Single { .. } => {}
+            Body::Single { .. } | Body::Sigma => {}
         }
     }
     out

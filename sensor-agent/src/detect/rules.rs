@@ -289,6 +289,8 @@ pub enum Body {
         within_ns: u64,
         steps: Vec<Step>,
     },
+    /// A SigmaHQ rule: its compiled detection lives in `sigma::SigmaSet`.
+    Sigma,
 }
 
 #[derive(Clone, Debug)]
@@ -851,6 +853,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         .flat_map(|r| match &r.body {
             Body::Single { cond, .. } => vec![cond],
             Body::Sequence { steps, .. } => steps.iter().map(|s| &s.cond).collect(),
+            Body::Sigma => Vec::new(),
         })
         .chain(identities.iter().map(|i| &i.cond))
         .chain(allows.iter().map(|a| &a.cond))
