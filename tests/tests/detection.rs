@@ -70,14 +70,34 @@ fn tomcat_runtime_exec_of_sh_with_a_downloader() {
     assert!(!alert["host"].as_str().unwrap().is_empty());
     assert!(alert["agentId"].as_str().unwrap().starts_with("agent-"));
 
-    // curl is a child of sh: still the web tier, one level deeper.
-    agent.wait_for("Sigma: Suspicious Java Children Processes", |l| {
+    // The JVM's child sh (its command line names curl): Sigma's rule, compiled into our
+    // matcher, with the rule's level, ATT&CK tags and the fields that matched.
+    let line = agent.wait_for("Sigma: Suspicious Java Children Processes", |l| {
         l.get("alert").is_some_and(|a| {
             a["ruleId"].as_str().unwrap_or("").starts_with("sigma:")
                 && a["title"] == "Suspicious Java Children Processes"
                 && a["process"]["argv"].to_string().contains(&tag)
         })
     });
+    let sigma_alert = &line["alert"];
+    assert_eq!(sigma_alert["severity"], "SEVERITY_HIGH");
+    assert_eq!(sigma_alert["techniques"][0], "T1059");
+    let details = &sigma_alert["details"];
+    assert!(
+        details["ParentImage"].as_str().unwrap().ends_with("/java"),
+        "{details}"
+    );
+    assert!(
+        details["CommandLine"].as_str().unwrap().contains(&tag),
+        "{details}"
+    );
+    assert_eq!(
+        sigma_alert["evidence"][0]["exec"]["filename"]
+            .as_str()
+            .map(|f| f.ends_with("sh")),
+        Some(true),
+        "{sigma_alert}"
+    );
     agent.stop();
 }
 

@@ -148,6 +148,7 @@ fn test(no_lint: bool, no_fuzz: bool, no_kmatrix: bool, args: &[String]) -> Resu
         )
         .args(args);
     run(&mut cmd)?;
+    sigma_differential(1_000_000)?;
     if !no_kmatrix {
         kmatrix::run(&kmatrix::KmatrixArgs::default())?;
     }
@@ -155,6 +156,29 @@ fn test(no_lint: bool, no_fuzz: bool, no_kmatrix: bool, args: &[String]) -> Resu
         fuzz(60)?;
     }
     Ok(())
+}
+
+/// The Sigma differential test (our compiled Sigma against sigma-rust) over `events`
+/// generated events, in a release build: the debug run of `cargo test` does 20,000.
+fn sigma_differential(events: u64) -> Result<()> {
+    step(&format!(
+        "Sigma differential test: {events} generated events against sigma-rust (release)"
+    ));
+    let mut cmd = Command::new(cargo_bin());
+    cmd.current_dir(workspace())
+        .args([
+            "test",
+            "--release",
+            "--package",
+            "sensor-agent",
+            "--lib",
+            "detect::sigma::tests::generated_events_agree_with_the_reference",
+            "--",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("SENSOR_SIGMA_DIFFERENTIAL_EVENTS", events.to_string());
+    run(&mut cmd)
 }
 
 /// Fuzzes the trace reader for `seconds`, seeded with the fixture traces.
