@@ -11,6 +11,8 @@ pub mod v1 {
 }
 
 pub mod frames;
+pub mod kind;
 pub mod pem;
 
+pub use kind::EventKind;
 pub use pbjson_types::Timestamp;

@@ -12,11 +12,14 @@ use sensor_common::{
     ForkRecord, Header, MemfdRecord, ModuleRecord, NetRecord, PtraceRecord, SignalRecord,
     SocketRecord, VmWriteRecord, dup_call, exec_flags, fd_kind, file_info, file_op, kind,
 };
-use sensor_proto::v1::{
-    AcceptEvent, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent,
-    ExecFailedEvent, ExitEvent, FdInfo, FdKind, FileEvent, FileOp, ForkEvent, ListenEvent,
-    MemfdCreateEvent, ModuleLoadEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent,
-    SignalEvent, SocketEvent, SocketInfo, event,
+use sensor_proto::{
+    EventKind,
+    v1::{
+        AcceptEvent, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent,
+        ExecFailedEvent, ExitEvent, FdInfo, FdKind, FileEvent, FileOp, ForkEvent, ListenEvent,
+        MemfdCreateEvent, ModuleLoadEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent,
+        SignalEvent, SocketEvent, SocketInfo, event,
+    },
 };
 
 /// Magic number of tmpfs/shmem superblocks, where memfds live.
@@ -178,6 +181,31 @@ fn header_event(hdr: &Header, clock: &BootClock) -> Event {
 fn user_dev(kernel: u32) -> u64 {
     let (major, minor) = (kernel >> 20, kernel & 0xfffff);
     libc::makedev(major, minor)
+}
+
+/// The kind of the events records of wire kind `kind` decode to (a file record may also
+/// become a `proc_mem_write`; its losses count as `file`); `None` for an unknown kind.
+pub fn record_event_kind(kind: u16) -> Option<EventKind> {
+    Some(match kind {
+        kind::EXEC => EventKind::Exec,
+        kind::EXEC_FAILED => EventKind::ExecFailed,
+        kind::FORK => EventKind::Fork,
+        kind::EXIT => EventKind::Exit,
+        kind::CONNECT => EventKind::Connect,
+        kind::ACCEPT => EventKind::Accept,
+        kind::BIND => EventKind::Bind,
+        kind::LISTEN => EventKind::Listen,
+        kind::SOCKET => EventKind::Socket,
+        kind::DUP => EventKind::Dup,
+        kind::MEMFD_CREATE => EventKind::MemfdCreate,
+        kind::PTRACE => EventKind::Ptrace,
+        kind::VM_WRITE => EventKind::ProcessVmWrite,
+        kind::FILE => EventKind::File,
+        kind::MODULE_LOAD => EventKind::ModuleLoad,
+        kind::BPF_LOAD => EventKind::BpfLoad,
+        kind::SIGNAL => EventKind::Signal,
+        _ => return None,
+    })
 }
 
 pub fn decode(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<Event>, DecodeError> {

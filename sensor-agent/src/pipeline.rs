@@ -5,12 +5,15 @@
 
 use std::{collections::BTreeMap, time::Instant};
 
-use sensor_proto::v1::{Alert, Event, TraceHeader, event};
+use sensor_proto::{
+    EventKind,
+    v1::{Alert, Event, TraceHeader, event},
+};
 use tracing::warn;
 
 use crate::{
     decode::{self, BootClock, DecodeContext},
-    detect::{Engine, fields},
+    detect::Engine,
     output::Sink,
     proctable::ProcessTable,
     trace::{self, flight::FlightRecorder, recorder::Recorder},
@@ -46,7 +49,7 @@ pub struct PipelineStats {
     pub decode_errors: u64,
     pub events: u64,
     pub alerts: u64,
-    /// Events by kind, indexed like `detect::fields::EVENT_KINDS` (last: none).
+    /// Events by kind, indexed by `EventKind::index` (last: events without a kind).
     pub by_kind: [u64; EVENT_KIND_SLOTS],
     /// Time spent in detection (the rules), in nanoseconds.
     pub detect_ns: u64,
@@ -55,17 +58,21 @@ pub struct PipelineStats {
 }
 
 impl PipelineStats {
-    /// Events of `kind` (a name of `detect::fields::EVENT_KINDS`) so far.
-    pub fn events_of(&self, kind: &str) -> u64 {
-        fields::EVENT_KINDS
-            .iter()
-            .position(|k| *k == kind)
-            .map_or(0, |i| self.by_kind[i])
+    /// Events of `kind` so far.
+    pub fn events_of(&self, kind: EventKind) -> u64 {
+        self.by_kind[kind.index()]
+    }
+
+    /// (kind, events) for every kind.
+    pub fn kinds(&self) -> impl Iterator<Item = (EventKind, u64)> + '_ {
+        EventKind::ALL
+            .into_iter()
+            .map(|k| (k, self.by_kind[k.index()]))
     }
 }
 
 /// One slot per event kind, and one for events without a kind.
-pub const EVENT_KIND_SLOTS: usize = fields::EVENT_KINDS.len() + 1;
+pub const EVENT_KIND_SLOTS: usize = EventKind::COUNT + 1;
 
 pub struct Pipeline<S: Sink> {
     pub table: ProcessTable,
@@ -156,7 +163,7 @@ impl<S: Sink> Pipeline<S> {
         if let Some(flight) = self.flight.as_mut() {
             flight.on_event(&event);
         }
-        self.stats.by_kind[fields::event_kind_index(&event)] += 1;
+        self.stats.by_kind[EventKind::of(&event).map_or(EventKind::COUNT, EventKind::index)] += 1;
         self.table.apply(&event);
         let started = Instant::now();
         let mut alerts = self.engine.on_event(&event, &mut self.table);
@@ -255,9 +262,9 @@ mod tests {
         for (i, slot) in stats.by_kind.iter_mut().enumerate() {
             *slot = i as u64 + 1;
         }
-        for (i, kind) in fields::EVENT_KINDS.iter().enumerate() {
+        for (i, kind) in EventKind::ALL.into_iter().enumerate() {
             assert_eq!(stats.events_of(kind), i as u64 + 1, "{kind}");
         }
-        assert_eq!(stats.events_of("no such kind"), 0);
+        assert_eq!(stats.kinds().count(), EventKind::COUNT);
     }
 }

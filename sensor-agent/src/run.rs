@@ -8,9 +8,9 @@ use std::{
     time::Duration,
 };
 
+use crate::decode::record_event_kind;
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use sensor_common::kind;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     signal::unix::{SignalKind, signal},
@@ -342,7 +342,7 @@ async fn event_loop(
     let mut last_shed = (0u64, 0u64);
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_lost = vec![0u64; usize::from(kind::COUNT)];
+    let mut last_lost = vec![0u64; usize::from(sensor_common::kind::COUNT)];
     // Ring bytes read since start, and the deepest the ring was at a drain since the last
     // metrics publication.
     let (mut ring_read, mut ring_peak) = (0u64, 0u64);
@@ -387,9 +387,8 @@ async fn event_loop(
                         lost: last_lost
                             .iter()
                             .enumerate()
-                            .map(|(k, n)| (kind::name(k as u16), *n))
-                            .filter(|(k, _)| *k != "unknown")
-                            .map(|(k, n)| (k.to_owned(), n))
+                            .filter_map(|(k, n)| Some((record_event_kind(k as u16)?, *n)))
+                            .map(|(k, n)| (k.name().to_owned(), n))
                             .collect(),
                         process_table: pipeline.table.len(),
                         spool_records: records,
@@ -422,7 +421,8 @@ async fn event_loop(
                 }
             }
             _ = liveness_tick.tick() => {
-                let process_events = pipeline.stats.events_of("exec") + pipeline.stats.events_of("fork");
+                let process_events = pipeline.stats.events_of(sensor_proto::EventKind::Exec)
+                    + pipeline.stats.events_of(sensor_proto::EventKind::Fork);
                 if let Some(pid) = health::last_pid()
                     && let Some(created) = liveness.check(pid, process_events)
                 {
@@ -511,13 +511,18 @@ async fn event_loop(
     Ok(())
 }
 
+/// The event kind name of records of wire kind `kind`.
+fn record_kind_name(kind: u16) -> &'static str {
+    record_event_kind(kind).map_or("unknown", |k| k.name())
+}
+
 /// Kernel losses by kind name, for heartbeats.
 fn loss_map(totals: &[u64]) -> BTreeMap<String, u64> {
     totals
         .iter()
         .enumerate()
         .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| (kind::name(k as u16).to_owned(), *n))
+        .map(|(k, n)| (record_kind_name(k as u16).to_owned(), *n))
         .collect()
 }
 
@@ -531,12 +536,12 @@ fn report_losses(
         let slot = &mut last[usize::from(k)];
         if total > *slot {
             warn!(
-                kind = kind::name(k),
+                kind = record_kind_name(k),
                 lost = total - *slot,
                 total,
                 "records lost in the kernel: the ring buffer was full"
             );
-            new.insert(kind::name(k).to_owned(), total - *slot);
+            new.insert(record_kind_name(k).to_owned(), total - *slot);
             *slot = total;
         }
     }

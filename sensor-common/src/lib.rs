@@ -53,29 +53,6 @@ pub mod kind {
     pub const SIGNAL: u16 = 17;
     /// One past the highest kind; sizes the loss counters.
     pub const COUNT: u16 = 18;
-
-    pub const fn name(kind: u16) -> &'static str {
-        match kind {
-            EXEC => "exec",
-            EXEC_FAILED => "exec_failed",
-            FORK => "fork",
-            EXIT => "exit",
-            CONNECT => "connect",
-            ACCEPT => "accept",
-            BIND => "bind",
-            LISTEN => "listen",
-            SOCKET => "socket",
-            DUP => "dup",
-            MEMFD_CREATE => "memfd_create",
-            PTRACE => "ptrace",
-            VM_WRITE => "process_vm_writev",
-            FILE => "file",
-            MODULE_LOAD => "module_load",
-            BPF_LOAD => "bpf_load",
-            SIGNAL => "signal",
-            _ => "unknown",
-        }
-    }
 }
 
 /// Flags of an exec record (`ExecRecord::exec_flags`).

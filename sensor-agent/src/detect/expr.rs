@@ -28,6 +28,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use globset::{GlobBuilder, GlobMatcher};
 use regex::Regex;
+use sensor_proto::EventKind;
 
 use super::fields::{Ctx, Field, Kind, Value};
 
@@ -408,7 +409,7 @@ pub struct Env<'a> {
     /// Capture names a sequence step may use (`$name`).
     pub vars: &'a [String],
     /// Event kinds the condition runs on, to refuse fields that never apply.
-    pub on: &'a [String],
+    pub on: &'a [EventKind],
 }
 
 /// Parses and type-checks `src`.
@@ -595,13 +596,17 @@ impl Parser<'_> {
             ));
         };
         if !applies.is_empty()
-            && let Some(kind) = self.env.on.iter().find(|k| !applies.contains(&k.as_str()))
+            && let Some(kind) = self.env.on.iter().find(|k| !applies.contains(k))
         {
             return Err(ExprError::at(
                 offset,
                 format!(
                     "field `{name}` is never set on `{kind}` events (only on: {})",
-                    applies.join(", ")
+                    applies
+                        .iter()
+                        .map(|k| k.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
@@ -1038,7 +1043,7 @@ mod tests {
             lists: &lists,
             macros: &macros,
             vars: &["payload".to_owned()],
-            on: &["exec".to_owned()],
+            on: &[EventKind::Exec],
         };
         compile(src, &env)
     }
@@ -1165,7 +1170,7 @@ mod tests {
             lists: &lists,
             macros: &macros,
             vars: &[],
-            on: &["exec".to_owned()],
+            on: &[EventKind::Exec],
         };
         match compile("proc.name in (shells)", &env).unwrap() {
             Cond::Test {

@@ -6,7 +6,10 @@
 
 use std::{borrow::Cow, net::IpAddr, sync::OnceLock};
 
-use sensor_proto::v1::{Event, FdKind, FileOp, event};
+use sensor_proto::{
+    EventKind,
+    v1::{Event, FdKind, FileOp, event},
+};
 
 use crate::{
     detect::users::UserNames,
@@ -40,63 +43,8 @@ impl Kind {
     }
 }
 
-/// Event kinds, as rules name them in `on:`.
-pub const EVENT_KINDS: &[&str] = &[
-    "exec",
-    "exec_failed",
-    "fork",
-    "exit",
-    "connect",
-    "accept",
-    "bind",
-    "listen",
-    "socket",
-    "dup",
-    "memfd_create",
-    "ptrace",
-    "process_vm_write",
-    "file",
-    "proc_mem_write",
-    "module_load",
-    "bpf_load",
-    "signal",
-];
-
-/// The `on:` name of an event.
-pub fn event_kind(event: &Event) -> &'static str {
-    EVENT_KINDS
-        .get(event_kind_index(event))
-        .copied()
-        .unwrap_or("none")
-}
-
-/// The position of an event's kind in [`EVENT_KINDS`] (`EVENT_KINDS.len()` for none).
-pub fn event_kind_index(event: &Event) -> usize {
-    match &event.kind {
-        Some(event::Kind::Exec(_)) => 0,
-        Some(event::Kind::ExecFailed(_)) => 1,
-        Some(event::Kind::Fork(_)) => 2,
-        Some(event::Kind::Exit(_)) => 3,
-        Some(event::Kind::Connect(_)) => 4,
-        Some(event::Kind::Accept(_)) => 5,
-        Some(event::Kind::Bind(_)) => 6,
-        Some(event::Kind::Listen(_)) => 7,
-        Some(event::Kind::Socket(_)) => 8,
-        Some(event::Kind::Dup(_)) => 9,
-        Some(event::Kind::MemfdCreate(_)) => 10,
-        Some(event::Kind::Ptrace(_)) => 11,
-        Some(event::Kind::ProcessVmWrite(_)) => 12,
-        Some(event::Kind::File(_)) => 13,
-        Some(event::Kind::ProcMemWrite(_)) => 14,
-        Some(event::Kind::ModuleLoad(_)) => 15,
-        Some(event::Kind::BpfLoad(_)) => 16,
-        Some(event::Kind::Signal(_)) => 17,
-        None => EVENT_KINDS.len(),
-    }
-}
-
 macro_rules! fields {
-    ($( $variant:ident => $name:literal, $kind:ident, [$($on:literal),*], $doc:literal; )*) => {
+    ($( $variant:ident => $name:literal, $kind:ident, [$($on:ident),*], $doc:literal; )*) => {
         /// A field a condition can test.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Field {
@@ -104,8 +52,8 @@ macro_rules! fields {
         }
 
         /// (name, field, kind, event kinds it is set on (empty: all), description).
-        pub const FIELDS: &[(&str, Field, Kind, &[&str], &str)] = &[
-            $( ($name, Field::$variant, Kind::$kind, &[$($on),*], $doc), )*
+        pub const FIELDS: &[(&str, Field, Kind, &[EventKind], &str)] = &[
+            $( ($name, Field::$variant, Kind::$kind, &[$(EventKind::$on),*], $doc), )*
         ];
     };
 }
@@ -148,7 +96,7 @@ fields! {
     ParentArgv => "parent.argv", StrList, [], "parent's arguments (any matches)";
     ParentUid => "parent.uid", Int, [], "parent's real uid";
     ParentComm => "parent.comm", Str, [], "parent's task name";
-    ParentThread => "parent.thread", Str, ["exec"], "name of the parent thread that forked (a JVM pool)";
+    ParentThread => "parent.thread", Str, [Exec], "name of the parent thread that forked (a JVM pool)";
     ParentExeShell => "parent.exe_shell", Bool, [], "the parent's executable is an installed shell's content";
 
     AncestorExe => "ancestor.exe", StrList, [], "executables of all ancestors (any matches)";
@@ -164,78 +112,78 @@ fields! {
     LineageSourceExe => "lineage.source_exe", Str, [], "executable of the identity's process";
     LineageSourceImage => "lineage.source_image", Bool, [], "the process runs its source's very executable (a worker fork, or the source itself)";
 
-    ExecFilename => "exec.filename", Str, ["exec"], "filename passed to execve";
-    ExecStdin => "exec.stdin", Str, ["exec"], "what fd 0 is: none, file, dir, pipe, socket, tty, char, other";
-    ExecStdout => "exec.stdout", Str, ["exec"], "what fd 1 is";
-    ExecStderr => "exec.stderr", Str, ["exec"], "what fd 2 is";
-    ExecStdioSocket => "exec.stdio_socket", Bool, ["exec"], "any of fds 0-2 is a socket";
-    ExecStdioRemoteAddr => "exec.stdio_remote_addr", StrList, ["exec"], "remote addresses of socket fds 0-2";
-    ExecParentConnected => "exec.parent_connected", Bool, ["exec"], "a shell or interpreter whose web-tier parent held a TCP connection out when it started";
-    ExecParentRemoteAddr => "exec.parent_remote_addr", Str, ["exec"], "remote address of that parent's newest outbound connection";
-    ExecParentRemotePort => "exec.parent_remote_port", Int, ["exec"], "remote port of that parent's newest outbound connection";
-    ExecTty => "exec.tty", Bool, ["exec"], "any of fds 0-2 is a terminal";
-    ExecExecveat => "exec.execveat", Bool, ["exec"], "started with execveat (fexecve)";
-    ExecArgvTruncated => "exec.argv_truncated", Bool, ["exec"], "argv was longer than 4 KiB";
+    ExecFilename => "exec.filename", Str, [Exec], "filename passed to execve";
+    ExecStdin => "exec.stdin", Str, [Exec], "what fd 0 is: none, file, dir, pipe, socket, tty, char, other";
+    ExecStdout => "exec.stdout", Str, [Exec], "what fd 1 is";
+    ExecStderr => "exec.stderr", Str, [Exec], "what fd 2 is";
+    ExecStdioSocket => "exec.stdio_socket", Bool, [Exec], "any of fds 0-2 is a socket";
+    ExecStdioRemoteAddr => "exec.stdio_remote_addr", StrList, [Exec], "remote addresses of socket fds 0-2";
+    ExecParentConnected => "exec.parent_connected", Bool, [Exec], "a shell or interpreter whose web-tier parent held a TCP connection out when it started";
+    ExecParentRemoteAddr => "exec.parent_remote_addr", Str, [Exec], "remote address of that parent's newest outbound connection";
+    ExecParentRemotePort => "exec.parent_remote_port", Int, [Exec], "remote port of that parent's newest outbound connection";
+    ExecTty => "exec.tty", Bool, [Exec], "any of fds 0-2 is a terminal";
+    ExecExecveat => "exec.execveat", Bool, [Exec], "started with execveat (fexecve)";
+    ExecArgvTruncated => "exec.argv_truncated", Bool, [Exec], "argv was longer than 4 KiB";
 
-    ExecFailedFilename => "exec_failed.filename", Str, ["exec_failed"], "the filename that failed";
-    ExecFailedError => "exec_failed.error", Str, ["exec_failed"], "errno name";
+    ExecFailedFilename => "exec_failed.filename", Str, [ExecFailed], "the filename that failed";
+    ExecFailedError => "exec_failed.error", Str, [ExecFailed], "errno name";
 
-    NetFamily => "net.family", Str, ["connect", "accept", "bind", "listen", "socket"], "inet, inet6, unix...";
-    NetType => "net.type", Str, ["connect", "accept", "bind", "listen", "socket"], "stream, dgram...";
-    NetLocalAddr => "net.local_addr", Str, ["connect", "accept", "bind", "listen"], "local address";
-    NetLocalPort => "net.local_port", Int, ["connect", "accept", "bind", "listen"], "local port";
-    NetRemoteAddr => "net.remote_addr", Str, ["connect", "accept"], "remote address";
-    NetRemotePort => "net.remote_port", Int, ["connect", "accept"], "remote port";
-    NetRemotePublic => "net.remote_public", Bool, ["connect", "accept"], "remote address is neither loopback, private, link-local nor unspecified";
-    NetRemoteLoopback => "net.remote_loopback", Bool, ["connect", "accept"], "remote address is loopback";
-    NetUnixPath => "net.unix_path", Str, ["connect", "bind"], "unix socket path (@name when abstract)";
-    NetResult => "net.result", Int, ["connect", "bind", "listen", "socket"], "syscall result";
-    NetError => "net.error", Str, ["connect", "bind", "listen", "socket"], "errno name of a failure";
-    NetInProgress => "net.in_progress", Bool, ["connect"], "non-blocking connect in progress";
-    NetBacklog => "net.backlog", Int, ["listen"], "listen backlog";
+    NetFamily => "net.family", Str, [Connect, Accept, Bind, Listen, Socket], "inet, inet6, unix...";
+    NetType => "net.type", Str, [Connect, Accept, Bind, Listen, Socket], "stream, dgram...";
+    NetLocalAddr => "net.local_addr", Str, [Connect, Accept, Bind, Listen], "local address";
+    NetLocalPort => "net.local_port", Int, [Connect, Accept, Bind, Listen], "local port";
+    NetRemoteAddr => "net.remote_addr", Str, [Connect, Accept], "remote address";
+    NetRemotePort => "net.remote_port", Int, [Connect, Accept], "remote port";
+    NetRemotePublic => "net.remote_public", Bool, [Connect, Accept], "remote address is neither loopback, private, link-local nor unspecified";
+    NetRemoteLoopback => "net.remote_loopback", Bool, [Connect, Accept], "remote address is loopback";
+    NetUnixPath => "net.unix_path", Str, [Connect, Bind], "unix socket path (@name when abstract)";
+    NetResult => "net.result", Int, [Connect, Bind, Listen, Socket], "syscall result";
+    NetError => "net.error", Str, [Connect, Bind, Listen, Socket], "errno name of a failure";
+    NetInProgress => "net.in_progress", Bool, [Connect], "non-blocking connect in progress";
+    NetBacklog => "net.backlog", Int, [Listen], "listen backlog";
 
-    DupCall => "dup.call", Str, ["dup"], "dup, dup2, dup3, fcntl";
-    DupNewfd => "dup.newfd", Int, ["dup"], "descriptor obtained";
-    DupFdKind => "dup.fd_kind", Str, ["dup"], "what was duplicated: socket, pipe, file...";
-    DupRemoteAddr => "dup.remote_addr", Str, ["dup"], "remote address when a socket was duplicated";
-    DupRemotePort => "dup.remote_port", Int, ["dup"], "remote port when a socket was duplicated";
+    DupCall => "dup.call", Str, [Dup], "dup, dup2, dup3, fcntl";
+    DupNewfd => "dup.newfd", Int, [Dup], "descriptor obtained";
+    DupFdKind => "dup.fd_kind", Str, [Dup], "what was duplicated: socket, pipe, file...";
+    DupRemoteAddr => "dup.remote_addr", Str, [Dup], "remote address when a socket was duplicated";
+    DupRemotePort => "dup.remote_port", Int, [Dup], "remote port when a socket was duplicated";
 
-    MemfdName => "memfd.name", Str, ["memfd_create"], "memfd name";
+    MemfdName => "memfd.name", Str, [MemfdCreate], "memfd name";
 
-    PtraceRequest => "ptrace.request", Str, ["ptrace"], "PTRACE_ATTACH, PTRACE_POKETEXT...";
-    TargetPid => "target.pid", Int, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "process acted upon";
-    TargetExe => "target.exe", Str, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "its executable";
-    TargetName => "target.name", Str, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "its name";
-    TargetIsAgent => "target.is_agent", Bool, ["ptrace", "process_vm_write", "proc_mem_write", "signal"], "the target is this agent";
-    TargetIsSelf => "target.is_self", Bool, ["ptrace", "process_vm_write", "proc_mem_write"], "the process acts on itself";
+    PtraceRequest => "ptrace.request", Str, [Ptrace], "PTRACE_ATTACH, PTRACE_POKETEXT...";
+    TargetPid => "target.pid", Int, [Ptrace, ProcessVmWrite, ProcMemWrite, Signal], "process acted upon";
+    TargetExe => "target.exe", Str, [Ptrace, ProcessVmWrite, ProcMemWrite, Signal], "its executable";
+    TargetName => "target.name", Str, [Ptrace, ProcessVmWrite, ProcMemWrite, Signal], "its name";
+    TargetIsAgent => "target.is_agent", Bool, [Ptrace, ProcessVmWrite, ProcMemWrite, Signal], "the target is this agent";
+    TargetIsSelf => "target.is_self", Bool, [Ptrace, ProcessVmWrite, ProcMemWrite], "the process acts on itself";
     Result => "result", Int, [], "syscall result of the event (0 when it has none)";
 
-    FileOp => "file.op", Str, ["file"], "open_write, create, truncate, create_exec, rename, unlink, chmod_exec, utimes, link";
-    FilePath => "file.path", Str, ["file"], "absolute path";
-    FileName => "file.name", Str, ["file"], "last component of file.path";
-    FileDir => "file.dir", Str, ["file"], "file.path without its last component";
-    FileExt => "file.ext", Str, ["file"], "extension of file.name, without the dot";
-    FileOtherPath => "file.other_path", Str, ["file"], "the other name of a rename";
-    FileIsSource => "file.is_source", Bool, ["file"], "file.path is where a rename came from";
-    FileMode => "file.mode", Int, ["file"], "mode given to open or chmod";
-    FileFlags => "file.flags", Int, ["file"], "open flags";
-    FileGivenPath => "file.given_path", Str, ["file"], "the path as the process gave it, when a link, '..' or another mount made it differ from file.path";
-    FileResolved => "file.resolved", Bool, ["file"], "file.path was walked up from the file the kernel opened";
-    FileCreated => "file.created", Bool, ["file"], "the open created the file (known when file.resolved)";
-    FileExisted => "file.existed", Bool, ["file"], "the file was there before the open (known when file.resolved)";
-    FileFlagCreate => "file.flag_create", Bool, ["file"], "the open asked O_CREAT";
-    FileFlagTruncate => "file.flag_truncate", Bool, ["file"], "the open asked O_TRUNC";
-    FileFlagAppend => "file.flag_append", Bool, ["file"], "the open asked O_APPEND";
-    FileFlagExclusive => "file.flag_exclusive", Bool, ["file"], "the open asked O_EXCL";
+    FileOp => "file.op", Str, [File], "open_write, create, truncate, create_exec, rename, unlink, chmod_exec, utimes, link";
+    FilePath => "file.path", Str, [File], "absolute path";
+    FileName => "file.name", Str, [File], "last component of file.path";
+    FileDir => "file.dir", Str, [File], "file.path without its last component";
+    FileExt => "file.ext", Str, [File], "extension of file.name, without the dot";
+    FileOtherPath => "file.other_path", Str, [File], "the other name of a rename";
+    FileIsSource => "file.is_source", Bool, [File], "file.path is where a rename came from";
+    FileMode => "file.mode", Int, [File], "mode given to open or chmod";
+    FileFlags => "file.flags", Int, [File], "open flags";
+    FileGivenPath => "file.given_path", Str, [File], "the path as the process gave it, when a link, '..' or another mount made it differ from file.path";
+    FileResolved => "file.resolved", Bool, [File], "file.path was walked up from the file the kernel opened";
+    FileCreated => "file.created", Bool, [File], "the open created the file (known when file.resolved)";
+    FileExisted => "file.existed", Bool, [File], "the file was there before the open (known when file.resolved)";
+    FileFlagCreate => "file.flag_create", Bool, [File], "the open asked O_CREAT";
+    FileFlagTruncate => "file.flag_truncate", Bool, [File], "the open asked O_TRUNC";
+    FileFlagAppend => "file.flag_append", Bool, [File], "the open asked O_APPEND";
+    FileFlagExclusive => "file.flag_exclusive", Bool, [File], "the open asked O_EXCL";
 
-    BpfProgName => "bpf.prog_name", Str, ["bpf_load"], "name of the loaded program";
-    BpfProgType => "bpf.prog_type", Int, ["bpf_load"], "BPF program type";
-    SignalName => "signal.name", Str, ["signal"], "SIGTERM, SIGKILL...";
-    ModuleCall => "module.call", Str, ["module_load"], "init_module or finit_module";
+    BpfProgName => "bpf.prog_name", Str, [BpfLoad], "name of the loaded program";
+    BpfProgType => "bpf.prog_type", Int, [BpfLoad], "BPF program type";
+    SignalName => "signal.name", Str, [Signal], "SIGTERM, SIGKILL...";
+    ModuleCall => "module.call", Str, [ModuleLoad], "init_module or finit_module";
 }
 
 impl Field {
-    pub fn by_name(name: &str) -> Option<(Field, Kind, &'static [&'static str])> {
+    pub fn by_name(name: &str) -> Option<(Field, Kind, &'static [EventKind])> {
         FIELDS
             .iter()
             .find(|(n, ..)| *n == name)
@@ -415,7 +363,7 @@ impl Field {
         let ev = ctx.event;
         let kind = ev.kind.as_ref();
         match self {
-            Field::EventKind => s(event_kind(ev)),
+            Field::EventKind => s(EventKind::of(ev).map_or("none", EventKind::name)),
             Field::EventPid => Value::Int(i64::from(ev.pid)),
             Field::EventUid => Value::Int(i64::from(ev.uid)),
             Field::EventComm => s(&ev.comm),
@@ -831,9 +779,6 @@ mod tests {
         assert_eq!(before, names.len(), "duplicate field names");
         for (name, field, kind, on, _) in FIELDS {
             assert_eq!(Field::by_name(name), Some((*field, *kind, *on)));
-            for k in *on {
-                assert!(EVENT_KINDS.contains(k), "{name}: unknown event kind {k}");
-            }
         }
     }
 

@@ -18,11 +18,14 @@ use std::{collections::HashMap, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
-use sensor_proto::v1::{Alert, Event, event};
+use sensor_proto::{
+    EventKind,
+    v1::{Alert, Event, event},
+};
 
 use self::{
     alert::{AgentIdentity, AlertInput, Collapser},
-    fields::{Ctx, EVENT_KINDS, event_kind},
+    fields::Ctx,
     rules::{Body, RuleSet},
     sequence::Tracker,
     sigma::SigmaSet,
@@ -51,10 +54,10 @@ pub struct DetectStats {
 pub struct Engine {
     rules: Arc<RuleSet>,
     sigma: Arc<SigmaSet>,
-    /// Single-event rules per event kind (indexes into `rules.rules`).
-    singles: FxHashMap<&'static str, Vec<usize>>,
-    /// Sequence rules with a step on each event kind.
-    sequences: FxHashMap<&'static str, Vec<usize>>,
+    /// Single-event rules by `EventKind::index` (indexes into `rules.rules`).
+    singles: [Vec<usize>; EventKind::COUNT],
+    /// Sequence rules with a step on each event kind, by `EventKind::index`.
+    sequences: [Vec<usize>; EventKind::COUNT],
     trackers: FxHashMap<usize, Tracker>,
     /// The windows of each threshold rule.
     counters: FxHashMap<usize, Counter>,
@@ -80,8 +83,8 @@ impl Engine {
         let mut engine = Self {
             rules: Arc::new(RuleSet::default()),
             sigma,
-            singles: FxHashMap::default(),
-            sequences: FxHashMap::default(),
+            singles: Default::default(),
+            sequences: Default::default(),
             trackers: FxHashMap::default(),
             counters: FxHashMap::default(),
             collapser: Collapser::new(COLLAPSE_WINDOW_NS),
@@ -105,24 +108,24 @@ impl Engine {
 
     /// Replaces the rule set (live reload): partial sequences of the old set are dropped.
     pub fn set_rules(&mut self, rules: Arc<RuleSet>) {
-        self.singles.clear();
-        self.sequences.clear();
+        self.singles = Default::default();
+        self.sequences = Default::default();
         self.trackers.clear();
         self.counters.clear();
         for (i, rule) in rules.rules.iter().enumerate() {
             match &rule.body {
                 Body::Single { on, threshold, .. } => {
                     for kind in on {
-                        self.singles.entry(*kind).or_default().push(i);
+                        self.singles[kind.index()].push(i);
                     }
                     if threshold.is_some() {
                         self.counters.insert(i, Counter::default());
                     }
                 }
                 Body::Sequence { steps, .. } => {
-                    for kind in EVENT_KINDS {
-                        if steps.iter().any(|s| s.on.contains(kind)) {
-                            self.sequences.entry(*kind).or_default().push(i);
+                    for kind in EventKind::ALL {
+                        if steps.iter().any(|s| s.on.contains(&kind)) {
+                            self.sequences[kind.index()].push(i);
                         }
                     }
                     self.trackers.insert(i, Tracker::default());
@@ -200,8 +203,8 @@ impl Engine {
 
     /// One event, after the process table has applied it. Returns the alerts to emit.
     pub fn on_event(&mut self, event: &Event, table: &mut ProcessTable) -> Vec<Alert> {
-        let kind = event_kind(event);
-        if kind == "exec"
+        let kind = EventKind::of(event);
+        if kind == Some(EventKind::Exec)
             && let Some(p) = table.get(event.pid)
             && let Some(label) = self.classify(table, p)
         {
@@ -210,7 +213,7 @@ impl Engine {
         let table: &ProcessTable = table;
         let mut matched: Vec<(usize, Vec<Event>)> = Vec::new();
         let ctx = Ctx::new(event, table, &self.users, self.agent_pid, &[]);
-        if let Some(singles) = self.singles.get(kind) {
+        if let Some(singles) = kind.map(|k| &self.singles[k.index()]) {
             for &i in singles {
                 self.stats.evaluated += 1;
                 let Body::Single {
@@ -234,7 +237,7 @@ impl Engine {
                 }
             }
         }
-        if let Some(seqs) = self.sequences.get(kind) {
+        if let Some((kind, seqs)) = kind.map(|k| (k, &self.sequences[k.index()])) {
             let env = sequence::Env {
                 table,
                 users: &self.users,

@@ -177,9 +177,14 @@ fn file_conditions(set: &RuleSet) -> Vec<(&str, &Cond)> {
     let mut out = Vec::new();
     for rule in &set.rules {
         match &rule.body {
-            Body::Single { on, cond, .. } if on.contains(&"file") => out.push((&*rule.id, cond)),
+            Body::Single { on, cond, .. } if on.contains(&sensor_proto::EventKind::File) => {
+                out.push((&*rule.id, cond))
+            }
             Body::Sequence { steps, .. } => {
-                for step in steps.iter().filter(|s| s.on.contains(&"file")) {
+                for step in steps
+                    .iter()
+                    .filter(|s| s.on.contains(&sensor_proto::EventKind::File))
+                {
                     out.push((&*rule.id, &step.cond));
                 }
             }

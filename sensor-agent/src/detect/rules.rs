@@ -17,11 +17,12 @@ use std::{
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use marked_yaml::{Marker, Spanned};
+use sensor_proto::EventKind;
 use serde::Deserialize;
 
 use super::{
     expr::{self, Cond, Env, ExprError, Macro},
-    fields::{EVENT_KINDS, Field, Kind},
+    fields::{Field, Kind},
 };
 
 /// The EPMM rule pack, embedded so the agent works with no files at all.
@@ -259,7 +260,7 @@ pub enum Key {
 
 #[derive(Clone, Debug)]
 pub struct Step {
-    pub on: Vec<&'static str>,
+    pub on: Vec<EventKind>,
     pub cond: Cond,
     pub key: Key,
     pub captures: Vec<(String, Field)>,
@@ -281,7 +282,7 @@ pub const MAX_THRESHOLD: u32 = 10_000;
 #[derive(Clone, Debug)]
 pub enum Body {
     Single {
-        on: Vec<&'static str>,
+        on: Vec<EventKind>,
         cond: Cond,
         threshold: Option<Threshold>,
     },
@@ -612,18 +613,15 @@ fn event_kinds(
     on: &[Spanned<String>],
     src: &Source<'_>,
     errors: &mut Vec<RuleError>,
-) -> Vec<&'static str> {
+) -> Vec<EventKind> {
     on.iter()
-        .filter_map(|k| match EVENT_KINDS.iter().find(|e| **e == k.as_str()) {
-            Some(kind) => Some(*kind),
+        .filter_map(|k| match EventKind::parse(k) {
+            Some(kind) => Some(kind),
             None => {
+                let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.name()).collect();
                 errors.push(src.at(
                     k,
-                    format!(
-                        "unknown event kind `{}`; one of: {}",
-                        **k,
-                        EVENT_KINDS.join(", ")
-                    ),
+                    format!("unknown event kind `{}`; one of: {}", **k, names.join(", ")),
                 ));
                 None
             }
@@ -661,7 +659,7 @@ fn parse_key(
 /// A rule's `threshold:`, checked against the event kinds of its `on:`.
 fn parse_threshold(
     def: &ThresholdDef,
-    on: &[&'static str],
+    on: &[EventKind],
     s: &Source<'_>,
     errors: &mut Vec<RuleError>,
 ) -> Option<Threshold> {
@@ -771,7 +769,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
             Err(e) => errors.push(src(*index).in_condition(cond_text, &e)),
         }
     }
-    let exec_on = ["exec".to_owned()];
+    let exec_on = [EventKind::Exec];
     let identities: Vec<Identity> = m
         .identities
         .iter()
@@ -922,12 +920,11 @@ fn compile_rule(
                 return None;
             }
             let on = event_kinds(&def.on, s, errors);
-            let on_names: Vec<String> = on.iter().map(|k| (*k).to_owned()).collect();
             let env = Env {
                 lists,
                 macros,
                 vars: &[],
-                on: &on_names,
+                on: &on,
             };
             let threshold = match &def.threshold {
                 Some(t) => Some(parse_threshold(t, &on, s, errors)?),
@@ -972,12 +969,11 @@ fn compile_rule(
                     errors.push(s.at(&step.condition, "each step needs `on:`"));
                     continue;
                 }
-                let on_names: Vec<String> = on.iter().map(|k| (*k).to_owned()).collect();
                 let env = Env {
                     lists,
                     macros,
                     vars: &vars,
-                    on: &on_names,
+                    on: &on,
                 };
                 let cond = match expr::compile(&step.condition, &env) {
                     Ok(c) => c,

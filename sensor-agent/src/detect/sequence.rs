@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
-use sensor_proto::v1::Event;
+use sensor_proto::{EventKind, v1::Event};
 
 use super::{
     alert::{GroupKey, tree_key},
@@ -89,7 +89,7 @@ impl Tracker {
         &mut self,
         steps: &[Step],
         within_ns: u64,
-        kind: &str,
+        kind: EventKind,
         event: &Event,
         env: &Env<'_>,
         plain: &Ctx<'_>,

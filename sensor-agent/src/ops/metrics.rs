@@ -20,7 +20,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{detect::fields::EVENT_KINDS, pipeline::PipelineStats};
+use crate::pipeline::PipelineStats;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -226,9 +226,9 @@ impl Metrics {
 
     pub fn publish(&self, s: &Snapshot) {
         // Every kind is exposed, at 0 until it is seen.
-        for (kind, n) in EVENT_KINDS.iter().zip(&s.pipeline.by_kind) {
-            let kind = (*kind).to_owned();
-            advance(&self.events.get_or_create(&KindLabel { kind }), *n);
+        for (kind, n) in s.pipeline.kinds() {
+            let kind = kind.name().to_owned();
+            advance(&self.events.get_or_create(&KindLabel { kind }), n);
         }
         for (kind, n) in &s.lost {
             advance(
