@@ -384,6 +384,7 @@ async fn event_loop(
                 if let Some(metrics) = &ops.metrics {
                     metrics.publish(&Snapshot {
                         pipeline: pipeline.stats.clone(),
+                        detect: pipeline.engine.stats.clone(),
                         lost: last_lost
                             .iter()
                             .enumerate()

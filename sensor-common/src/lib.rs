@@ -2,16 +2,14 @@
 //!
 //! Every record in the ring buffer starts with a [`Header`]; `Header::kind` says which
 //! record follows. Variable-length records (exec, file, ...) carry their strings after the
-//! fixed part, in the order documented on each struct. Layout changes must bump
-//! [`WIRE_VERSION`], which the agent checks against the probes it embeds.
+//! fixed part, in the order documented on each struct. Both sides are built from this one
+//! crate and the agent embeds the probes it was built with, so they cannot disagree on a
+//! layout; traces keep decoded events (protobuf), not these records.
 #![no_std]
 
 pub mod layout;
 
 pub use layout::KernelLayout;
-
-/// Version of the records below; the agent refuses probes built with another version.
-pub const WIRE_VERSION: u32 = 1;
 
 pub const TASK_COMM_LEN: usize = 16;
 

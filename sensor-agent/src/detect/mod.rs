@@ -14,7 +14,7 @@ pub mod sigma;
 pub mod threshold;
 pub mod users;
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -43,12 +43,10 @@ pub const COLLAPSE_WINDOW_NS: u64 = 60 * 1_000_000_000;
 /// Counters of what detection did.
 #[derive(Clone, Debug, Default)]
 pub struct DetectStats {
-    pub evaluated: u64,
-    pub raised: u64,
+    /// Occurrences folded into an alert already raised (the collapse window).
     pub collapsed: u64,
+    /// Matches an allow-list entry vetoed.
     pub allowed: u64,
-    /// Alerts raised per rule id.
-    pub by_rule: HashMap<String, u64>,
 }
 
 pub struct Engine {
@@ -215,7 +213,6 @@ impl Engine {
         let ctx = Ctx::new(event, table, &self.users, self.agent_pid, &[]);
         if let Some(singles) = kind.map(|k| &self.singles[k.index()]) {
             for &i in singles {
-                self.stats.evaluated += 1;
                 let Body::Single {
                     cond, threshold, ..
                 } = &self.rules.rules[i].body
@@ -244,7 +241,6 @@ impl Engine {
                 agent_pid: self.agent_pid,
             };
             for &i in seqs {
-                self.stats.evaluated += 1;
                 let Body::Sequence { within_ns, steps } = &self.rules.rules[i].body else {
                     continue;
                 };
@@ -277,7 +273,6 @@ impl Engine {
         }
         let sigma = Arc::clone(&self.sigma);
         for m in sigma.matching(event, &ctx) {
-            self.stats.evaluated += 1;
             let mut alert = alert::build(AlertInput {
                 rule: m.rule,
                 evidence: vec![event.clone()],
@@ -302,7 +297,6 @@ impl Engine {
         if event.boot_ns >= self.last_expiry_ns + 1_000_000_000 {
             self.last_expiry_ns = event.boot_ns;
             let expired = self.collapser.expire(event.boot_ns);
-            self.count_repeats(&expired);
             out.extend(expired);
         }
         out
@@ -313,8 +307,6 @@ impl Engine {
         match self.collapser.offer(alert, now_ns) {
             Some(alert) => {
                 self.next_alert += 1;
-                self.stats.raised += 1;
-                *self.stats.by_rule.entry(alert.rule_id.clone()).or_default() += 1;
                 out.push(alert);
             }
             None => self.stats.collapsed += 1,
@@ -330,19 +322,12 @@ impl Engine {
         alert.source = "agent".to_owned();
         alert.count = 1;
         self.next_alert += 1;
-        self.stats.raised += 1;
-        *self.stats.by_rule.entry(alert.rule_id.clone()).or_default() += 1;
         alert
-    }
-
-    fn count_repeats(&mut self, alerts: &[Alert]) {
-        self.stats.raised += alerts.len() as u64;
     }
 
     /// Closes every collapse window (end of a trace, shutdown): the repeat counts.
     pub fn finish(&mut self) -> Vec<Alert> {
         let out = self.collapser.expire(u64::MAX);
-        self.count_repeats(&out);
         out
     }
 }

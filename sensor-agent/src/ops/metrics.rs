@@ -20,7 +20,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use crate::pipeline::PipelineStats;
+use crate::{detect::DetectStats, pipeline::PipelineStats};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -48,12 +48,18 @@ struct ProbeLabels {
     reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
 /// Everything the agent publishes.
 pub struct Metrics {
     registry: Registry,
     events: Family<KindLabel, Counter>,
     lost: Family<KindLabel, Counter>,
     alerts: Family<AlertLabels, Counter>,
+    suppressed: Family<ReasonLabel, Counter>,
     decode_errors: Counter,
     detect_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
     process_table: Gauge,
@@ -71,6 +77,7 @@ pub struct Metrics {
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub pipeline: PipelineStats,
+    pub detect: DetectStats,
     /// Kernel losses since start, by kind name.
     pub lost: Vec<(String, u64)>,
     pub process_table: usize,
@@ -117,6 +124,7 @@ impl Metrics {
             events: Family::default(),
             lost: Family::default(),
             alerts: Family::default(),
+            suppressed: Family::default(),
             decode_errors: Counter::default(),
             detect_seconds: Counter::default(),
             process_table: Gauge::default(),
@@ -144,6 +152,11 @@ impl Metrics {
             "alerts",
             "Alerts raised, by rule and severity",
             m.alerts.clone(),
+        );
+        registry.register(
+            "alerts_suppressed",
+            "Rule matches that raised no alert: collapsed into an alert already raised (counted in its repeat), or vetoed by an allow-list entry",
+            m.suppressed.clone(),
         );
         registry.register(
             "decode_errors",
@@ -242,6 +255,13 @@ impl Metrics {
                 severity: severity_name(*severity),
             };
             advance(&self.alerts.get_or_create(&labels), *n);
+        }
+        for (reason, n) in [
+            ("collapsed", s.detect.collapsed),
+            ("allowed", s.detect.allowed),
+        ] {
+            let reason = reason.to_owned();
+            advance(&self.suppressed.get_or_create(&ReasonLabel { reason }), n);
         }
         advance(&self.decode_errors, s.pipeline.decode_errors);
         let seconds = s.pipeline.detect_ns as f64 / 1e9;
@@ -367,12 +387,22 @@ mod tests {
         );
         s.lost.push(("exec".into(), 7));
         s.process_table = 42;
+        s.detect.collapsed = 3;
+        s.detect.allowed = 1;
         m.publish(&s);
         s.pipeline.by_kind[0] = 9;
         m.publish(&s);
         let text = m.render();
         assert!(
             text.contains("sensor_events_total{kind=\"exec\"} 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sensor_alerts_suppressed_total{reason=\"collapsed\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sensor_alerts_suppressed_total{reason=\"allowed\"} 1"),
             "{text}"
         );
         assert!(
