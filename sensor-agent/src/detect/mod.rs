@@ -327,8 +327,7 @@ impl Engine {
 
     /// Closes every collapse window (end of a trace, shutdown): the repeat counts.
     pub fn finish(&mut self) -> Vec<Alert> {
-        let out = self.collapser.expire(u64::MAX);
-        out
+        self.collapser.expire(u64::MAX)
     }
 }
 
