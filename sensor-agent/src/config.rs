@@ -12,6 +12,14 @@ use crate::probes::{Probe, SyscallHooks};
 /// Where `run` looks when `--config` is not given (absent: defaults only).
 pub const DEFAULT_PATH: &str = "/etc/sensor-agent/agent.toml";
 
+/// Bytes in a MiB and nanoseconds in a second, for turning the configuration's units into
+/// the components'.
+pub const MIB: u64 = 1024 * 1024;
+pub const SECOND_NS: u64 = 1_000_000_000;
+
+/// The configuration file. Its `Default` is the one place every default lives: the
+/// components' own constructors (`LoadOptions`, `SpoolOptions`, `DeliveryOptions`,
+/// `RecordOptions`, `FlightOptions`, the collapse window) take their numbers from it.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {

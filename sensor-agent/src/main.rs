@@ -242,15 +242,14 @@ fn main() -> std::process::ExitCode {
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
     let (config, config_path) = config::load(args.config.as_deref()).map_err(anyhow::Error::msg)?;
     let c = &config;
-    const S: u64 = 1_000_000_000;
-    const MIB: u64 = 1024 * 1024;
+    use sensor_agent::config::{MIB, SECOND_NS as S};
     let skip = if args.skip_probes.is_empty() {
         c.agent.skip_probes.clone()
     } else {
         args.skip_probes
     };
     let load = LoadOptions {
-        ring_bytes: args.ring_mib.unwrap_or(c.agent.ring_mib) * 1024 * 1024,
+        ring_bytes: args.ring_mib.unwrap_or(c.agent.ring_mib) * MIB as u32,
         skip,
         syscall_hooks: args.syscall_hooks.unwrap_or(c.agent.syscall_hooks),
         ..LoadOptions::default()
@@ -285,7 +284,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             dir,
             before_ns: args.flight_before.unwrap_or(c.flight.before_seconds) * S,
             after_ns: args.flight_after.unwrap_or(c.flight.after_seconds) * S,
-            max_bytes: args.flight_max_mib.unwrap_or(c.flight.max_mib).max(1) * 1024 * 1024,
+            max_bytes: args.flight_max_mib.unwrap_or(c.flight.max_mib).max(1) * MIB as usize,
         });
     let delivery = args.collector.or(c.collector.url.clone()).map(|url| {
         let spool = args.spool.clone().unwrap_or(c.collector.spool.clone());
@@ -370,7 +369,7 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
             let identity = identity::detect(None);
             let host = identity.host.clone();
             let started = std::time::SystemTime::now();
-            const MIB: u64 = 1024 * 1024;
+            use sensor_agent::config::MIB;
             runtime()?.block_on(run::run(run::RunOptions {
                 print_events: false,
                 load: LoadOptions::default(),
@@ -445,7 +444,9 @@ fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {
         &replay::ReplayOptions {
             traces: args.traces,
             print_events: args.events,
-            collapse_window_ns: args.collapse.map(|s| s.saturating_mul(1_000_000_000)),
+            collapse_window_ns: args
+                .collapse
+                .map(|s| s.saturating_mul(sensor_agent::config::SECOND_NS)),
         },
         rules,
         sigma,

@@ -32,13 +32,14 @@ pub struct DeliveryOptions {
 
 impl DeliveryOptions {
     pub fn new(url: String, spool_dir: PathBuf) -> Self {
+        let defaults = crate::config::CollectorSection::default();
         Self {
             url,
             tls: TlsFiles::default(),
             spool: SpoolOptions::new(spool_dir),
-            send_events: false,
-            heartbeat: Duration::from_secs(5),
-            backoff_max: Duration::from_secs(30),
+            send_events: defaults.send_events,
+            heartbeat: Duration::from_secs(defaults.heartbeat_seconds),
+            backoff_max: Duration::from_secs(defaults.retry_max_seconds),
         }
     }
 }

@@ -59,7 +59,8 @@ impl SpoolOptions {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
-            max_bytes: 256 * 1024 * 1024,
+            max_bytes: crate::config::CollectorSection::default().spool_max_mib
+                * crate::config::MIB,
             segment_bytes: 4 * 1024 * 1024,
         }
     }

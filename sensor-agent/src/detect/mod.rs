@@ -38,7 +38,10 @@ use crate::{
 };
 
 /// Repeats of a rule on one process tree within this window collapse into one alert.
-pub const COLLAPSE_WINDOW_NS: u64 = 60 * 1_000_000_000;
+/// (The configuration's default, `[agent] collapse_seconds`.)
+pub fn default_collapse_window_ns() -> u64 {
+    crate::config::AgentSection::default().collapse_seconds * crate::config::SECOND_NS
+}
 
 /// Counters of what detection did.
 #[derive(Clone, Debug, Default)]
@@ -85,7 +88,7 @@ impl Engine {
             sequences: Default::default(),
             trackers: FxHashMap::default(),
             counters: FxHashMap::default(),
-            collapser: Collapser::new(COLLAPSE_WINDOW_NS),
+            collapser: Collapser::new(default_collapse_window_ns()),
             users,
             identity,
             clock,

@@ -67,7 +67,7 @@ impl LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            ring_bytes: 16 * 1024 * 1024,
+            ring_bytes: crate::config::AgentSection::default().ring_mib * crate::config::MIB as u32,
             skip: Vec::new(),
             syscall_hooks: SyscallHooks::Auto,
             watch: Vec::new(),

@@ -23,11 +23,13 @@ pub struct FlightOptions {
 
 impl FlightOptions {
     pub fn new(dir: PathBuf) -> Self {
+        use crate::config::{FlightSection, MIB, SECOND_NS};
+        let defaults = FlightSection::default();
         Self {
             dir,
-            before_ns: 30 * 1_000_000_000,
-            after_ns: 10 * 1_000_000_000,
-            max_bytes: 32 * 1024 * 1024,
+            before_ns: defaults.before_seconds * SECOND_NS,
+            after_ns: defaults.after_seconds * SECOND_NS,
+            max_bytes: defaults.max_mib * MIB as usize,
         }
     }
 }

@@ -27,11 +27,13 @@ pub struct RecordOptions {
 
 impl RecordOptions {
     pub fn new(path: PathBuf) -> Self {
+        use crate::config::{MIB, RecordSection, SECOND_NS};
+        let defaults = RecordSection::default();
         Self {
             path,
-            max_file_bytes: 64 * 1024 * 1024,
-            max_file_age_ns: 3600 * 1_000_000_000,
-            max_total_bytes: 1024 * 1024 * 1024,
+            max_file_bytes: defaults.max_mib * MIB,
+            max_file_age_ns: defaults.max_age_seconds * SECOND_NS,
+            max_total_bytes: defaults.max_total_mib * MIB,
         }
     }
 }
