@@ -412,6 +412,31 @@ pub struct Env<'a> {
     pub on: &'a [EventKind],
 }
 
+impl<'a> Env<'a> {
+    /// Lists and macros, no captures, any event kind.
+    pub fn new(
+        lists: &'a HashMap<String, Arc<[String]>>,
+        macros: &'a HashMap<String, Arc<Macro>>,
+    ) -> Self {
+        Self {
+            lists,
+            macros,
+            vars: &[],
+            on: &[],
+        }
+    }
+
+    /// Only on these event kinds: fields never set on them are refused.
+    pub fn on(self, on: &'a [EventKind]) -> Self {
+        Self { on, ..self }
+    }
+
+    /// With the captures of earlier sequence steps.
+    pub fn vars(self, vars: &'a [String]) -> Self {
+        Self { vars, ..self }
+    }
+}
+
 /// Parses and type-checks `src`.
 pub fn compile(src: &str, env: &Env<'_>) -> Result<Cond, ExprError> {
     let tokens = lex(src)?;
@@ -1039,12 +1064,8 @@ mod tests {
         );
         let mut macros = HashMap::new();
         macros.insert("always".to_owned(), Macro::new(Cond::Const(true)));
-        let env = Env {
-            lists: &lists,
-            macros: &macros,
-            vars: &["payload".to_owned()],
-            on: &[EventKind::Exec],
-        };
+        let vars = ["payload".to_owned()];
+        let env = Env::new(&lists, &macros).on(&[EventKind::Exec]).vars(&vars);
         compile(src, &env)
     }
 
@@ -1114,15 +1135,7 @@ mod tests {
         let lists: HashMap<String, Arc<[String]>> = HashMap::new();
         let mut macros: HashMap<String, Arc<Macro>> = HashMap::new();
         let compile_in = |src: &str, macros: &HashMap<String, Arc<Macro>>| {
-            compile(
-                src,
-                &Env {
-                    lists: &lists,
-                    macros,
-                    vars: &[],
-                    on: &[],
-                },
-            )
+            compile(src, &Env::new(&lists, macros))
         };
         macros.insert(
             "m0".into(),
@@ -1166,12 +1179,7 @@ mod tests {
         let shells: Arc<[String]> = vec!["sh".to_owned(), "bash".to_owned()].into();
         let lists = HashMap::from([("shells".to_owned(), Arc::clone(&shells))]);
         let macros = HashMap::new();
-        let env = Env {
-            lists: &lists,
-            macros: &macros,
-            vars: &[],
-            on: &[EventKind::Exec],
-        };
+        let env = Env::new(&lists, &macros).on(&[EventKind::Exec]);
         match compile("proc.name in (shells)", &env).unwrap() {
             Cond::Test {
                 rhs: Rhs::Strs(items),

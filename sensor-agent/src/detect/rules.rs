@@ -756,12 +756,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
     // Macros, in order; each may use the ones before it; compiled once, shared.
     let mut macros: HashMap<String, Arc<Macro>> = HashMap::new();
     for (name, cond_text, index) in &m.macros {
-        let env = Env {
-            lists: &lists,
-            macros: &macros,
-            vars: &[],
-            on: &[],
-        };
+        let env = Env::new(&lists, &macros);
         match expr::compile(cond_text, &env) {
             Ok(cond) => {
                 macros.insert(name.clone(), Macro::new(cond));
@@ -774,12 +769,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         .identities
         .iter()
         .filter_map(|(name, cond_text, within, index)| {
-            let env = Env {
-                lists: &lists,
-                macros: &macros,
-                vars: &[],
-                on: &exec_on,
-            };
+            let env = Env::new(&lists, &macros).on(&exec_on);
             match expr::compile(cond_text, &env) {
                 Ok(cond) => Some(Identity {
                     name: name.as_str().into(),
@@ -829,12 +819,7 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
                 Err(e) => errors.push(s.at(pattern, format!("bad rule id pattern: {e}"))),
             }
         }
-        let env = Env {
-            lists: &lists,
-            macros: &macros,
-            vars: &[],
-            on: &[],
-        };
+        let env = Env::new(&lists, &macros);
         match expr::compile(&def.condition, &env) {
             Ok(cond) => allows.push(Allow {
                 rules: set.build().unwrap_or_else(|_| GlobSet::empty()),
@@ -878,6 +863,26 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
     }
 }
 
+/// What compiling one file's rules needs: the file, its lists and macros, and where
+/// errors go.
+struct RuleCx<'x> {
+    s: &'x Source<'x>,
+    lists: &'x HashMap<String, Arc<[String]>>,
+    macros: &'x HashMap<String, Arc<Macro>>,
+    errors: &'x mut Vec<RuleError>,
+}
+
+impl RuleCx<'_> {
+    fn error(&mut self, at: &Spanned<String>, message: impl Into<String>) {
+        let e = self.s.at(at, message);
+        self.errors.push(e);
+    }
+
+    fn env<'e>(&'e self, on: &'e [EventKind]) -> Env<'e> {
+        Env::new(self.lists, self.macros).on(on)
+    }
+}
+
 fn compile_rule(
     def: &RuleDef,
     s: &Source<'_>,
@@ -886,143 +891,46 @@ fn compile_rule(
     errors: &mut Vec<RuleError>,
 ) -> Option<Rule> {
     let before = errors.len();
+    let mut cx = RuleCx {
+        s,
+        lists,
+        macros,
+        errors,
+    };
     let severity = Severity::parse(&def.severity);
     if severity.is_none() {
-        errors.push(s.at(
+        cx.error(
             &def.severity,
             format!(
                 "severity `{}` is not one of low, medium, high, critical",
                 *def.severity
             ),
-        ));
+        );
     }
-    let techniques: Vec<Technique> = def
-        .techniques
-        .iter()
-        .filter_map(|t| {
-            let parsed = Technique::parse(t);
-            if parsed.is_none() {
-                errors.push(s.at(
-                    t,
-                    format!(
-                        "`{}` is not an ATT&CK technique id (T1234 or T1234.567)",
-                        **t
-                    ),
-                ));
-            }
-            parsed
-        })
-        .collect();
+    let techniques = compile_techniques(def, &mut cx);
     let body = match (&def.condition, &def.sequence) {
-        (Some(cond_text), None) => {
-            if def.on.is_empty() {
-                errors.push(s.at(&def.id, "a rule needs `on:` (the event kinds it tests)"));
-                return None;
-            }
-            let on = event_kinds(&def.on, s, errors);
-            let env = Env {
-                lists,
-                macros,
-                vars: &[],
-                on: &on,
-            };
-            let threshold = match &def.threshold {
-                Some(t) => Some(parse_threshold(t, &on, s, errors)?),
-                None => None,
-            };
-            match expr::compile(cond_text, &env) {
-                Ok(cond) => Body::Single {
-                    on,
-                    cond,
-                    threshold,
-                },
-                Err(e) => {
-                    errors.push(s.in_condition(cond_text, &e));
-                    return None;
-                }
-            }
-        }
+        (Some(cond_text), None) => compile_single(def, cond_text, &mut cx)?,
         (None, Some(_)) if def.threshold.is_some() => {
-            errors.push(s.at(
+            cx.error(
                 &def.id,
                 "`threshold` goes with `condition`; a sequence cannot have one",
-            ));
+            );
             return None;
         }
-        (None, Some(seq)) => {
-            let Some(within_ns) = parse_duration(&seq.within) else {
-                errors.push(s.at(
-                    &seq.within,
-                    format!("`{}` is not a duration like 5s, 500ms, 2m", *seq.within),
-                ));
-                return None;
-            };
-            if seq.steps.len() < 2 {
-                errors.push(s.at(&def.id, "a sequence needs at least two steps"));
-                return None;
-            }
-            let mut vars: Vec<String> = Vec::new();
-            let mut steps = Vec::new();
-            for step in &seq.steps {
-                let on = event_kinds(&step.on, s, errors);
-                if on.is_empty() {
-                    errors.push(s.at(&step.condition, "each step needs `on:`"));
-                    continue;
-                }
-                let env = Env {
-                    lists,
-                    macros,
-                    vars: &vars,
-                    on: &on,
-                };
-                let cond = match expr::compile(&step.condition, &env) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        errors.push(s.in_condition(&step.condition, &e));
-                        continue;
-                    }
-                };
-                let Some(key) = parse_key(step.key.as_ref(), &step.condition, s, errors) else {
-                    continue;
-                };
-                let mut captures = Vec::new();
-                for cap in &step.capture {
-                    match Field::by_name(&cap.field) {
-                        Some((f, Kind::Str | Kind::Int, _)) => {
-                            captures.push((cap.name.to_string(), f));
-                            vars.push(cap.name.to_string());
-                        }
-                        _ => errors.push(s.at(
-                            &cap.field,
-                            format!(
-                                "capture needs a string or number field; `{}` is not one",
-                                *cap.field
-                            ),
-                        )),
-                    }
-                }
-                steps.push(Step {
-                    on,
-                    cond,
-                    key,
-                    captures,
-                });
-            }
-            Body::Sequence { within_ns, steps }
-        }
+        (None, Some(seq)) => compile_sequence(def, seq, &mut cx)?,
         (Some(_), Some(_)) => {
-            errors.push(s.at(
+            cx.error(
                 &def.id,
                 "a rule has either `condition` or `sequence`, not both",
-            ));
+            );
             return None;
         }
         (None, None) => {
-            errors.push(s.at(&def.id, "a rule needs a `condition` or a `sequence`"));
+            cx.error(&def.id, "a rule needs a `condition` or a `sequence`");
             return None;
         }
     };
-    if errors.len() > before {
+    if cx.errors.len() > before {
         return None;
     }
     Some(Rule {
@@ -1033,6 +941,112 @@ fn compile_rule(
         rationale: def.rationale.trim().into(),
         source: s.name.into(),
         body,
+    })
+}
+
+fn compile_techniques(def: &RuleDef, cx: &mut RuleCx<'_>) -> Vec<Technique> {
+    def.techniques
+        .iter()
+        .filter_map(|t| {
+            let parsed = Technique::parse(t);
+            if parsed.is_none() {
+                cx.error(
+                    t,
+                    format!(
+                        "`{}` is not an ATT&CK technique id (T1234 or T1234.567)",
+                        **t
+                    ),
+                );
+            }
+            parsed
+        })
+        .collect()
+}
+
+/// `on:` + `condition:` (+ `threshold:`).
+fn compile_single(def: &RuleDef, cond_text: &Spanned<String>, cx: &mut RuleCx<'_>) -> Option<Body> {
+    if def.on.is_empty() {
+        cx.error(&def.id, "a rule needs `on:` (the event kinds it tests)");
+        return None;
+    }
+    let on = event_kinds(&def.on, cx.s, cx.errors);
+    let threshold = match &def.threshold {
+        Some(t) => Some(parse_threshold(t, &on, cx.s, cx.errors)?),
+        None => None,
+    };
+    match expr::compile(cond_text, &cx.env(&on)) {
+        Ok(cond) => Some(Body::Single {
+            on,
+            cond,
+            threshold,
+        }),
+        Err(e) => {
+            let e = cx.s.in_condition(cond_text, &e);
+            cx.errors.push(e);
+            None
+        }
+    }
+}
+
+/// `sequence:` with `within:` and two or more steps; each step may use the captures of
+/// the steps before it.
+fn compile_sequence(def: &RuleDef, seq: &SequenceDef, cx: &mut RuleCx<'_>) -> Option<Body> {
+    let Some(within_ns) = parse_duration(&seq.within) else {
+        cx.error(
+            &seq.within,
+            format!("`{}` is not a duration like 5s, 500ms, 2m", *seq.within),
+        );
+        return None;
+    };
+    if seq.steps.len() < 2 {
+        cx.error(&def.id, "a sequence needs at least two steps");
+        return None;
+    }
+    let mut vars: Vec<String> = Vec::new();
+    let steps = seq
+        .steps
+        .iter()
+        .filter_map(|step| compile_step(step, &mut vars, cx))
+        .collect();
+    Some(Body::Sequence { within_ns, steps })
+}
+
+fn compile_step(step: &StepDef, vars: &mut Vec<String>, cx: &mut RuleCx<'_>) -> Option<Step> {
+    let on = event_kinds(&step.on, cx.s, cx.errors);
+    if on.is_empty() {
+        cx.error(&step.condition, "each step needs `on:`");
+        return None;
+    }
+    let cond = match expr::compile(&step.condition, &cx.env(&on).vars(vars)) {
+        Ok(c) => c,
+        Err(e) => {
+            let e = cx.s.in_condition(&step.condition, &e);
+            cx.errors.push(e);
+            return None;
+        }
+    };
+    let key = parse_key(step.key.as_ref(), &step.condition, cx.s, cx.errors)?;
+    let mut captures = Vec::new();
+    for cap in &step.capture {
+        match Field::by_name(&cap.field) {
+            Some((f, Kind::Str | Kind::Int, _)) => {
+                captures.push((cap.name.to_string(), f));
+                vars.push(cap.name.to_string());
+            }
+            _ => cx.error(
+                &cap.field,
+                format!(
+                    "capture needs a string or number field; `{}` is not one",
+                    *cap.field
+                ),
+            ),
+        }
+    }
+    Some(Step {
+        on,
+        cond,
+        key,
+        captures,
     })
 }
 
