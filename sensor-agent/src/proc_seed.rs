@@ -119,6 +119,7 @@ mod tests {
         assert_eq!(ancestry[1].pid, std::process::id(), "then the test itself");
         assert_eq!(ancestry.last().unwrap().pid, 1, "up to init");
 
+        // SAFETY: kill has no memory preconditions; the pid is the sleeper this test spawned.
         unsafe { libc::kill(sleeper as i32, libc::SIGKILL) };
         let _ = child.wait();
     }

@@ -224,6 +224,7 @@ fn wanted(built: &Built) -> u32 {
 pub extern "C" fn sensor_match_suffixes(t0: u64, t1: u64, len: u64) -> u64 {
     let mut ops = 0u64;
     for i in 0..MAX_WATCH_SUFFIXES {
+        // SAFETY: a read of a global the agent writes before loading; `i` is in bounds.
         let slot = unsafe { core::ptr::read_volatile(&WATCH_SUFFIXES[i]) };
         if slot.len == 0 || u64::from(slot.len) > len {
             continue;

@@ -92,6 +92,7 @@ static AGENT_TGID: u32 = 0;
 /// Offset of a `KernelLayout` field, read so that the compiler cannot fold the default.
 macro_rules! off {
     ($field:ident) => {
+        // SAFETY: a read of a read-only global the agent filled before loading.
         unsafe { core::ptr::read_volatile(core::ptr::addr_of!(crate::kernel::LAYOUT.$field)) }
             as usize
     };
@@ -107,11 +108,13 @@ pub fn regs_arg(i: usize) -> usize {
 
 #[inline(always)]
 pub fn layout_ready() -> bool {
+    // SAFETY: a read of a read-only global the agent filled before loading.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(LAYOUT.ready)) != 0 }
 }
 
 #[inline(always)]
 pub fn agent_tgid() -> u32 {
+    // SAFETY: a read of a read-only global the agent filled before loading.
     unsafe { core::ptr::read_volatile(core::ptr::addr_of!(AGENT_TGID)) }
 }
 
