@@ -292,7 +292,7 @@ pub fn decode(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<Event>, Decode
                 target_pid: r.target as u32,
                 bytes: r.result,
                 error: if r.result < 0 {
-                    errno_name((-r.result) as i32).into()
+                    errno_name((-r.result) as i32)
                 } else {
                     String::new()
                 },
@@ -344,7 +344,7 @@ pub fn decode(bytes: &[u8], ctx: &DecodeContext) -> Result<Option<Event>, Decode
 /// The errno name of a negative syscall result, empty for a success.
 fn error_of(result: i32) -> String {
     if result < 0 {
-        errno_name(-result).into()
+        errno_name(-result)
     } else {
         String::new()
     }
@@ -522,40 +522,9 @@ fn ptrace_request_name(request: i64) -> &'static str {
     }
 }
 
+/// The signal's name ("SIGTERM"), "SIGRT" for a real-time or unknown number.
 pub fn signal_name(signal: i32) -> &'static str {
-    match signal {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGCHLD => "SIGCHLD",
-        libc::SIGCONT => "SIGCONT",
-        libc::SIGSTOP => "SIGSTOP",
-        libc::SIGTSTP => "SIGTSTP",
-        libc::SIGTTIN => "SIGTTIN",
-        libc::SIGTTOU => "SIGTTOU",
-        libc::SIGURG => "SIGURG",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGVTALRM => "SIGVTALRM",
-        libc::SIGPROF => "SIGPROF",
-        libc::SIGWINCH => "SIGWINCH",
-        libc::SIGIO => "SIGIO",
-        libc::SIGPWR => "SIGPWR",
-        libc::SIGSYS => "SIGSYS",
-        _ => "SIGRT",
-    }
+    nix::sys::signal::Signal::try_from(signal).map_or("SIGRT", |s| s.as_str())
 }
 
 fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError> {
@@ -632,7 +601,7 @@ fn decode_exec_failed(bytes: &[u8]) -> Result<ExecFailedEvent, DecodeError> {
         filename: lossy(filename),
         filename_truncated: r.exec_flags & exec_flags::FILENAME_TRUNCATED != 0,
         errno: r.errno,
-        error: errno_name(r.errno).to_owned(),
+        error: errno_name(r.errno),
         execveat: r.exec_flags & exec_flags::EXECVEAT != 0,
         dirfd: r.dirfd,
     })
@@ -704,44 +673,12 @@ pub fn socket_type_name(sock_type: u8) -> String {
     }
 }
 
-/// Symbolic name of an errno value, as `errno(3)` spells it.
-pub fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::ESRCH => "ESRCH",
-        libc::EINTR => "EINTR",
-        libc::EIO => "EIO",
-        libc::E2BIG => "E2BIG",
-        libc::ENOEXEC => "ENOEXEC",
-        libc::EBADF => "EBADF",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EACCES => "EACCES",
-        libc::EFAULT => "EFAULT",
-        libc::EBUSY => "EBUSY",
-        libc::EEXIST => "EEXIST",
-        libc::ENOTDIR => "ENOTDIR",
-        libc::EISDIR => "EISDIR",
-        libc::EINVAL => "EINVAL",
-        libc::ENFILE => "ENFILE",
-        libc::EMFILE => "EMFILE",
-        libc::ETXTBSY => "ETXTBSY",
-        libc::ENAMETOOLONG => "ENAMETOOLONG",
-        libc::ELOOP => "ELOOP",
-        libc::ELIBBAD => "ELIBBAD",
-        libc::ECONNREFUSED => "ECONNREFUSED",
-        libc::EINPROGRESS => "EINPROGRESS",
-        libc::ETIMEDOUT => "ETIMEDOUT",
-        libc::ENETUNREACH => "ENETUNREACH",
-        libc::EHOSTUNREACH => "EHOSTUNREACH",
-        libc::EADDRINUSE => "EADDRINUSE",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::ECONNRESET => "ECONNRESET",
-        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-        libc::EALREADY => "EALREADY",
-        libc::EISCONN => "EISCONN",
-        _ => "EUNKNOWN",
+/// Symbolic name of an errno value, as `errno(3)` spells it ("EACCES"); "EUNKNOWN" for
+/// a number the C library does not name.
+pub fn errno_name(errno: i32) -> String {
+    match nix::errno::Errno::from_raw(errno) {
+        nix::errno::Errno::UnknownErrno => "EUNKNOWN".to_owned(),
+        known => format!("{known:?}"),
     }
 }
 
@@ -861,6 +798,17 @@ mod tests {
             panic!()
         };
         assert!(!exec.exe_memfd);
+    }
+
+    #[test]
+    fn errno_and_signal_names_come_from_the_c_library() {
+        assert_eq!(errno_name(libc::EACCES), "EACCES");
+        assert_eq!(errno_name(libc::ECONNREFUSED), "ECONNREFUSED");
+        assert_eq!(errno_name(libc::EWOULDBLOCK), "EAGAIN");
+        assert_eq!(errno_name(100_000), "EUNKNOWN");
+        assert_eq!(signal_name(libc::SIGTERM), "SIGTERM");
+        assert_eq!(signal_name(libc::SIGSTKFLT), "SIGSTKFLT");
+        assert_eq!(signal_name(libc::SIGRTMIN() + 2), "SIGRT");
     }
 
     #[test]

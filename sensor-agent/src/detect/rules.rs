@@ -726,20 +726,11 @@ fn parse_threshold(
     })
 }
 
-/// A duration like `500ms`, `5s`, `2m`, `12h` or `7d`, in nanoseconds (never 0).
+/// A duration like `500ms`, `5s`, `2m`, `12h`, `7d` or `1h 30m` (humantime), in
+/// nanoseconds (never 0, at most u64::MAX).
 pub fn parse_duration(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    let ns = match unit {
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        "d" => 86_400_000_000_000,
-        _ => return None,
-    };
-    n.checked_mul(ns).filter(|v| *v > 0)
+    let d = humantime::parse_duration(s.trim()).ok()?;
+    u64::try_from(d.as_nanos()).ok().filter(|v| *v > 0)
 }
 
 fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
@@ -1229,5 +1220,8 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(250_000_000));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("1h 30m"), Some(5_400_000_000_000));
+        assert_eq!(parse_duration("5 parsecs"), None);
+        assert_eq!(parse_duration("600000000d"), None, "beyond u64 nanoseconds");
     }
 }

@@ -268,12 +268,10 @@ impl Liveness {
 
 /// The kernel's most recently assigned pid.
 pub fn last_pid() -> Option<u64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .nth(4)?
-        .parse()
+    use procfs::Current as _;
+    procfs::LoadAverage::current()
         .ok()
+        .map(|l| u64::from(l.latest_pid))
 }
 
 #[cfg(test)]

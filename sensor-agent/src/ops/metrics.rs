@@ -295,15 +295,11 @@ impl Metrics {
     }
 }
 
-/// Resident set size from /proc/self/statm.
+/// Resident set size (/proc/self/statm); 0 when it cannot be read.
 pub fn resident_bytes() -> u64 {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * page.max(0) as u64
+    procfs::process::Process::myself()
+        .and_then(|p| p.statm())
+        .map_or(0, |m| m.resident * procfs::page_size())
 }
 
 /// Binds `addr` now (a bad address is an error at start) and serves in the background.

@@ -104,16 +104,11 @@ pub fn has_bpf_loop() -> bool {
     is_helper_supported(ProgramType::RawTracePoint, BpfHelper::BPF_FUNC_loop).unwrap_or(false)
 }
 
-/// Effective capabilities of this process, from /proc/self/status.
+/// Effective capabilities of this process (/proc/self/status); none when unreadable.
 fn effective_caps() -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .unwrap_or(0)
+    procfs::process::Process::myself()
+        .and_then(|p| p.status())
+        .map_or(0, |s| s.capeff)
 }
 
 pub fn check_privileges() -> Result<(), PreflightError> {

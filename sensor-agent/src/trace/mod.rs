@@ -16,8 +16,8 @@ use crate::{
 
 /// `uname -r` of this host.
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
