@@ -207,7 +207,7 @@ fn write_loop(
             }
         }
         let mut printed = Vec::new();
-        let result = (|| -> rusqlite::Result<Vec<Result<u64, String>>> {
+        let result = (|| -> rusqlite::Result<Vec<u64>> {
             let tx = conn.transaction()?;
             let mut answers = Vec::with_capacity(batch.len());
             for request in &batch {
@@ -225,7 +225,7 @@ fn write_loop(
                 for (request, answer) in batch.into_iter().zip(answers) {
                     match request {
                         Request::Hello { reply, .. } | Request::Records { reply, .. } => {
-                            let _ = reply.send(answer);
+                            let _ = reply.send(Ok(answer));
                         }
                         Request::Heartbeat { .. } => {}
                     }
@@ -249,7 +249,7 @@ fn apply(
     tx: &rusqlite::Transaction<'_>,
     request: &Request,
     printed: &mut Vec<String>,
-) -> rusqlite::Result<Result<u64, String>> {
+) -> rusqlite::Result<u64> {
     match request {
         Request::Hello {
             identity,
@@ -301,7 +301,7 @@ fn apply(
                 }
                 set_contiguous(tx, &identity.agent_id, first_seq - 1)?;
             }
-            Ok(Ok(advance(tx, &identity.agent_id)?))
+            advance(tx, &identity.agent_id)
         }
         Request::Records {
             agent_id,
@@ -319,7 +319,7 @@ fn apply(
                     sql_u64(envelopes.iter().map(|e| e.seq).max().unwrap_or(0))
                 ],
             )?;
-            Ok(Ok(advance(tx, agent_id)?))
+            advance(tx, agent_id)
         }
         Request::Heartbeat {
             agent_id,
@@ -344,7 +344,7 @@ fn apply(
                     sql_u64(heartbeat.spool_pending),
                 ],
             )?;
-            Ok(Ok(0))
+            Ok(0)
         }
     }
 }
@@ -710,7 +710,6 @@ mod tests {
             },
             &mut Vec::new(),
         )
-        .unwrap()
         .unwrap();
         tx.commit().unwrap();
         r
@@ -729,7 +728,6 @@ mod tests {
             },
             &mut printed,
         )
-        .unwrap()
         .unwrap();
         tx.commit().unwrap();
         (r, printed.len())

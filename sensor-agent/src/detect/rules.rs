@@ -10,7 +10,6 @@
 
 use std::{
     collections::HashMap,
-    fmt,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -30,7 +29,8 @@ pub const DEFAULT_PACK: &str = include_str!("../../../rules/epmm.yaml");
 pub const DEFAULT_PACK_NAME: &str = "<embedded>/rules/epmm.yaml";
 
 /// A problem in a rule file, with where it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
 pub struct RuleError {
     pub file: String,
     pub line: usize,
@@ -38,35 +38,11 @@ pub struct RuleError {
     pub message: String,
 }
 
-impl fmt::Display for RuleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file, self.line, self.column, self.message
-        )
-    }
-}
-
-impl std::error::Error for RuleError {}
-
-/// All the errors found in a set of files (loading goes on after the first one).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// All the errors found in a set of files (loading goes on after the first one), one per
+/// line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct RuleErrors(pub Vec<RuleError>);
-
-impl fmt::Display for RuleErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for RuleErrors {}
 
 /// Alert severity (THREATS.md 4.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
