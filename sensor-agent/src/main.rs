@@ -404,7 +404,10 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
             (traces, host, span, tmp)
         }
     };
-    let (rules, sigma) = run::load_detection(&args.rules, &[])?;
+    let (rules, sigma) = detect::load(&config::RuleSources {
+        rules: args.rules.clone(),
+        ..Default::default()
+    })?;
     let mut printed = Vec::new();
     let summary = replay::replay(
         &replay::ReplayOptions {
@@ -437,7 +440,11 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
 }
 
 fn replay_command(args: ReplayArgs) -> anyhow::Result<()> {
-    let (rules, sigma) = run::load_detection(&args.rules, &args.sigma)?;
+    let (rules, sigma) = detect::load(&config::RuleSources {
+        rules: args.rules.clone(),
+        sigma: args.sigma.clone(),
+        watch: Vec::new(),
+    })?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let summary = replay::replay(

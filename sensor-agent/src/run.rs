@@ -21,13 +21,7 @@ use crate::{
     config::RuleSources,
     decode::{BootClock, DecodeContext},
     delivery::{Delivery, DeliveryOptions, appliance},
-    detect::{
-        Engine,
-        alert::AgentIdentity,
-        rules::{self, RuleSet},
-        sigma::SigmaSet,
-        users::UserNames,
-    },
+    detect::{Engine, alert::AgentIdentity, users::UserNames},
     executables::Executables,
     ops::{
         health::{self, Fingerprint, Liveness},
@@ -98,32 +92,6 @@ pub fn collector_identity(identity: &AgentIdentity) -> sensor_proto::v1::AgentId
     }
 }
 
-/// Loads the rule files and Sigma rules, refusing to start on any rule error.
-pub fn load_detection(
-    rules: &[PathBuf],
-    sigma: &[PathBuf],
-) -> anyhow::Result<(Arc<RuleSet>, Arc<SigmaSet>)> {
-    let set =
-        rules::load(rules, true).map_err(|e| anyhow::anyhow!("rule files have errors:\n{e}"))?;
-    let sigma_set = SigmaSet::load(sigma).context("cannot read the Sigma rules")?;
-    if !sigma.is_empty() {
-        let (loaded, unsupported, invalid) = sigma_set.counts();
-        info!(
-            loaded,
-            unsupported,
-            invalid,
-            "Sigma rules loaded; `sensor-agent rules check --sigma DIR` lists the reasons"
-        );
-    }
-    info!(
-        rules = set.rules.len(),
-        identities = set.identities.len(),
-        files = set.files.len(),
-        "detection rules loaded"
-    );
-    Ok((Arc::new(set), Arc::new(sigma_set)))
-}
-
 /// How often loss counters are read and the clock offset refreshed.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// How often the ring is drained when the kernel does not wake us (it only does once a
@@ -131,7 +99,7 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
-    let (rule_set, sigma_set) = load_detection(&options.sources.rules, &options.sources.sigma)?;
+    let (rule_set, sigma_set) = crate::detect::load(&options.sources)?;
     let watch =
         reload::watch_rules(&rule_set, &options.sources.watch).map_err(anyhow::Error::msg)?;
     options.load.watch = watch.prefixes;

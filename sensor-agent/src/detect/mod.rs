@@ -334,5 +334,39 @@ impl Engine {
     }
 }
 
+/// Why the rules could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("rule files have errors:\n{0}")]
+    Rules(#[from] rules::RuleErrors),
+    #[error("cannot read the Sigma rules: {0}")]
+    Sigma(#[from] std::io::Error),
+}
+
+/// The rule directories (after the embedded pack) and Sigma directories of `sources`,
+/// compiled; what was loaded is logged.
+pub fn load(
+    sources: &crate::config::RuleSources,
+) -> Result<(Arc<RuleSet>, Arc<SigmaSet>), LoadError> {
+    let set = rules::load(&sources.rules, true)?;
+    let sigma_set = SigmaSet::load(&sources.sigma)?;
+    if !sources.sigma.is_empty() {
+        let (loaded, unsupported, invalid) = sigma_set.counts();
+        tracing::info!(
+            loaded,
+            unsupported,
+            invalid,
+            "Sigma rules loaded; `sensor-agent rules check --sigma DIR` lists the reasons"
+        );
+    }
+    tracing::info!(
+        rules = set.rules.len(),
+        identities = set.identities.len(),
+        files = set.files.len(),
+        "detection rules loaded"
+    );
+    Ok((Arc::new(set), Arc::new(sigma_set)))
+}
+
 #[cfg(test)]
 mod tests;

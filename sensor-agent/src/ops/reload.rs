@@ -4,21 +4,13 @@
 
 use std::{path::PathBuf, sync::Arc};
 
-use aya::{
-    Ebpf,
-    maps::{
-        MapData,
-        lpm_trie::{Key, LpmTrie},
-    },
-};
-use sensor_common::WATCH_KEY_BYTES;
+use aya::Ebpf;
 use tracing::warn;
 
 use crate::{
     config::{self, RuleSources},
     detect::{rules::RuleSet, sigma::SigmaSet},
-    probes::watch::{self, WatchList, WatchRule},
-    run::load_detection,
+    probes::watch::{WatchList, WatchRule},
 };
 
 /// Where the running rules came from, to read them again.
@@ -44,8 +36,7 @@ pub fn prepare(source: &ReloadSource) -> Result<Prepared, String> {
         None => config::Config::default(),
     };
     let sources = RuleSources::resolve(&config, &source.cli);
-    let (rules, sigma) =
-        load_detection(&sources.rules, &sources.sigma).map_err(|e| format!("{e:#}"))?;
+    let (rules, sigma) = crate::detect::load(&sources).map_err(|e| e.to_string())?;
     let watch = watch_rules(&rules, &sources.watch)?;
     Ok(Prepared {
         sources,
@@ -67,24 +58,7 @@ pub fn watch_rules(set: &RuleSet, extra: &[String]) -> Result<WatchList, String>
 /// Replaces the probes' watched prefixes: new entries are written before stale ones are
 /// removed, so no watched path is unwatched for a moment.
 pub fn swap_watch(ebpf: &mut Ebpf, old: &[WatchRule], new: &[WatchRule]) -> Result<(), String> {
-    let map = ebpf
-        .map_mut("WATCH")
-        .ok_or("the probes have no WATCH map")?;
-    let mut trie: LpmTrie<&mut MapData, [u8; WATCH_KEY_BYTES], u32> =
-        LpmTrie::try_from(map).map_err(|e| e.to_string())?;
-    let new_entries = watch::effective(new);
-    for (prefix, ops) in &new_entries {
-        let (bits, data) = watch::lpm_key(prefix);
-        trie.insert(&Key::new(bits, data), *ops, 0)
-            .map_err(|e| format!("watch {prefix}: {e}"))?;
-    }
-    for (prefix, _) in watch::effective(old) {
-        if !new_entries.iter().any(|(p, _)| *p == prefix) {
-            let (bits, data) = watch::lpm_key(&prefix);
-            trie.remove(&Key::new(bits, data))
-                .map_err(|e| format!("unwatch {prefix}: {e}"))?;
-        }
-    }
+    crate::probes::loader::set_watch(ebpf, old, new).map_err(|e| e.to_string())?;
     // What the kernel cached of the old list's answers goes.
     crate::probes::loader::set_open_cache(ebpf, None).map_err(|e| e.to_string())
 }

@@ -189,7 +189,7 @@ impl Probes {
             .override_global("WATCH_SUFFIXES", &suffixes, true)
             .map_max_entries("EVENTS", options.ring_bytes)
             .load(PROBE_OBJECT)?;
-        fill_watch(&mut ebpf, &options.watch)?;
+        set_watch(&mut ebpf, &[], &options.watch)?;
 
         let mut loader = Loader {
             ebpf: &mut ebpf,
@@ -676,8 +676,10 @@ pub fn set_open_cache(ebpf: &mut Ebpf, enable: Option<bool>) -> Result<(), LoadE
     Ok(())
 }
 
-/// Writes the watched prefixes into the probes' LPM trie.
-fn fill_watch(ebpf: &mut Ebpf, rules: &[WatchRule]) -> Result<(), LoadError> {
+/// Moves the probes' watched prefixes (their LPM trie) from `old` to `new`: new entries
+/// are written before stale ones are removed, so no path stays watched by both lists or
+/// by neither for a moment. At load, `old` is empty.
+pub fn set_watch(ebpf: &mut Ebpf, old: &[WatchRule], new: &[WatchRule]) -> Result<(), LoadError> {
     let map_err = |reason: String| LoadError::Map {
         name: "WATCH",
         reason,
@@ -687,10 +689,18 @@ fn fill_watch(ebpf: &mut Ebpf, rules: &[WatchRule]) -> Result<(), LoadError> {
         .ok_or_else(|| map_err("missing from the probe object".into()))?;
     let mut trie: LpmTrie<&mut MapData, [u8; WATCH_KEY_BYTES], u32> =
         LpmTrie::try_from(map).map_err(|e| map_err(e.to_string()))?;
-    for (prefix, ops) in watch::effective(rules) {
-        let (bits, data) = watch::lpm_key(&prefix);
-        trie.insert(&Key::new(bits, data), ops, 0)
-            .map_err(|e| map_err(format!("{prefix}: {e}")))?;
+    let new_entries = watch::effective(new);
+    for (prefix, ops) in &new_entries {
+        let (bits, data) = watch::lpm_key(prefix);
+        trie.insert(&Key::new(bits, data), *ops, 0)
+            .map_err(|e| map_err(format!("watch {prefix}: {e}")))?;
+    }
+    for (prefix, _) in watch::effective(old) {
+        if !new_entries.iter().any(|(p, _)| *p == prefix) {
+            let (bits, data) = watch::lpm_key(&prefix);
+            trie.remove(&Key::new(bits, data))
+                .map_err(|e| map_err(format!("unwatch {prefix}: {e}")))?;
+        }
     }
     Ok(())
 }
