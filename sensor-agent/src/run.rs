@@ -29,9 +29,12 @@ use crate::{
         notify::Notifier,
         reload::{self, ReloadSource},
     },
-    output::json::JsonLines,
+    output::{Sink, json::JsonLines},
     pipeline::Pipeline,
-    probes::{LoadOptions, Probes, loader::State},
+    probes::{
+        LoadOptions, Probes,
+        loader::{LossCounters, State},
+    },
     proc_seed,
     proctable::ProcessTable,
     trace::{
@@ -68,10 +71,33 @@ pub struct RunOptions {
 
 /// Where a live run's output goes: the collector's spool, then JSON lines on stdout (in
 /// that order: whatever was printed is already in the spool file when the agent dies).
-type Outputs = (
-    Option<Delivery>,
-    JsonLines<std::io::BufWriter<std::io::StdoutLock<'static>>>,
-);
+/// Where a live agent's events and alerts go: the collector (through the spool) when one
+/// is configured, and standard output.
+struct Outputs {
+    delivery: Option<Delivery>,
+    stdout: JsonLines<std::io::BufWriter<std::io::StdoutLock<'static>>>,
+}
+
+impl Sink for Outputs {
+    fn event(&mut self, event: &sensor_proto::v1::Event) {
+        self.delivery.event(event);
+        self.stdout.event(event);
+    }
+
+    fn alert(&mut self, alert: &sensor_proto::v1::Alert) {
+        self.delivery.alert(alert);
+        self.stdout.alert(alert);
+    }
+
+    fn flush(&mut self) {
+        self.delivery.flush();
+        self.stdout.flush();
+    }
+
+    fn wants_events(&self) -> bool {
+        self.delivery.wants_events() || self.stdout.wants_events()
+    }
+}
 
 /// How long a stopping agent waits for the collector to acknowledge what it sent.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
@@ -137,10 +163,10 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::new(
         table,
         engine,
-        (
+        Outputs {
             delivery,
-            JsonLines::new(stdout).with_events(options.print_events),
-        ),
+            stdout: JsonLines::new(stdout).with_events(options.print_events),
+        },
         options.print_events,
         DecodeContext {
             clock,
@@ -283,16 +309,35 @@ fn watched_files(config: Option<&PathBuf>, sources: &RuleSources) -> Vec<PathBuf
 const HEALTH_EVERY: Duration = Duration::from_secs(5);
 const LIVENESS_EVERY: Duration = Duration::from_secs(30);
 
+/// The running agent between events: what the loop's handlers share.
+struct Agent<'p> {
+    pipeline: &'p mut Pipeline<Outputs>,
+    /// Keeps the programs attached; detached on stop.
+    ebpf: aya::Ebpf,
+    lost: LossCounters,
+    ops: Ops,
+    /// Kernel losses so far, by record kind.
+    last_lost: Vec<u64>,
+    /// Spool sheds (events, alerts) already reported.
+    last_shed: (u64, u64),
+    /// Ring bytes read since start, and the deepest the ring was at a drain since the
+    /// last metrics publication.
+    ring_read: u64,
+    ring_peak: u64,
+    /// The watched configuration and rule files as last read, and whether a change was
+    /// already reported.
+    fingerprint: Fingerprint,
+    reported_change: bool,
+    liveness: Liveness,
+}
+
 async fn event_loop(
     probes: Probes,
     pipeline: &mut Pipeline<Outputs>,
-    mut ops: Ops,
+    ops: Ops,
 ) -> anyhow::Result<()> {
     let Probes {
-        ring,
-        mut ebpf,
-        lost,
-        ..
+        ring, ebpf, lost, ..
     } = probes;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
     // as the AsyncFd owns the ring buffer.
@@ -304,180 +349,222 @@ async fn event_loop(
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut health = tokio::time::interval(HEALTH_EVERY);
     let mut liveness_tick = tokio::time::interval(LIVENESS_EVERY);
-    let mut fingerprint = Fingerprint::read(&ops.watched_files);
-    let mut reported_change = false;
-    let mut liveness = Liveness::default();
-    let mut last_shed = (0u64, 0u64);
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_lost = vec![0u64; usize::from(sensor_common::kind::COUNT)];
-    // Ring bytes read since start, and the deepest the ring was at a drain since the last
-    // metrics publication.
-    let (mut ring_read, mut ring_peak) = (0u64, 0u64);
+    let stop_at = ops.stop_at;
+    let mut agent = Agent {
+        pipeline,
+        ebpf,
+        lost,
+        fingerprint: Fingerprint::read(&ops.watched_files),
+        ops,
+        last_lost: vec![0u64; usize::from(sensor_common::kind::COUNT)],
+        last_shed: (0, 0),
+        ring_read: 0,
+        ring_peak: 0,
+        reported_change: false,
+        liveness: Liveness::default(),
+    };
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let depth = drain_ring(guard.get_inner_mut(), pipeline);
-                ring_read += depth;
-                ring_peak = ring_peak.max(depth);
+                let depth = drain_ring(guard.get_inner_mut(), agent.pipeline);
                 guard.clear_ready();
-                pipeline.flush();
+                agent.on_ring(depth);
             }
             _ = drain.tick() => {
-                let depth = drain_ring(ring.get_mut(), pipeline);
-                if depth > 0 {
-                    ring_read += depth;
-                    ring_peak = ring_peak.max(depth);
-                    pipeline.flush();
-                }
+                let depth = drain_ring(ring.get_mut(), agent.pipeline);
+                agent.on_ring(depth);
             }
-            _ = housekeeping.tick() => {
-                pipeline.set_clock(BootClock::now());
-                pipeline.flush_traces();
-                let lost_now = report_losses(&lost, &mut last_lost);
-                if let Some(alert) = health::loss(&lost_now, last_lost.iter().sum()) {
-                    pipeline.raise_self(alert);
-                }
-                let mut spool = (0, 0, 0, 0);
-                if let Some(delivery) = pipeline.sink.0.as_mut() {
-                    delivery.tick(loss_map(&last_lost));
-                    spool = delivery.spool_counts();
-                }
-                let (records, bytes, shed_events, shed_alerts) = spool;
-                if let Some(alert) = health::shed(shed_events - last_shed.0, shed_alerts - last_shed.1) {
-                    pipeline.raise_self(alert);
-                }
-                last_shed = (shed_events, shed_alerts);
-                if let Some(metrics) = &ops.metrics {
-                    metrics.publish(&Snapshot {
-                        pipeline: pipeline.stats.clone(),
-                        detect: pipeline.engine.stats.clone(),
-                        lost: last_lost
-                            .iter()
-                            .enumerate()
-                            .filter_map(|(k, n)| Some((record_event_kind(k as u16)?, *n)))
-                            .map(|(k, n)| (k.name().to_owned(), n))
-                            .collect(),
-                        process_table: pipeline.table.len(),
-                        spool_records: records,
-                        spool_bytes: bytes,
-                        shed_events,
-                        shed_alerts,
-                        ring_capacity: ops.ring_capacity,
-                        ring_peak,
-                        ring_read,
-                    });
-                }
-                ring_peak = 0;
-                let status = format!(
-                    "events {}, alerts {}, lost {}",
-                    pipeline.stats.events,
-                    pipeline.stats.alerts,
-                    last_lost.iter().sum::<u64>()
-                );
-                ops.notifier.alive(&status);
-            }
-            _ = health.tick() => {
-                if let Some(executables) = pipeline.executables.as_mut() {
-                    executables.refresh();
-                }
-                let now = Fingerprint::read(&ops.watched_files);
-                let changed = fingerprint.changes(&now);
-                if !changed.is_empty() && !reported_change {
-                    reported_change = true;
-                    pipeline.raise_self(health::config_changed(&changed));
-                }
-            }
-            _ = liveness_tick.tick() => {
-                let process_events = pipeline.stats.events_of(sensor_proto::EventKind::Exec)
-                    + pipeline.stats.events_of(sensor_proto::EventKind::Fork);
-                if let Some(pid) = health::last_pid()
-                    && let Some(created) = liveness.check(pid, process_events)
-                {
-                    pipeline.raise_self(health::probes_silent(created, LIVENESS_EVERY.as_secs()));
-                }
-            }
-            _ = sighup.recv() => {
-                info!("SIGHUP: reloading the rules");
-                ops.notifier.reloading();
-                match reload::prepare(&ops.reload) {
-                    Ok(new) => match reload::swap_watch(&mut ebpf, &ops.watch, &new.watch.prefixes) {
-                        Ok(()) => {
-                            if new.watch.suffixes != ops.watch_suffixes {
-                                warn!(
-                                    "the new rules watch other names anywhere ({:?}); names are \
-                                     set when the probes load and change at the next start",
-                                    new.watch.suffixes.iter().map(|(s, _)| s).collect::<Vec<_>>()
-                                );
-                            }
-                            let (rules, sigma) = (new.rules.rules.len(), new.sigma.counts().0);
-                            pipeline.engine.set_rules(new.rules);
-                            pipeline.engine.set_sigma(new.sigma);
-                            ops.watch = new.watch.prefixes;
-                            ops.watched_files =
-                                watched_files(ops.reload.config_path.as_ref(), &new.sources);
-                            fingerprint = Fingerprint::read(&ops.watched_files);
-                            reported_change = false;
-                            info!(rules, sigma, "reloaded");
-                            pipeline.raise_self(health::reloaded(rules, sigma, new.sources.watch.len()));
-                        }
-                        Err(e) => {
-                            error!(error = %e, "reload refused: cannot update the watched paths; the running rules stay in force");
-                            pipeline.raise_self(health::reload_refused(&e));
-                        }
-                    },
-                    Err(e) => {
-                        error!("reload refused; the running rules stay in force:\n{e}");
-                        pipeline.raise_self(health::reload_refused(&e));
-                    }
-                }
-                ops.notifier.ready("reloaded");
-            }
+            _ = housekeeping.tick() => agent.on_tick(),
+            _ = health.tick() => agent.on_health(),
+            _ = liveness_tick.tick() => agent.on_liveness(),
+            _ = sighup.recv() => agent.on_reload(),
             _ = sigterm.recv() => { info!("SIGTERM: stopping"); break; }
-            _ = async { tokio::time::sleep_until(ops.stop_at.unwrap_or_else(tokio::time::Instant::now)).await }, if ops.stop_at.is_some() => {
+            _ = async { tokio::time::sleep_until(stop_at.unwrap_or_else(tokio::time::Instant::now)).await }, if stop_at.is_some() => {
                 info!("duration reached: stopping");
                 break;
             }
             _ = sigint.recv() => { info!("SIGINT: stopping"); break; }
         }
     }
-    ops.notifier.stopping();
+    agent.ops.notifier.stopping();
     // Drain what is already in the ring before leaving.
-    drain_ring(ring.get_mut(), pipeline);
-    pipeline.finish();
-    let lost_now = report_losses(&lost, &mut last_lost);
-    if let Some(alert) = health::loss(&lost_now, last_lost.iter().sum()) {
-        pipeline.raise_self(alert);
-    }
-    if let Some(delivery) = pipeline.sink.0.as_mut() {
-        delivery.tick(loss_map(&last_lost));
-        delivery.close(CLOSE_WAIT).await;
-    }
-    Probes::detach(&mut ebpf);
-    let stats = &pipeline.stats;
-    let lost_total: u64 = last_lost.iter().sum();
-    if let Some(exes) = pipeline.executables.as_ref() {
-        let s = &exes.stats;
-        info!(
-            hashed = s.hashed,
-            hashed_mib = s.hashed_bytes / (1024 * 1024),
-            hash_ms = s.hash_ns / 1_000_000,
-            us_per_new_executable = s.hash_ns / s.hashed.max(1) / 1000,
-            cached = s.cached,
-            "executable identities"
-        );
-    }
-    info!(
-        records = stats.records,
-        events = stats.events,
-        alerts = stats.alerts,
-        decode_errors = stats.decode_errors,
-        lost_in_kernel = lost_total,
-        "stopped"
-    );
-    let _ = std::io::stderr().flush();
+    drain_ring(ring.get_mut(), agent.pipeline);
+    agent.on_stop().await;
     Ok(())
+}
+
+impl Agent<'_> {
+    /// Records were drained from the ring (`depth` bytes of it): out they go.
+    fn on_ring(&mut self, depth: u64) {
+        if depth == 0 {
+            return;
+        }
+        self.ring_read += depth;
+        self.ring_peak = self.ring_peak.max(depth);
+        self.pipeline.flush();
+    }
+
+    /// Every second: clock, traces, kernel losses, spool, metrics, systemd watchdog.
+    fn on_tick(&mut self) {
+        self.pipeline.set_clock(BootClock::now());
+        self.pipeline.flush_traces();
+        self.report_losses();
+        let pipeline = &mut *self.pipeline;
+        let mut spool = (0, 0, 0, 0);
+        if let Some(delivery) = pipeline.sink.delivery.as_mut() {
+            delivery.tick(loss_map(&self.last_lost));
+            spool = delivery.spool_counts();
+        }
+        let (records, bytes, shed_events, shed_alerts) = spool;
+        if let Some(alert) = health::shed(
+            shed_events - self.last_shed.0,
+            shed_alerts - self.last_shed.1,
+        ) {
+            pipeline.raise_self(alert);
+        }
+        self.last_shed = (shed_events, shed_alerts);
+        if let Some(metrics) = &self.ops.metrics {
+            metrics.publish(&Snapshot {
+                pipeline: pipeline.stats.clone(),
+                detect: pipeline.engine.stats.clone(),
+                lost: self
+                    .last_lost
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, n)| Some((record_event_kind(k as u16)?, *n)))
+                    .map(|(k, n)| (k.name().to_owned(), n))
+                    .collect(),
+                process_table: pipeline.table.len(),
+                spool_records: records,
+                spool_bytes: bytes,
+                shed_events,
+                shed_alerts,
+                ring_capacity: self.ops.ring_capacity,
+                ring_peak: self.ring_peak,
+                ring_read: self.ring_read,
+            });
+        }
+        self.ring_peak = 0;
+        let status = format!(
+            "events {}, alerts {}, lost {}",
+            pipeline.stats.events,
+            pipeline.stats.alerts,
+            self.last_lost.iter().sum::<u64>()
+        );
+        self.ops.notifier.alive(&status);
+    }
+
+    /// Kernel losses since the last look: logged, and a SELF-LOSS alert.
+    fn report_losses(&mut self) {
+        let lost_now = report_losses(&self.lost, &mut self.last_lost);
+        if let Some(alert) = health::loss(&lost_now, self.last_lost.iter().sum()) {
+            self.pipeline.raise_self(alert);
+        }
+    }
+
+    /// Every few seconds: executables changed on disk, configuration or rules changed.
+    fn on_health(&mut self) {
+        if let Some(executables) = self.pipeline.executables.as_mut() {
+            executables.refresh();
+        }
+        let now = Fingerprint::read(&self.ops.watched_files);
+        let changed = self.fingerprint.changes(&now);
+        if !changed.is_empty() && !self.reported_change {
+            self.reported_change = true;
+            self.pipeline.raise_self(health::config_changed(&changed));
+        }
+    }
+
+    /// Processes are being created but the probes report none: they were detached.
+    fn on_liveness(&mut self) {
+        let stats = &self.pipeline.stats;
+        let process_events = stats.events_of(sensor_proto::EventKind::Exec)
+            + stats.events_of(sensor_proto::EventKind::Fork);
+        if let Some(pid) = health::last_pid()
+            && let Some(created) = self.liveness.check(pid, process_events)
+        {
+            self.pipeline
+                .raise_self(health::probes_silent(created, LIVENESS_EVERY.as_secs()));
+        }
+    }
+
+    /// SIGHUP: everything new is built first; swapped only when all of it is good.
+    fn on_reload(&mut self) {
+        info!("SIGHUP: reloading the rules");
+        self.ops.notifier.reloading();
+        let outcome = reload::prepare(&self.ops.reload).and_then(|new| {
+            reload::swap_watch(&mut self.ebpf, &self.ops.watch, &new.watch.prefixes)
+                .map_err(|e| format!("cannot update the watched paths: {e}"))?;
+            Ok(new)
+        });
+        match outcome {
+            Ok(new) => {
+                if new.watch.suffixes != self.ops.watch_suffixes {
+                    warn!(
+                        "the new rules watch other names anywhere ({:?}); names are set when \
+                         the probes load and change at the next start",
+                        new.watch
+                            .suffixes
+                            .iter()
+                            .map(|(s, _)| s)
+                            .collect::<Vec<_>>()
+                    );
+                }
+                let (rules, sigma) = (new.rules.rules.len(), new.sigma.counts().0);
+                self.pipeline.engine.set_rules(new.rules);
+                self.pipeline.engine.set_sigma(new.sigma);
+                self.ops.watch = new.watch.prefixes;
+                self.ops.watched_files =
+                    watched_files(self.ops.reload.config_path.as_ref(), &new.sources);
+                self.fingerprint = Fingerprint::read(&self.ops.watched_files);
+                self.reported_change = false;
+                info!(rules, sigma, "reloaded");
+                self.pipeline
+                    .raise_self(health::reloaded(rules, sigma, new.sources.watch.len()));
+            }
+            Err(e) => {
+                error!("reload refused; the running rules stay in force:\n{e}");
+                self.pipeline.raise_self(health::reload_refused(&e));
+            }
+        }
+        self.ops.notifier.ready("reloaded");
+    }
+
+    /// The end: last alerts out, the collector given its chance to acknowledge, the
+    /// probes detached (nothing of the agent stays in the kernel).
+    async fn on_stop(mut self) {
+        self.pipeline.finish();
+        self.report_losses();
+        if let Some(delivery) = self.pipeline.sink.delivery.as_mut() {
+            delivery.tick(loss_map(&self.last_lost));
+            delivery.close(CLOSE_WAIT).await;
+        }
+        Probes::detach(&mut self.ebpf);
+        let stats = &self.pipeline.stats;
+        if let Some(exes) = self.pipeline.executables.as_ref() {
+            let s = &exes.stats;
+            info!(
+                hashed = s.hashed,
+                hashed_mib = s.hashed_bytes / (1024 * 1024),
+                hash_ms = s.hash_ns / 1_000_000,
+                us_per_new_executable = s.hash_ns / s.hashed.max(1) / 1000,
+                cached = s.cached,
+                "executable identities"
+            );
+        }
+        info!(
+            records = stats.records,
+            events = stats.events,
+            alerts = stats.alerts,
+            decode_errors = stats.decode_errors,
+            lost_in_kernel = self.last_lost.iter().sum::<u64>(),
+            "stopped"
+        );
+        let _ = std::io::stderr().flush();
+    }
 }
 
 /// The event kind name of records of wire kind `kind`.
