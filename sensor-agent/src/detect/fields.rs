@@ -577,6 +577,7 @@ impl<'a> Ctx<'a> {
     }
 }
 
+#[inline(always)]
 fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
@@ -645,10 +646,12 @@ fn is_loopback(addr: &str) -> bool {
     })
 }
 
+#[inline(always)]
 fn s<'a>(v: &'a str) -> Value<'a> {
     Value::Str(Cow::Borrowed(v))
 }
 
+#[inline(always)]
 fn proc_value<'a>(
     p: Option<&'a ProcessInfo>,
     get: impl FnOnce(&'a ProcessInfo) -> Value<'a>,
@@ -657,6 +660,7 @@ fn proc_value<'a>(
 }
 
 /// A value of an exec event; missing on other events.
+#[inline(always)]
 fn exec<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a ExecEvent) -> Value<'a>) -> Value<'a> {
     match c.event.kind.as_ref() {
         Some(event::Kind::Exec(e)) => get(e),
@@ -665,11 +669,13 @@ fn exec<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a ExecEvent) -> Value<'a>) -> Value<
 }
 
 /// The kind of what the exec's descriptor `fd` (0-2) refers to.
+#[inline(always)]
 fn stdio(e: &ExecEvent, fd: usize) -> Value<'_> {
     s(e.stdio.get(fd).map_or("unknown", |f| fd_kind_name(f.kind)))
 }
 
 /// A value of the socket of a connect, accept, bind or listen.
+#[inline(always)]
 fn sock<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a SocketInfo) -> Value<'a>) -> Value<'a> {
     use event::Kind as K;
     let sock = match c.event.kind.as_ref() {
@@ -683,6 +689,7 @@ fn sock<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a SocketInfo) -> Value<'a>) -> Value
 }
 
 /// A value of a dup event.
+#[inline(always)]
 fn dup<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a DupEvent) -> Value<'a>) -> Value<'a> {
     match c.event.kind.as_ref() {
         Some(event::Kind::Dup(d)) => get(d),
@@ -691,11 +698,13 @@ fn dup<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a DupEvent) -> Value<'a>) -> Value<'a
 }
 
 /// The socket a dup put on standard input, output or error, if it was one.
+#[inline(always)]
 fn dup_socket(d: &DupEvent) -> Option<&SocketInfo> {
     d.file.as_ref().and_then(|f| f.socket.as_ref())
 }
 
 /// A value about the process a ptrace, memory write or signal acted upon.
+#[inline(always)]
 fn target<'a>(c: &Ctx<'a>, get: impl FnOnce(u32) -> Value<'a>) -> Value<'a> {
     use event::Kind as K;
     match c.event.kind.as_ref() {
@@ -708,6 +717,7 @@ fn target<'a>(c: &Ctx<'a>, get: impl FnOnce(u32) -> Value<'a>) -> Value<'a> {
 }
 
 /// A value of a file event.
+#[inline(always)]
 fn file<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a FileEvent) -> Value<'a>) -> Value<'a> {
     match c.event.kind.as_ref() {
         Some(event::Kind::File(f)) => get(f),
@@ -716,6 +726,7 @@ fn file<'a>(c: &Ctx<'a>, get: impl FnOnce(&'a FileEvent) -> Value<'a>) -> Value<
 }
 
 /// Whether an open (or a truncating open) had flag `bit`; false for other operations.
+#[inline(always)]
 fn open_flag(f: &FileEvent, bit: u32) -> Value<'static> {
     let is_open = matches!(
         FileOp::try_from(f.op),
@@ -725,6 +736,7 @@ fn open_flag(f: &FileEvent, bit: u32) -> Value<'static> {
 }
 
 /// A value of the executable identity of `p`; missing when the agent has none.
+#[inline(always)]
 fn exe_identity<'a>(
     p: Option<&'a ProcessInfo>,
     get: impl FnOnce(&'a sensor_proto::v1::ExeIdentity) -> Value<'a>,
