@@ -126,8 +126,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(10);
 
 pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let (rule_set, sigma_set) = crate::detect::load(&options.sources)?;
-    let watch =
-        reload::watch_rules(&rule_set, &options.sources.watch).map_err(anyhow::Error::msg)?;
+    let watch = reload::watch_rules(&rule_set, &options.sources.watch)?;
     options.load.watch = watch.prefixes;
     options.load.watch_suffixes = watch.suffixes;
     // Before the probes: a bad URL, TLS file or spool is an error at start, not later.
@@ -496,8 +495,7 @@ impl Agent<'_> {
         info!("SIGHUP: reloading the rules");
         self.ops.notifier.reloading();
         let outcome = reload::prepare(&self.ops.reload).and_then(|new| {
-            reload::swap_watch(&mut self.ebpf, &self.ops.watch, &new.watch.prefixes)
-                .map_err(|e| format!("cannot update the watched paths: {e}"))?;
+            reload::swap_watch(&mut self.ebpf, &self.ops.watch, &new.watch.prefixes)?;
             Ok(new)
         });
         match outcome {
@@ -527,7 +525,8 @@ impl Agent<'_> {
             }
             Err(e) => {
                 error!("reload refused; the running rules stay in force:\n{e}");
-                self.pipeline.raise_self(health::reload_refused(&e));
+                self.pipeline
+                    .raise_self(health::reload_refused(&e.to_string()));
             }
         }
         self.ops.notifier.ready("reloaded");

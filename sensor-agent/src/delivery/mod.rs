@@ -51,13 +51,24 @@ pub struct Delivery {
     errors: u64,
 }
 
+/// Why delivery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The collector URL or the TLS files (the message names which and why).
+    #[error("{0}")]
+    Collector(String),
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
+}
+
 impl Delivery {
     /// Opens the spool and starts the client task (on the current tokio runtime).
     pub fn start(
         options: &DeliveryOptions,
         identity: sensor_proto::v1::AgentIdentity,
-    ) -> anyhow::Result<Self> {
-        let endpoint = client::endpoint(&options.url, &options.tls).map_err(anyhow::Error::msg)?;
+    ) -> Result<Self, StartError> {
+        let endpoint =
+            client::endpoint(&options.url, &options.tls).map_err(StartError::Collector)?;
         let spool = Spool::open(options.spool.clone())?;
         info!(
             collector = %options.url,

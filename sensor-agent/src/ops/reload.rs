@@ -29,14 +29,28 @@ pub struct Prepared {
     pub watch: WatchList,
 }
 
+/// Why a reload was refused (the running rules stay in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The configuration file (its own message says where).
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Rules(#[from] crate::detect::LoadError),
+    #[error("{0}")]
+    Watch(#[from] crate::probes::watch::WatchError),
+    #[error("cannot update the watched paths: {0}")]
+    Probes(#[from] crate::probes::loader::LoadError),
+}
+
 /// Reads and checks everything; changes nothing.
-pub fn prepare(source: &ReloadSource) -> Result<Prepared, String> {
+pub fn prepare(source: &ReloadSource) -> Result<Prepared, ReloadError> {
     let config = match &source.config_path {
-        Some(path) => config::load(Some(path))?.0,
+        Some(path) => config::load(Some(path)).map_err(ReloadError::Config)?.0,
         None => config::Config::default(),
     };
     let sources = RuleSources::resolve(&config, &source.cli);
-    let (rules, sigma) = crate::detect::load(&sources).map_err(|e| e.to_string())?;
+    let (rules, sigma) = crate::detect::load(&sources)?;
     let watch = watch_rules(&rules, &sources.watch)?;
     Ok(Prepared {
         sources,
@@ -47,8 +61,11 @@ pub fn prepare(source: &ReloadSource) -> Result<Prepared, String> {
 }
 
 /// The watch list the rules of `set` need, plus `extra` prefixes; warnings logged.
-pub fn watch_rules(set: &RuleSet, extra: &[String]) -> Result<WatchList, String> {
-    let list = WatchList::for_rules(set, extra).map_err(|e| e.to_string())?;
+pub fn watch_rules(
+    set: &RuleSet,
+    extra: &[String],
+) -> Result<WatchList, crate::probes::watch::WatchError> {
+    let list = WatchList::for_rules(set, extra)?;
     for warning in &list.warnings {
         warn!("{warning}");
     }
@@ -57,8 +74,13 @@ pub fn watch_rules(set: &RuleSet, extra: &[String]) -> Result<WatchList, String>
 
 /// Replaces the probes' watched prefixes: new entries are written before stale ones are
 /// removed, so no watched path is unwatched for a moment.
-pub fn swap_watch(ebpf: &mut Ebpf, old: &[WatchRule], new: &[WatchRule]) -> Result<(), String> {
-    crate::probes::loader::set_watch(ebpf, old, new).map_err(|e| e.to_string())?;
+pub fn swap_watch(
+    ebpf: &mut Ebpf,
+    old: &[WatchRule],
+    new: &[WatchRule],
+) -> Result<(), ReloadError> {
+    crate::probes::loader::set_watch(ebpf, old, new)?;
     // What the kernel cached of the old list's answers goes.
-    crate::probes::loader::set_open_cache(ebpf, None).map_err(|e| e.to_string())
+    crate::probes::loader::set_open_cache(ebpf, None)?;
+    Ok(())
 }
