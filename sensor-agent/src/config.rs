@@ -223,8 +223,18 @@ impl RuleSources {
     }
 }
 
+/// A configuration file that cannot be used, and where.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("configuration {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    /// `at` is `FILE:LINE:COLUMN` (or `FILE` when the parser gives no position).
+    #[error("{at}: {message}")]
+    Invalid { at: String, message: String },
+}
+
 /// Parses configuration text; errors name `origin`, the line and the column.
-pub fn parse(text: &str, origin: &Path) -> Result<Config, String> {
+pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let at = e
             .span()
@@ -232,16 +242,19 @@ pub fn parse(text: &str, origin: &Path) -> Result<Config, String> {
                 let before = &text[..span.start.min(text.len())];
                 let line = before.matches('\n').count() + 1;
                 let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("{}:{line}:{column}: ", origin.display())
+                format!("{}:{line}:{column}", origin.display())
             })
-            .unwrap_or_else(|| format!("{}: ", origin.display()));
-        format!("{at}{}", e.message())
+            .unwrap_or_else(|| origin.display().to_string());
+        ConfigError::Invalid {
+            at,
+            message: e.message().to_owned(),
+        }
     })
 }
 
 /// Loads the configuration: `explicit` must exist; without it the default path is read
 /// when present and defaults are used when it is not.
-pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), String> {
+pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
     let path = match explicit {
         Some(p) => p.to_path_buf(),
         None => {
@@ -252,8 +265,10 @@ pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), String
             default
         }
     };
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("configuration {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::Read {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
     Ok((parse(&text, &path)?, Some(path)))
 }
 
@@ -262,7 +277,9 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        parse(text, Path::new("/etc/sensor-agent/agent.toml")).unwrap_err()
+        parse(text, Path::new("/etc/sensor-agent/agent.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     const SHIPPED: &str = include_str!("../../packaging/agent.toml");

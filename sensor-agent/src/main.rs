@@ -240,7 +240,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_command(args: RunArgs) -> anyhow::Result<()> {
-    let (config, config_path) = config::load(args.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let (config, config_path) = config::load(args.config.as_deref())?;
     let c = &config;
     use sensor_agent::config::{MIB, SECOND_NS as S};
     let skip = if args.skip_probes.is_empty() {

@@ -32,9 +32,8 @@ pub struct Prepared {
 /// Why a reload was refused (the running rules stay in force).
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    /// The configuration file (its own message says where).
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
     #[error(transparent)]
     Rules(#[from] crate::detect::LoadError),
     #[error("{0}")]
@@ -46,7 +45,7 @@ pub enum ReloadError {
 /// Reads and checks everything; changes nothing.
 pub fn prepare(source: &ReloadSource) -> Result<Prepared, ReloadError> {
     let config = match &source.config_path {
-        Some(path) => config::load(Some(path)).map_err(ReloadError::Config)?.0,
+        Some(path) => config::load(Some(path))?.0,
         None => config::Config::default(),
     };
     let sources = RuleSources::resolve(&config, &source.cli);
