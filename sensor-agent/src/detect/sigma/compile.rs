@@ -137,8 +137,11 @@ pub enum Atom {
     Lit(u32),
     /// True whenever the field has a value (`*`, or an empty prefix/suffix/substring).
     Present,
+    /// A value with wildcards inside, as an anchored regular expression (`*` is `.*`,
+    /// `?` is `.`): the regex crate matches in time linear in the text, where a
+    /// backtracking glob could be made to take exponential time by the command line.
     Glob {
-        toks: Vec<Tok>,
+        re: Regex,
         cased: bool,
     },
     /// Typed equality (numbers against numbers).
@@ -566,7 +569,7 @@ fn compile_test(
                 Ok(c) => Atom::Cidr(c),
                 Err(e) => return invalid(format!("`{key}`: `{s}` is not a network: {e}")),
             },
-            (op, Base::Str(s)) => literal_or_glob(field, op, &s, m.cased, lits),
+            (op, Base::Str(s)) => literal_or_glob(field, op, &s, m.cased, lits)?,
             (Some(op), _) => return invalid(format!("`{key}`: {op:?} needs string values")),
             (None, v) => Atom::Eq(v),
         };
@@ -588,7 +591,7 @@ fn literal_or_glob(
     value: &str,
     cased: bool,
     lits: &mut Literals,
-) -> Atom {
+) -> Result<Atom, Refusal> {
     let mut toks = tokenize(value, !cased);
     match op {
         Some(Op::StartsWith) => toks.push(Tok::Star),
@@ -603,18 +606,37 @@ fn literal_or_glob(
     let (place, text) = match toks.as_slice() {
         [] => (Place::Exact, String::new()),
         [Tok::Text(t)] => (Place::Exact, t.clone()),
-        [Tok::Star] => return Atom::Present,
+        [Tok::Star] => return Ok(Atom::Present),
         [Tok::Text(t), Tok::Star] => (Place::Prefix, t.clone()),
         [Tok::Star, Tok::Text(t)] => (Place::Suffix, t.clone()),
         [Tok::Star, Tok::Text(t), Tok::Star] => (Place::Anywhere, t.clone()),
-        _ => return Atom::Glob { toks, cased },
+        _ => return glob(&toks, cased),
     };
-    Atom::Lit(lits.id(Literal {
+    Ok(Atom::Lit(lits.id(Literal {
         field,
         place,
         text,
         cased,
-    }))
+    })))
+}
+
+/// The anchored regular expression of a glob (the text already lowercased unless cased).
+fn glob(toks: &[Tok], cased: bool) -> Result<Atom, Refusal> {
+    let mut pattern = String::from("(?s)\\A");
+    for t in toks {
+        match t {
+            Tok::Star => pattern.push_str(".*"),
+            Tok::One => pattern.push('.'),
+            Tok::Text(text) => pattern.push_str(&regex::escape(text)),
+        }
+    }
+    pattern.push_str("\\z");
+    // Escaped text, `.` and `.*` always compile; only a value beyond the regex engine's
+    // size limit is refused.
+    match Regex::new(&pattern) {
+        Ok(re) => Ok(Atom::Glob { re, cased }),
+        Err(e) => unsupported(format!("a wildcard value is too large to match: {e}")),
+    }
 }
 
 /// Splits a Sigma string value into text and wildcards: `*` any run, `?` one character,

@@ -8,7 +8,7 @@ use std::{cmp::Ordering, net::IpAddr, str::FromStr};
 use aho_corasick::{AhoCorasick, MatchKind};
 
 use super::{
-    compile::{Atom, Base, Cond, Detection, Literals, Op, Place, Test, compare, glob_match},
+    compile::{Atom, Base, Cond, Detection, Literals, Op, Place, Test, compare},
     view::{FIELDS, Filled, Scalar, SigmaField, View},
 };
 
@@ -305,9 +305,7 @@ fn atom_true(atom: &Atom, value: &Filled<'_>, facts: &Facts<'_, '_>) -> bool {
     match atom {
         Atom::Lit(id) => facts.lit(*id),
         Atom::Present => true,
-        Atom::Glob { toks, cased } => {
-            glob_match(toks, if *cased { &value.text } else { &value.lower })
-        }
+        Atom::Glob { re, cased } => re.is_match(if *cased { &value.text } else { &value.lower }),
         Atom::Eq(b) => equal(&value.value, b),
         Atom::Order(op, b) => order(&value.value, *op, b),
         Atom::Regex(re) => re.is_match(&value.text),

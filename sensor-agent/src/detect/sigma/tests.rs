@@ -184,6 +184,30 @@ fn every_modifier_the_language_has() {
     assert!(set.matching_view(&v).is_empty());
 }
 
+/// Wildcards inside a value are matched by the regex engine, in time linear in the text:
+/// a command line cannot make a rule with many `*`/`?` backtrack (a backtracking glob
+/// takes about 4096^10 steps on this one).
+#[test]
+fn wildcards_cannot_be_made_slow() {
+    let rule = "title: t\nlogsource:\n  product: linux\n  category: process_creation\ndetection:\n  sel:\n    CommandLine: '*?*?*?*?*?*?*?*?*?*?b'\n  condition: sel\n";
+    let set = SigmaSet::from_texts(&[("r.yml", rule)]).unwrap();
+    assert_eq!(set.len(), 1);
+    let mut v = View::new(Category::ProcessCreation);
+    v.set(SigmaField::CommandLine, text_owned(&"a".repeat(4096)));
+    let start = std::time::Instant::now();
+    assert!(set.matching_view(&v).is_empty());
+    v.set(
+        SigmaField::CommandLine,
+        text_owned(&format!("{}B", "a".repeat(4095))),
+    );
+    assert_eq!(set.matching_view(&v).len(), 1);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 #[test]
 fn malformed_rules_are_invalid_with_the_reason() {
     let base = "title: t\nlogsource:\n  product: linux\n  category: process_creation\ndetection:\n";
