@@ -6,9 +6,9 @@
 //! modifier we cannot evaluate exactly, is not loaded and is reported with the reason: a
 //! rule that silently never matches is worse than one that says it cannot.
 //!
-//! `sigma-rust` is the reference: a differential test (`tests.rs` and the
-//! `sigma-differential` example over generated events) checks that both agree on which
-//! rules match.
+//! `sigma-rust` is the reference: the differential test in `tests.rs` (the SigmaHQ corpus,
+//! the fixture traces, and generated events: 20,000 under `cargo test`, 1,000,000 in a
+//! release build under `cargo xtask test`) checks that both agree on which rules match.
 
 mod compile;
 mod eval;
