@@ -17,28 +17,6 @@ pub trait Sink {
     }
 }
 
-/// Two destinations: both get everything.
-impl<A: Sink, B: Sink> Sink for (A, B) {
-    fn event(&mut self, event: &Event) {
-        self.0.event(event);
-        self.1.event(event);
-    }
-
-    fn alert(&mut self, alert: &Alert) {
-        self.0.alert(alert);
-        self.1.alert(alert);
-    }
-
-    fn flush(&mut self) {
-        self.0.flush();
-        self.1.flush();
-    }
-
-    fn wants_events(&self) -> bool {
-        self.0.wants_events() || self.1.wants_events()
-    }
-}
-
 /// A destination that may be off.
 impl<S: Sink> Sink for Option<S> {
     fn event(&mut self, event: &Event) {
