@@ -28,12 +28,17 @@ fn short(type_name: &str) -> &str {
     type_name.rsplit('.').next().unwrap_or(type_name)
 }
 
-fn message(out: &mut String, m: &DescriptorProto, info: &SourceCodeInfo, path: &[i32]) {
-    out.push_str(&format!("## {}\n\n", m.name()));
+/// `## NAME`, then the element's own comment as a paragraph when it has one.
+fn heading(out: &mut String, name: &str, info: &SourceCodeInfo, path: &[i32]) {
+    out.push_str(&format!("## {name}\n\n"));
     let about = comment(info, path);
     if !about.is_empty() {
         out.push_str(&format!("{about}\n\n"));
     }
+}
+
+fn message(out: &mut String, m: &DescriptorProto, info: &SourceCodeInfo, path: &[i32]) {
+    heading(out, m.name(), info, path);
     out.push_str("| field | type | meaning |\n| --- | --- | --- |\n");
     for (i, f) in m.field.iter().enumerate() {
         let ty = match f.r#type() {
@@ -72,11 +77,7 @@ fn message(out: &mut String, m: &DescriptorProto, info: &SourceCodeInfo, path: &
 }
 
 fn enumeration(out: &mut String, e: &EnumDescriptorProto, info: &SourceCodeInfo, path: &[i32]) {
-    out.push_str(&format!("## {}\n\n", e.name()));
-    let about = comment(info, path);
-    if !about.is_empty() {
-        out.push_str(&format!("{about}\n\n"));
-    }
+    heading(out, e.name(), info, path);
     out.push_str("| value | meaning |\n| --- | --- |\n");
     for (i, v) in e.value.iter().enumerate() {
         let mut value_path = path.to_vec();

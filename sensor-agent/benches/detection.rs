@@ -45,15 +45,6 @@ fn bytes_of<T>(v: &T) -> Vec<u8> {
 /// partial match of the download-chmod-execute sequence every time (the worst case for
 /// the sequence tracker); without, it is logger.
 fn cycle(pid: u32, t: u64, downloader: bool) -> Vec<Vec<u8>> {
-    let mut fork = ForkRecord::default();
-    fork.hdr.kind = kind::FORK;
-    fork.hdr.pid = pid;
-    fork.hdr.tid = pid;
-    fork.hdr.boot_ns = t;
-    fork.parent_pid = 500;
-    fork.parent_tid = 500;
-    fork.child_start_boot_ns = t;
-
     let (args, filename, exe): (&[u8], &[u8], &[u8]) = if downloader {
         (
             b"/usr/bin/curl\0-s\0-o\0/var/cache/x\0https://updates.example/feed\0",
@@ -110,19 +101,12 @@ fn cycle(pid: u32, t: u64, downloader: bool) -> Vec<Vec<u8>> {
     let mut file_bytes = bytes_of(&file);
     file_bytes.extend_from_slice(path);
 
-    let mut exit = ExitRecord::default();
-    exit.hdr.kind = kind::EXIT;
-    exit.hdr.pid = pid;
-    exit.hdr.boot_ns = t + 4;
-    exit.ppid = 500;
-    exit.start_boot_ns = t;
-
     vec![
-        bytes_of(&fork),
+        fork_record(pid, 500, t),
         exec_bytes,
         bytes_of(&connect),
         file_bytes,
-        bytes_of(&exit),
+        exit_record(pid, 500, t, t + 4),
     ]
 }
 
