@@ -44,6 +44,8 @@ pub struct AgentSection {
     /// `auto` (fexit where the kernel offers it) or `sys_exit`.
     pub syscall_hooks: SyscallHooks,
     pub collapse_seconds: u64,
+    /// `off`, `audit` or `on` (prevention for the enforced web-tier lineages).
+    pub enforce: crate::probes::enforce::Mode,
 }
 
 impl Default for AgentSection {
@@ -55,6 +57,7 @@ impl Default for AgentSection {
             skip_probes: Vec::new(),
             syscall_hooks: SyscallHooks::Auto,
             collapse_seconds: 60,
+            enforce: crate::probes::enforce::Mode::Off,
         }
     }
 }

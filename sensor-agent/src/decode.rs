@@ -15,10 +15,10 @@ use sensor_common::{
 use sensor_proto::{
     EventKind,
     v1::{
-        AcceptEvent, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExecEvent,
-        ExecFailedEvent, ExitEvent, FdInfo, FdKind, FileEvent, FileOp, ForkEvent, ListenEvent,
-        MemfdCreateEvent, ModuleLoadEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent,
-        SignalEvent, SocketEvent, SocketInfo, event,
+        AcceptEvent, Action, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Enforcement, Event,
+        ExecEvent, ExecFailedEvent, ExitEvent, FdInfo, FdKind, FileEvent, FileOp, ForkEvent,
+        ListenEvent, MemfdCreateEvent, ModuleLoadEvent, ProcMemWriteEvent, ProcessVmWriteEvent,
+        PtraceEvent, SignalEvent, SocketEvent, SocketInfo, event,
     },
 };
 
@@ -586,6 +586,32 @@ fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError
             .map(|(fd, info)| fd_info(fd as u32, info))
             .collect(),
         execveat: flags & exec_flags::EXECVEAT != 0,
+        enforcement: enforcement(r.enforce),
+    })
+}
+
+/// The kernel's enforcement verdict; the agent names the identity and rule later
+/// (`enforce::Policy::name`).
+fn enforcement(verdict: u32) -> Option<Enforcement> {
+    use sensor_common::enforce as e;
+    let action = match e::action(verdict) {
+        e::ACTION_WOULD_KILL => Action::WouldKill,
+        e::ACTION_KILLED => Action::Killed,
+        e::ACTION_DENIED => Action::Denied,
+        _ => return None,
+    };
+    let reason = match e::reason(verdict) {
+        e::REASON_NOT_ALLOWED => "not_allowed",
+        e::REASON_SOCKET_SHELL => "socket_shell",
+        e::REASON_UNLINKED => "unlinked",
+        e::REASON_TMP_WRITTEN => "tmp_written",
+        _ => "unknown",
+    };
+    Some(Enforcement {
+        action: action as i32,
+        reason: reason.to_owned(),
+        label: e::label(verdict),
+        ..Default::default()
     })
 }
 
@@ -604,6 +630,7 @@ fn decode_exec_failed(bytes: &[u8]) -> Result<ExecFailedEvent, DecodeError> {
         error: errno_name(r.errno),
         execveat: r.exec_flags & exec_flags::EXECVEAT != 0,
         dirfd: r.dirfd,
+        enforcement: enforcement(u32::from(r.enforce)),
     })
 }
 

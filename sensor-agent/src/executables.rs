@@ -196,6 +196,8 @@ pub struct Executables {
     /// Content hashes of the installed shells and interpreters.
     shells: HashSet<String>,
     interpreters: HashSet<String>,
+    /// The files those hashes were read from (what enforcement knows a shell by).
+    shell_paths: Vec<PathBuf>,
     /// Boot time, seconds since the epoch.
     boot_time: i64,
     cache: FxHashMap<Key, Arc<ExeIdentity>>,
@@ -212,6 +214,7 @@ impl Executables {
             packages: Packages::load(root),
             shells: HashSet::new(),
             interpreters: HashSet::new(),
+            shell_paths: Vec::new(),
             boot_time: boot_time(root),
             cache: FxHashMap::default(),
             stats: ExeStats::default(),
@@ -265,6 +268,7 @@ impl Executables {
                     && let Ok((hash, _)) = sha256(file)
                 {
                     into.insert(hash);
+                    self.shell_paths.push(full);
                 }
             }
         }
@@ -280,6 +284,11 @@ impl Executables {
             let identity = self.identify(pid, exec);
             exec.exe_identity = Some((*identity).clone());
         }
+    }
+
+    /// The installed shells and interpreters (paths under the root).
+    pub fn shell_paths(&self) -> &[PathBuf] {
+        &self.shell_paths
     }
 
     /// The host root the identities are read under (`/` on a live host).
@@ -405,6 +414,7 @@ impl Executables {
             self.packages = Packages::load(&self.root);
             self.shells.clear();
             self.interpreters.clear();
+            self.shell_paths.clear();
             self.learn_shells();
             self.cache.clear();
             info!(

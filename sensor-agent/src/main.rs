@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use sensor_agent::{
     config, delivery, detect, identity,
-    probes::{LoadOptions, Probe, SyscallHooks},
+    probes::{LoadOptions, Probe, SyscallHooks, enforce::Mode as EnforceMode},
     replay, run,
     trace::{flight::FlightOptions, recorder::RecordOptions},
 };
@@ -163,6 +163,11 @@ struct RunArgs {
     /// kernel offers it, else the sys_exit dispatcher) or `sys_exit`. [agent] syscall_hooks
     #[arg(long = "syscall-hooks", value_name = "HOOKS")]
     syscall_hooks: Option<SyscallHooks>,
+    /// Prevention for the web-tier lineages the rules' `enforce:` sections name: `off`,
+    /// `audit` (alerts say what would have been stopped) or `on` (the exec is refused by
+    /// BPF-LSM where active, else the program is killed at exec) (off). [agent] enforce
+    #[arg(long, value_name = "MODE")]
+    enforce: Option<EnforceMode>,
     /// Repeats of a rule on one process tree within this many seconds collapse into one
     /// alert with a count; 0: every match is its own alert (60). [agent] collapse_seconds
     #[arg(long, value_name = "SECONDS")]
@@ -252,6 +257,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         ring_bytes: args.ring_mib.unwrap_or(c.agent.ring_mib) * MIB as u32,
         skip,
         syscall_hooks: args.syscall_hooks.unwrap_or(c.agent.syscall_hooks),
+        enforce: args.enforce.unwrap_or(c.agent.enforce),
         ..LoadOptions::default()
     };
     let cli_sources = config::RuleSources {
@@ -330,6 +336,7 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
         metrics: args.metrics.or(c.metrics.listen),
         config_path,
         cli_sources,
+        cli_enforce: args.enforce,
         duration: None,
     }))
 }
@@ -498,6 +505,28 @@ fn rules_check(dirs: &[PathBuf], sigma: &[PathBuf]) -> anyhow::Result<()> {
             );
             for warning in &places.warnings {
                 println!("warning: {warning}");
+            }
+            // What `--enforce audit|on` puts in the kernel, as resolved on this host.
+            if set.enforce.is_empty() {
+                println!("enforcement: no policy");
+            } else {
+                println!(
+                    "enforcement: {} identities (applied with --enforce audit|on):",
+                    set.enforce.entries.len()
+                );
+                print!("{}", set.enforce.describe());
+                for entry in &set.enforce.entries {
+                    for path in entry.allow.iter().flatten() {
+                        if sensor_agent::probes::enforce::file_key(std::path::Path::new(path), 0)
+                            .is_none()
+                        {
+                            println!(
+                                "warning: {}: allowed executable {path} does not exist here",
+                                entry.identity
+                            );
+                        }
+                    }
+                }
             }
         }
         Err(errors) => {

@@ -131,6 +131,7 @@ impl<S: Sink> Pipeline<S> {
         match decode::decode(bytes, &self.decode) {
             Ok(Some(mut event)) => {
                 // Live runs read what each new executable is; replay has it recorded.
+                self.engine.name_enforcement(&mut event);
                 if let Some(executables) = self.executables.as_mut() {
                     executables.enrich(&mut event);
                     link_parent_connections(&mut event, &self.table, executables.root());

@@ -71,6 +71,16 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
     Ok(count)
 }
 
+/// The start time of process `pid` as `seed` reads it (clock-tick precision), if it runs.
+pub fn start_boot_ns(pid: u32) -> Option<u64> {
+    let ticks = procfs::ticks_per_second().max(1);
+    let stat = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    Some(stat.starttime.saturating_mul(1_000_000_000) / ticks)
+}
+
 #[cfg(test)]
 mod tests {
     use std::process::{Command, Stdio};

@@ -33,6 +33,7 @@ use crate::{
     pipeline::Pipeline,
     probes::{
         LoadOptions, Probes,
+        enforce::Enforcer,
         loader::{LossCounters, State},
     },
     proc_seed,
@@ -65,6 +66,8 @@ pub struct RunOptions {
     pub config_path: Option<PathBuf>,
     /// The command line's rule lists (they win over the file's on reload too).
     pub cli_sources: RuleSources,
+    /// `--enforce` (wins over the file's on reload too).
+    pub cli_enforce: Option<crate::probes::enforce::Mode>,
     /// Stop after this long, as on SIGTERM (`learn --duration`).
     pub duration: Option<Duration>,
 }
@@ -136,7 +139,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         .map(|d| Delivery::start(d, collector_identity(&options.identity)))
         .transpose()
         .context("cannot deliver to the collector")?;
-    let probes = Probes::load(&options.load).context("cannot start the probes")?;
+    let mut probes = Probes::load(&options.load).context("cannot start the probes")?;
     // Seed after attaching: a process started in between is seen by both, and the events
     // (applied after the seed) bring it up to date.
     let mut table = ProcessTable::default();
@@ -158,6 +161,18 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let mut executables = Executables::load(Path::new("/"));
     executables.label_seeded(&mut table);
     engine.label_table(&mut table);
+    // Prevention: the policy in the kernel and the web-tier processes running now
+    // labelled, before the first event is handled.
+    let applied = probes
+        .enforcer
+        .apply(
+            options.load.enforce,
+            &engine.rules().enforce,
+            executables.shell_paths(),
+            &table,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot put the enforcement policy in the kernel: {e}"))?;
+    log_enforcement(&probes.enforcer, &applied);
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let mut pipeline = Pipeline::new(
         table,
@@ -254,6 +269,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         reload: ReloadSource {
             config_path: options.config_path.clone(),
             cli: options.cli_sources.clone(),
+            cli_enforce: options.cli_enforce,
         },
         watch: options.load.watch.clone(),
         watch_suffixes: options.load.watch_suffixes.clone(),
@@ -313,6 +329,7 @@ struct Agent<'p> {
     pipeline: &'p mut Pipeline<Outputs>,
     /// Keeps the programs attached; detached on stop.
     ebpf: aya::Ebpf,
+    enforcer: Enforcer,
     lost: LossCounters,
     ops: Ops,
     /// Kernel losses so far, by record kind.
@@ -336,7 +353,11 @@ async fn event_loop(
     ops: Ops,
 ) -> anyhow::Result<()> {
     let Probes {
-        ring, ebpf, lost, ..
+        ring,
+        ebpf,
+        lost,
+        enforcer,
+        ..
     } = probes;
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
     // as the AsyncFd owns the ring buffer.
@@ -354,6 +375,7 @@ async fn event_loop(
     let mut agent = Agent {
         pipeline,
         ebpf,
+        enforcer,
         lost,
         fingerprint: Fingerprint::read(&ops.watched_files),
         ops,
@@ -400,6 +422,18 @@ impl Agent<'_> {
     fn on_ring(&mut self, depth: u64) {
         if depth == 0 {
             return;
+        }
+        // New sources of enforced identities: they and what they already started are
+        // labelled in the kernel, whose forks carry the label on from here.
+        let sources = self.pipeline.engine.take_labelled();
+        if !sources.is_empty() && self.enforcer.mode() != crate::probes::enforce::Mode::Off {
+            let labelled = self.enforcer.label_table(&self.pipeline.table);
+            for (pid, _, label) in sources {
+                info!(
+                    pid,
+                    label, labelled, "enforcement: new web-tier source labelled"
+                );
+            }
         }
         self.ring_read += depth;
         self.ring_peak = self.ring_peak.max(depth);
@@ -512,6 +546,20 @@ impl Agent<'_> {
                     );
                 }
                 let (rules, sigma) = (new.rules.rules.len(), new.sigma.counts().0);
+                let shells = self
+                    .pipeline
+                    .executables
+                    .as_ref()
+                    .map_or(&[][..], |e| e.shell_paths());
+                match self.enforcer.apply(
+                    new.enforce,
+                    &new.rules.enforce,
+                    shells,
+                    &self.pipeline.table,
+                ) {
+                    Ok(applied) => log_enforcement(&self.enforcer, &applied),
+                    Err(e) => error!("cannot update the enforcement policy: {e}"),
+                }
                 self.pipeline.engine.set_rules(new.rules);
                 self.pipeline.engine.set_sigma(new.sigma);
                 self.ops.watch = new.watch.prefixes;
@@ -541,6 +589,10 @@ impl Agent<'_> {
             delivery.tick(loss_map(&self.last_lost));
             delivery.close(CLOSE_WAIT).await;
         }
+        // Nothing is enforced from here on, whatever happens to the detach.
+        if let Err(e) = self.enforcer.stop() {
+            warn!("cannot switch enforcement off: {e}");
+        }
         Probes::detach(&mut self.ebpf);
         let stats = &self.pipeline.stats;
         if let Some(exes) = self.pipeline.executables.as_ref() {
@@ -564,6 +616,26 @@ impl Agent<'_> {
         );
         let _ = std::io::stderr().flush();
     }
+}
+
+/// The enforcement mode in force and what its policy resolved to.
+fn log_enforcement(enforcer: &Enforcer, applied: &crate::probes::enforce::Applied) {
+    use crate::probes::enforce::Mode;
+    if enforcer.mode() == Mode::Off {
+        info!("enforcement off");
+        return;
+    }
+    for missing in &applied.missing {
+        warn!(executable = %missing, "allowed executable not found here; not allowed");
+    }
+    info!(
+        mode = enforcer.mode().name(),
+        mechanism = enforcer.mechanism().name(),
+        allowed = applied.allowed,
+        shells = applied.shells,
+        labelled = applied.labelled,
+        "enforcement in force"
+    );
 }
 
 /// The event kind name of records of wire kind `kind`.

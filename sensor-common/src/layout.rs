@@ -29,6 +29,10 @@ pub struct KernelLayout {
     /// `linux_binprm.fdpath`, set when execveat ran a descriptor; 0 when the kernel has no
     /// such field.
     pub bprm_fdpath: u16,
+    /// `linux_binprm.file` and `.buf` (the first bytes of the file: `#!` for a script), read
+    /// by the enforcement hook at `bprm_check_security`.
+    pub bprm_file: u16,
+    pub bprm_buf: u16,
 
     pub mm_arg_start: u16,
     pub mm_arg_end: u16,

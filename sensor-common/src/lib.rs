@@ -150,7 +150,8 @@ pub struct ExecRecord {
     pub exe_ctime: i64,
     /// Device of the executable's filesystem, in the kernel's encoding (major << 20).
     pub exe_dev: u32,
-    pub _pad2: u32,
+    /// What enforcement decided for this exec ([`enforce::verdict`]; 0 when nothing).
+    pub enforce: u32,
     pub exe_nlink: u32,
     /// The pid before exec: differs from `hdr.pid` when a non-leader thread exec'd.
     pub old_tid: u32,
@@ -178,7 +179,9 @@ pub struct ExecFailedRecord {
     /// `dirfd` of `execveat`.
     pub dirfd: i32,
     pub filename_len: u16,
-    pub _pad: u16,
+    /// The enforcement verdict when the enforcement hook refused this exec (`EPERM`), in
+    /// the encoding of [`enforce::verdict`]; 0 otherwise.
+    pub enforce: u16,
 }
 
 /// A task was created (`sched_process_fork`). The header names the *child*.
@@ -474,8 +477,100 @@ pub struct WatchSuffix {
 /// Slots for watched suffixes.
 pub const MAX_WATCH_SUFFIXES: usize = 16;
 
+/// Prevention: the policy the probes apply at exec to the web-tier lineages the agent
+/// labels (`--enforce`), and how they report what they decided.
+pub mod enforce {
+    /// `Config::mode`.
+    pub const MODE_OFF: u32 = 0;
+    /// Decide and report, stop nothing.
+    pub const MODE_AUDIT: u32 = 1;
+    pub const MODE_ON: u32 = 2;
+
+    /// `Config::mechanism`: SIGKILL from `sched_process_exec` (the new program never runs
+    /// an instruction), or EPERM from the BPF-LSM hook `bprm_check_security`.
+    pub const MECH_KILL: u32 = 0;
+    pub const MECH_LSM: u32 = 1;
+
+    /// What happened to an exec (the proto `Action` enum has the same numbers).
+    pub const ACTION_NONE: u32 = 0;
+    pub const ACTION_WOULD_KILL: u32 = 1;
+    pub const ACTION_KILLED: u32 = 2;
+    pub const ACTION_DENIED: u32 = 3;
+
+    /// Why: the shape that decided.
+    pub const REASON_NOT_ALLOWED: u32 = 1;
+    /// A shell or interpreter with an inet socket on fd 0, 1 or 2.
+    pub const REASON_SOCKET_SHELL: u32 = 2;
+    /// An executable with no name left: a memfd or a deleted file.
+    pub const REASON_UNLINKED: u32 = 3;
+    /// A file written (or changed) since boot under a temporary directory.
+    pub const REASON_TMP_WRITTEN: u32 = 4;
+
+    /// `Policy` flags of a label.
+    pub const ALLOW_LIST: u32 = 1 << 0;
+    pub const DENY_SOCKET_SHELL: u32 = 1 << 1;
+    pub const DENY_UNLINKED: u32 = 1 << 2;
+    pub const DENY_TMP_WRITTEN: u32 = 1 << 3;
+
+    /// Labels 1..MAX_LABELS (0: none); the `POLICY` array's size.
+    pub const MAX_LABELS: u32 = 64;
+    /// Directory levels above an executable looked at for a temporary directory.
+    pub const TMP_DEPTH: usize = 8;
+
+    /// `action | reason << 4 | label << 8`, small enough for the u16 of a failed exec.
+    pub const fn verdict(action: u32, reason: u32, label: u32) -> u32 {
+        (action & 0xf) | (reason & 0xf) << 4 | (label & 0xff) << 8
+    }
+    pub const fn action(verdict: u32) -> u32 {
+        verdict & 0xf
+    }
+    pub const fn reason(verdict: u32) -> u32 {
+        (verdict >> 4) & 0xf
+    }
+    pub const fn label(verdict: u32) -> u32 {
+        (verdict >> 8) & 0xff
+    }
+
+    /// The global switch (`ENFORCE_CONFIG[0]`), changed by the agent at run time.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        pub mode: u32,
+        pub mechanism: u32,
+        /// Boot time as wall-clock seconds: files with a later mtime or ctime were
+        /// written since boot.
+        pub boot_wall_sec: i64,
+    }
+
+    /// The web-tier label of a process (`LINEAGE`, keyed by tgid). `start_boot_ns` ties
+    /// the entry to the process it was made for: a recycled pid is not labelled.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Lineage {
+        pub start_boot_ns: u64,
+        pub label: u32,
+        pub _pad: u32,
+    }
+
+    /// A file by identity as the kernel sees it (`i_ino`, `s_dev` in the kernel's
+    /// encoding), for a label (the allow lists) or label 0 (the shell and tmp-dir sets).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct FileKey {
+        pub ino: u64,
+        pub dev: u32,
+        pub label: u32,
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: plain-old-data, `repr(C)`, no padding.
+    unsafe impl aya::Pod for super::enforce::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::Lineage {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::enforce::FileKey {}
     // SAFETY: plain-old-data, `repr(C)`, no padding-dependent invariants.
     unsafe impl aya::Pod for super::KernelLayout {}
     // SAFETY: as above.

@@ -32,6 +32,8 @@ pub static LAYOUT: KernelLayout = KernelLayout {
     signal_live: 0,
     bprm_filename: 0,
     bprm_fdpath: 0,
+    bprm_file: 0,
+    bprm_buf: 0,
     mm_arg_start: 0,
     mm_arg_end: 0,
     mm_exe_file: 0,

@@ -6,6 +6,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod enforce;
+#[cfg(target_arch = "bpf")]
 mod fds;
 #[cfg(target_arch = "bpf")]
 mod files;

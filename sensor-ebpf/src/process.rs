@@ -9,6 +9,7 @@ use sensor_common::{
 };
 
 use crate::{
+    enforce,
     kernel::{
         KPtr, agent_tgid, bounded, describe_file, get, get_ptr, layout_ready, off, read, read_into,
         read_kernel_str, read_ptr, read_user, read_user_str, task_fd_file,
@@ -121,7 +122,8 @@ fn on_exec<const LOOP: bool>(ctx: &BtfTracePointContext) -> Result<(), i64> {
     r.exe_mtime = 0;
     r.exe_ctime = 0;
     r.exe_dev = 0;
-    r._pad2 = 0;
+    r.enforce = 0;
+    let exe_file = get_ptr(mm, off!(mm_exe_file));
     if let Ok(exe) = read_ptr(mm, off!(mm_exe_file)) {
         if let Ok(inode) = read_ptr(exe, off!(file_f_inode)) {
             // The executable's identity: what it is, not what it is called.
@@ -168,6 +170,8 @@ fn on_exec<const LOOP: bool>(ctx: &BtfTracePointContext) -> Result<(), i64> {
     describe_file(task_fd_file(task, 1), &mut r.stdio[1]);
     describe_file(task_fd_file(task, 2), &mut r.stdio[2]);
 
+    r.enforce = enforce::at_exec(task, r.hdr.pid, exe_file, &r.stdio);
+
     let size = core::mem::size_of::<ExecRecord>() + end;
     r.hdr.size = size as u32;
     submit_scratch(scratch, size, kind::EXEC);
@@ -201,7 +205,11 @@ fn on_exec_failed(sc: &Syscall) {
     r.errno = (-sc.ret) as i32;
     r.exec_flags = flags;
     r.dirfd = dirfd;
-    r._pad = 0;
+    r.enforce = if sc.ret == -1 {
+        enforce::denied_verdict() as u16
+    } else {
+        0
+    };
     let n = read_user_str(data, MAX_FILENAME as u32, filename as KPtr).unwrap_or(0);
     let n = if n > 0 { n - 1 } else { 0 };
     if n + 1 >= MAX_FILENAME {
@@ -225,6 +233,13 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     let parent: KPtr = ctx.arg(0);
     let child: KPtr = ctx.arg(1);
+    let child_pid = get::<u32>(child, off!(task_pid));
+    let child_tgid = get::<u32>(child, off!(task_tgid));
+    let child_start = get::<u64>(child, off!(task_start_boottime));
+    // Before anything can fail: a new process is labelled even when its record is lost.
+    if child_pid == child_tgid {
+        enforce::inherit(parent, child_tgid, child_start);
+    }
     let Some(mut entry) = EVENTS.reserve::<ForkRecord>(0) else {
         count_lost(kind::FORK);
         return Ok(());
@@ -232,8 +247,6 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
     // SAFETY: every field is written below before submit.
     let r = unsafe { &mut *entry.as_mut_ptr() };
     fill_header(&mut r.hdr, kind::FORK, core::mem::size_of::<ForkRecord>());
-    let child_pid = get::<u32>(child, off!(task_pid));
-    let child_tgid = get::<u32>(child, off!(task_tgid));
     r.hdr.pid = child_tgid;
     r.hdr.tid = child_pid;
     read_into(
@@ -250,7 +263,7 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i64> {
         parent,
         off!(task_comm),
     );
-    r.child_start_boot_ns = get::<u64>(child, off!(task_start_boottime));
+    r.child_start_boot_ns = child_start;
     r.is_thread = (child_pid != child_tgid) as u32;
     r._pad = 0;
     entry.submit(wakeup_flags());
@@ -275,6 +288,7 @@ fn on_exit(ctx: &BtfTracePointContext) -> Result<(), i64> {
     if live != 0 {
         return Ok(());
     }
+    enforce::forget((bpf_get_current_pid_tgid() >> 32) as u32);
     let Some(mut entry) = EVENTS.reserve::<ExitRecord>(0) else {
         count_lost(kind::EXIT);
         return Ok(());

@@ -145,6 +145,7 @@ pub fn build(input: AlertInput<'_>) -> pb::Alert {
         .map(|p| process_info(p, users, clock))
         .collect();
     let time = last.time;
+    let enforced = enforcement_of(&last);
     pb::Alert {
         id: String::new(),
         rule_id: rule.id.to_string(),
@@ -165,11 +166,27 @@ pub fn build(input: AlertInput<'_>) -> pb::Alert {
         first_time: evidence.first().and_then(|e| e.time),
         evidence,
         count: 1,
-        dedup_key: format!("{}@{}", rule.id, tree_key(table, pid)),
+        // What was done is part of what happened: a kill never collapses into an audit.
+        dedup_key: match enforced {
+            Some(e) => format!("{}@{}#action{}", rule.id, tree_key(table, pid), e.action),
+            None => format!("{}@{}", rule.id, tree_key(table, pid)),
+        },
         source: rule.source.to_string(),
         flight_record: String::new(),
         details: Default::default(),
+        action: enforced.map_or(0, |e| e.action),
+        enforcement: enforced.map(|e| e.rule.clone()).unwrap_or_default(),
     }
+}
+
+/// What enforcement decided for the exec `event` reports, if anything.
+pub fn enforcement_of(event: &Event) -> Option<&pb::Enforcement> {
+    match event.kind.as_ref()? {
+        pb::event::Kind::Exec(e) => e.enforcement.as_ref(),
+        pb::event::Kind::ExecFailed(e) => e.enforcement.as_ref(),
+        _ => None,
+    }
+    .filter(|e| e.action != pb::Action::None as i32)
 }
 
 /// One alert already raised, and what happened since.

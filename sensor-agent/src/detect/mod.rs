@@ -5,6 +5,7 @@
 //! event's kind are tested, sequences advance, allow-list entries veto, repeats collapse.
 
 pub mod alert;
+pub mod enforce;
 pub mod expr;
 pub mod fields;
 pub mod places;
@@ -69,6 +70,8 @@ pub struct Engine {
     agent_pid: u32,
     next_alert: u64,
     last_expiry_ns: u64,
+    /// Sources of enforced identities found since `take_labelled` (pid, start, label).
+    labelled: Vec<(u32, u64, u32)>,
     pub stats: DetectStats,
 }
 
@@ -95,6 +98,7 @@ impl Engine {
             agent_pid,
             next_alert: 1,
             last_expiry_ns: 0,
+            labelled: Vec::new(),
             stats: DetectStats::default(),
         };
         engine.set_rules(rules);
@@ -139,6 +143,27 @@ impl Engine {
 
     pub fn set_sigma(&mut self, sigma: Arc<SigmaSet>) {
         self.sigma = sigma;
+    }
+
+    /// The processes that became sources of an enforced identity since the last call:
+    /// (pid, start time, kernel label).
+    pub fn take_labelled(&mut self) -> Vec<(u32, u64, u32)> {
+        std::mem::take(&mut self.labelled)
+    }
+
+    /// Names the identity and rule of the enforcement verdict an exec event carries.
+    pub fn name_enforcement(&self, event: &mut Event) {
+        if self.rules.enforce.is_empty() {
+            return;
+        }
+        let enforcement = match event.kind.as_mut() {
+            Some(event::Kind::Exec(e)) => e.enforcement.as_mut(),
+            Some(event::Kind::ExecFailed(e)) => e.enforcement.as_mut(),
+            _ => None,
+        };
+        if let Some(e) = enforcement {
+            self.rules.enforce.name(e);
+        }
     }
 
     pub fn rules(&self) -> &RuleSet {
@@ -209,6 +234,10 @@ impl Engine {
             && let Some(p) = table.get(event.pid)
             && let Some(label) = self.classify(table, p)
         {
+            if let Some(entry) = self.rules.enforce.by_identity(&label.identity) {
+                self.labelled
+                    .push((event.pid, label.source_start_ns, entry.label));
+            }
             table.set_lineage(event.pid, Some(label));
         }
         let table: &ProcessTable = table;

@@ -6,7 +6,8 @@
 //! A later file overrides by name: a list, macro, identity or rule with the same name or
 //! id replaces the earlier one; `append` extends a list; `disable` turns rules off by id
 //! (globs allowed); `allow` entries suppress alerts of matching rules when their condition
-//! holds.
+//! holds; an `enforce` entry for an identity replaces the earlier one, or with
+//! `append: true` extends it (`enforce.rs`).
 
 use std::{
     collections::HashMap,
@@ -20,6 +21,7 @@ use sensor_proto::EventKind;
 use serde::Deserialize;
 
 use super::{
+    enforce::{EnforceDef, Entry as EnforceEntry, Policy, Shape},
     expr::{self, Cond, Env, ExprError, Macro},
     fields::{Field, Kind},
 };
@@ -114,6 +116,8 @@ struct RuleFile {
     disable: Vec<Spanned<String>>,
     #[serde(default)]
     allow: Vec<AllowDef>,
+    #[serde(default)]
+    enforce: Vec<EnforceDef>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +307,8 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
     pub identities: Vec<Identity>,
     pub allows: Vec<Allow>,
+    /// What `--enforce` applies in the kernel (`enforce:` sections).
+    pub enforce: Policy,
     /// Files that were loaded, in order.
     pub files: Vec<String>,
 }
@@ -392,6 +398,8 @@ struct Merged {
     rules: Vec<(RuleDef, usize)>,
     disabled: Vec<(Spanned<String>, usize)>,
     allows: Vec<(AllowDef, usize)>,
+    /// One per identity: the definition, and the files that made it.
+    enforce: Vec<(EnforceDef, Vec<usize>)>,
     sources: Vec<(String, String)>,
 }
 
@@ -583,6 +591,33 @@ fn merge(
     m.disabled
         .extend(file.disable.into_iter().map(|d| (d, index)));
     m.allows.extend(file.allow.into_iter().map(|a| (a, index)));
+    for def in file.enforce {
+        match m
+            .enforce
+            .iter_mut()
+            .find(|(e, _)| *e.identity == *def.identity)
+        {
+            Some((earlier, files)) if def.append => {
+                if let Some(more) = def.allow {
+                    earlier.allow.get_or_insert_with(Vec::new).extend(more);
+                }
+                earlier.deny.extend(def.deny);
+                if !def.rationale.is_empty() {
+                    earlier.rationale = def.rationale;
+                }
+                files.push(index);
+            }
+            Some(slot) => *slot = (def, vec![index]),
+            None if def.append => errors.push(src.at(
+                &def.identity,
+                format!(
+                    "`append` to the enforcement of `{}`, which no earlier file defines",
+                    *def.identity
+                ),
+            )),
+            None => m.enforce.push((def, vec![index])),
+        }
+    }
 }
 
 fn event_kinds(
@@ -797,6 +832,28 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         }
     }
 
+    let enforce = compile_enforce(m, &identities, errors);
+    for entry in &enforce.entries {
+        let on = [EventKind::Exec, EventKind::ExecFailed];
+        let text = format!("enforce.rule = \"{}\"", entry.rule_id());
+        let env = Env::new(&lists, &macros).on(&on);
+        if let Ok(cond) = expr::compile(&text, &env) {
+            rules.push(Rule {
+                id: entry.rule_id().into(),
+                title: entry.title().into(),
+                severity: Severity::Critical,
+                techniques: vec![Technique("T1190".to_owned())],
+                rationale: entry.rationale.trim().into(),
+                source: entry.source.clone(),
+                body: Body::Single {
+                    on: on.to_vec(),
+                    cond,
+                    threshold: None,
+                },
+            });
+        }
+    }
+
     // The whole set's cost per event is bounded too, not only each condition's.
     let total = rules
         .iter()
@@ -826,8 +883,90 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         rules,
         identities,
         allows,
+        enforce,
         files: m.sources.iter().map(|(n, _)| n.clone()).collect(),
     }
+}
+
+/// The `enforce:` entries, each checked: a known identity, known shapes, absolute paths.
+fn compile_enforce(m: &Merged, identities: &[Identity], errors: &mut Vec<RuleError>) -> Policy {
+    let mut entries = Vec::new();
+    for (def, files) in &m.enforce {
+        let last = *files.last().unwrap_or(&0);
+        let s = Source {
+            name: &m.sources[last].0,
+            text: &m.sources[last].1,
+        };
+        let before = errors.len();
+        if !identities.iter().any(|i| *i.name == **def.identity) {
+            errors.push(s.at(
+                &def.identity,
+                format!(
+                    "enforcement for unknown identity `{}`; the identities are: {}",
+                    *def.identity,
+                    identities
+                        .iter()
+                        .map(|i| &*i.name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let mut deny = Vec::new();
+        for shape in &def.deny {
+            match Shape::parse(shape) {
+                Some(sh) if !deny.contains(&sh) => deny.push(sh),
+                Some(_) => {}
+                None => errors.push(s.at(
+                    shape,
+                    format!(
+                        "unknown shape `{}`; one of: {}",
+                        **shape,
+                        Shape::ALL.map(Shape::name).join(", ")
+                    ),
+                )),
+            }
+        }
+        deny.sort();
+        for path in def.allow.iter().flatten() {
+            if !path.starts_with('/') {
+                errors.push(s.at(
+                    path,
+                    format!("`{}`: an allowed executable is an absolute path", **path),
+                ));
+            }
+        }
+        if errors.len() > before {
+            continue;
+        }
+        if entries.len() as u32 + 1 >= sensor_common::enforce::MAX_LABELS {
+            errors.push(s.at(
+                &def.identity,
+                format!(
+                    "more than {} enforced identities",
+                    sensor_common::enforce::MAX_LABELS - 2
+                ),
+            ));
+            break;
+        }
+        entries.push(EnforceEntry {
+            identity: def.identity.as_str().into(),
+            label: entries.len() as u32 + 1,
+            allow: def
+                .allow
+                .as_ref()
+                .map(|l| l.iter().map(|p| p.to_string()).collect()),
+            deny,
+            rationale: def.rationale.trim().to_owned(),
+            source: files
+                .iter()
+                .map(|i| m.sources[*i].0.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+                .into(),
+        });
+    }
+    Policy { entries }
 }
 
 /// What compiling one file's rules needs: the file, its lists and macros, and where
@@ -1035,6 +1174,73 @@ mod tests {
             assert!(!rule.techniques.is_empty(), "{} has no technique", rule.id);
             assert!(!rule.rationale.is_empty(), "{} has no rationale", rule.id);
         }
+    }
+
+    #[test]
+    fn enforcement_compiles_overrides_and_refuses_what_it_cannot_apply() {
+        let pack = (DEFAULT_PACK_NAME.to_owned(), DEFAULT_PACK.to_owned());
+        let set = compile_texts(std::slice::from_ref(&pack)).unwrap();
+        let helper = set.enforce.by_identity("rewritemap-helper").unwrap();
+        assert_eq!(helper.label, 1);
+        assert!(
+            helper
+                .allow
+                .as_ref()
+                .unwrap()
+                .contains(&"/usr/bin/date".to_owned())
+        );
+        let tomcat = set.enforce.by_identity("tomcat").unwrap();
+        assert_eq!(tomcat.allow, None, "tomcat has no allow list");
+        assert_eq!(
+            tomcat.flags(),
+            sensor_common::enforce::DENY_SOCKET_SHELL
+                | sensor_common::enforce::DENY_UNLINKED
+                | sensor_common::enforce::DENY_TMP_WRITTEN
+        );
+        assert!(set.rules.iter().any(|r| &*r.id == "enforce:tomcat"));
+
+        // An operator's file extends the helper's allow list.
+        let local = "enforce:\n  - identity: rewritemap-helper\n    append: true\n    allow: [/usr/bin/sha256sum]\n";
+        let set = compile_texts(&[pack.clone(), ("local.yaml".into(), local.into())]).unwrap();
+        let helper = set.enforce.by_identity("rewritemap-helper").unwrap();
+        let allow = helper.allow.as_ref().unwrap();
+        assert!(
+            allow.contains(&"/usr/bin/date".to_owned())
+                && allow.contains(&"/usr/bin/sha256sum".to_owned())
+        );
+        assert!(helper.source.contains("local.yaml"), "{}", helper.source);
+        // Without append it replaces: no allow list any more.
+        let local = "enforce:\n  - identity: rewritemap-helper\n    deny: [unlinked]\n";
+        let set = compile_texts(&[pack.clone(), ("local.yaml".into(), local.into())]).unwrap();
+        let helper = set.enforce.by_identity("rewritemap-helper").unwrap();
+        assert_eq!(
+            (helper.allow.clone(), helper.flags()),
+            (None, sensor_common::enforce::DENY_UNLINKED)
+        );
+
+        // Errors name the file, line and column.
+        let bad = "enforce:\n  - identity: nginx\n    deny: [reverse_shell]\n    allow: [date]\n";
+        let err = compile_texts(&[pack.clone(), ("bad.yaml".into(), bad.into())]).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("bad.yaml:2:15: enforcement for unknown identity `nginx`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bad.yaml:3:12: unknown shape `reverse_shell`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bad.yaml:4:13: `date`: an allowed executable is an absolute path"),
+            "{text}"
+        );
+        let orphan = "enforce:\n  - identity: httpd\n    append: true\n    allow: [/bin/x]\n";
+        let err = compile_texts(&[pack, ("o.yaml".into(), orphan.into())]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`append` to the enforcement of `httpd`"),
+            "{err}"
+        );
     }
 
     #[test]

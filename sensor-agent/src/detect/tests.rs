@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use sensor_proto::v1::{
-    Alert, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Event, ExeIdentity, ExecEvent, FdInfo,
-    FdKind, FileEvent, FileOp, ForkEvent, ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent,
-    PtraceEvent, SignalEvent, SocketInfo, event,
+    Action, Alert, BindEvent, BpfLoadEvent, ConnectEvent, DupEvent, Enforcement, Event,
+    ExeIdentity, ExecEvent, ExecFailedEvent, FdInfo, FdKind, FileEvent, FileOp, ForkEvent,
+    ListenEvent, ProcMemWriteEvent, ProcessVmWriteEvent, PtraceEvent, SignalEvent, SocketInfo,
+    event,
 };
 
 use super::{
@@ -37,6 +38,8 @@ struct World {
     next_identity: Option<ExeIdentity>,
     /// The connections the next exec's parent holds (what the pipeline reads from /proc).
     next_parent_connections: Vec<SocketInfo>,
+    /// What the kernel's enforcement decided for the next exec.
+    next_enforcement: Option<Enforcement>,
 }
 
 fn tomcat_argv() -> Vec<&'static str> {
@@ -69,6 +72,7 @@ impl World {
             next_pid: 1000,
             next_identity: None,
             next_parent_connections: Vec::new(),
+            next_enforcement: None,
         };
         w.exec_at(INIT, 0, "/usr/lib/systemd/systemd", &["/sbin/init"], 0);
         w.exec_at(
@@ -105,6 +109,7 @@ impl World {
     }
 
     fn feed(&mut self, mut ev: Event) -> Vec<Alert> {
+        self.engine.name_enforcement(&mut ev);
         self.now += 1_000_000;
         ev.boot_ns = self.now;
         self.table.apply(&ev);
@@ -141,6 +146,7 @@ impl World {
         let now = self.now;
         let exe_identity = self.next_identity.take().or_else(|| installed(exe));
         let parent_connections = std::mem::take(&mut self.next_parent_connections);
+        let enforcement = self.next_enforcement.take();
         self.feed(Event {
             pid,
             tid: pid,
@@ -161,6 +167,7 @@ impl World {
                 stdio,
                 exe_identity,
                 parent_connections,
+                enforcement,
                 ..Default::default()
             }))),
             ..Default::default()
@@ -1425,6 +1432,123 @@ fn allow_entries_and_disables_silence_rules() {
     assert!(!has(&alerts, "EPMM-B3"));
     let (_, alerts) = w.spawn(TOMCAT, "/bin/sh", &["/bin/sh", "-c", "id"]);
     assert!(has(&alerts, "EPMM-B2"), "other shells still alert");
+}
+
+/// The kernel's verdict as the decoder reports it: action, reason and label only.
+fn verdict(action: Action, reason: &str, label: u32) -> Enforcement {
+    Enforcement {
+        action: action as i32,
+        reason: reason.into(),
+        label,
+        ..Default::default()
+    }
+}
+
+fn label_of(w: &World, identity: &str) -> u32 {
+    w.engine
+        .rules()
+        .enforce
+        .by_identity(identity)
+        .unwrap()
+        .label
+}
+
+#[test]
+fn enforcement_verdicts_raise_their_rule_and_mark_every_alert_of_the_exec() {
+    let mut w = World::new();
+    let helper = label_of(&w, "rewritemap-helper");
+    let sub = w.fork(HELPER);
+    w.next_enforcement = Some(verdict(Action::Killed, "not_allowed", helper));
+    let alerts = w.exec_at(
+        sub,
+        HELPER,
+        "/usr/bin/touch",
+        &["/usr/bin/touch", "/mi/poc"],
+        0,
+    );
+    let enforced = alerts
+        .iter()
+        .find(|a| a.rule_id == "enforce:rewritemap-helper")
+        .expect("the enforcement rule's alert");
+    assert_eq!(enforced.action, Action::Killed as i32);
+    assert_eq!(enforced.enforcement, "enforce:rewritemap-helper");
+    let b1 = alerts.iter().find(|a| a.rule_id == "EPMM-B1").expect("B1");
+    assert_eq!(
+        b1.action,
+        Action::Killed as i32,
+        "detections say what was done"
+    );
+
+    // Audit: the same, as "would have been".
+    let tomcat = label_of(&w, "tomcat");
+    w.next_enforcement = Some(verdict(Action::WouldKill, "socket_shell", tomcat));
+    let (_, alerts) = w.spawn_with(TOMCAT, "/usr/bin/bash", &["bash", "-i"], FdKind::Socket);
+    let enforced = alerts
+        .iter()
+        .find(|a| a.rule_id == "enforce:tomcat")
+        .expect("the tomcat enforcement alert");
+    assert_eq!(enforced.action, Action::WouldKill as i32);
+
+    // BPF-LSM refused an exec: only a failed exec reports it.
+    let sub = w.fork(HELPER);
+    let alerts = w.feed(Event {
+        pid: sub,
+        tid: sub,
+        kind: Some(event::Kind::ExecFailed(ExecFailedEvent {
+            filename: "/usr/bin/id".into(),
+            errno: 1,
+            error: "EPERM".into(),
+            enforcement: Some(verdict(Action::Denied, "not_allowed", helper)),
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    assert!(
+        alerts
+            .iter()
+            .any(|a| a.rule_id == "enforce:rewritemap-helper" && a.action == Action::Denied as i32),
+        "{:?}",
+        ids(&alerts)
+    );
+
+    // No verdict, no enforcement alert and no action.
+    let (_, alerts) = w.spawn(HELPER, "/usr/bin/id", &["id"]);
+    assert!(!alerts.iter().any(|a| a.rule_id.starts_with("enforce:")));
+    assert!(alerts.iter().all(|a| a.action == Action::None as i32));
+}
+
+#[test]
+fn sources_of_enforced_identities_are_handed_to_the_kernel() {
+    let mut w = World::new();
+    let labelled = w.engine.take_labelled();
+    let helper = label_of(&w, "rewritemap-helper");
+    let tomcat = label_of(&w, "tomcat");
+    assert!(
+        labelled
+            .iter()
+            .any(|&(pid, _, l)| pid == HELPER && l == helper),
+        "{labelled:?}"
+    );
+    assert!(
+        labelled
+            .iter()
+            .any(|&(pid, _, l)| pid == TOMCAT && l == tomcat),
+        "{labelled:?}"
+    );
+    assert!(
+        !labelled.iter().any(|&(pid, ..)| pid == HTTPD),
+        "httpd is not enforced"
+    );
+    // A descendant is not a new source: the kernel's fork inheritance labels it.
+    w.spawn(HELPER, "/usr/bin/date", &["date", "+%s"]);
+    assert!(w.engine.take_labelled().is_empty());
+    // Nor does a tomcat child named like a helper become one.
+    w.spawn(
+        TOMCAT,
+        "/usr/bin/bash",
+        &["/bin/bash", "/mi/bin/map-appstore-url"],
+    );
+    assert!(w.engine.take_labelled().is_empty());
 }
 
 /// Every rule of the pack is exercised by a test above.

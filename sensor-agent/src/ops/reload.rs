@@ -1,5 +1,5 @@
 //! SIGHUP: re-read the configuration's `[rules]` (rule files, Sigma rules, watched
-//! paths), build everything new first, and swap only when all of it is good. A broken
+//! paths) and `enforce` (the kill switch of prevention), build everything new first, and swap only when all of it is good. A broken
 //! rule set is refused with its errors and the running set stays in force.
 
 use std::{path::PathBuf, sync::Arc};
@@ -19,6 +19,8 @@ pub struct ReloadSource {
     pub config_path: Option<PathBuf>,
     /// The command line's lists, which win over the file's.
     pub cli: RuleSources,
+    /// `--enforce`, which wins over the file's `enforce`.
+    pub cli_enforce: Option<crate::probes::enforce::Mode>,
 }
 
 /// A complete new rule set, ready to swap in.
@@ -27,6 +29,7 @@ pub struct Prepared {
     pub rules: Arc<RuleSet>,
     pub sigma: Arc<SigmaSet>,
     pub watch: WatchList,
+    pub enforce: crate::probes::enforce::Mode,
 }
 
 /// Why a reload was refused (the running rules stay in force).
@@ -56,6 +59,7 @@ pub fn prepare(source: &ReloadSource) -> Result<Prepared, ReloadError> {
         rules,
         sigma,
         watch,
+        enforce: source.cli_enforce.unwrap_or(config.agent.enforce),
     })
 }
 

@@ -53,6 +53,8 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         signal_live: r.offset("signal_struct", "live")?,
         bprm_filename: r.offset("linux_binprm", "filename")?,
         bprm_fdpath: r.offset("linux_binprm", "fdpath").unwrap_or(0),
+        bprm_file: r.offset("linux_binprm", "file")?,
+        bprm_buf: r.offset("linux_binprm", "buf")?,
         mm_arg_start: r.offset("mm_struct", "arg_start")?,
         mm_arg_end: r.offset("mm_struct", "arg_end")?,
         mm_exe_file: r.offset("mm_struct", "exe_file")?,

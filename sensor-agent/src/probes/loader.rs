@@ -54,6 +54,9 @@ pub struct LoadOptions {
     pub watch: Vec<WatchRule>,
     /// Watched path suffixes (at most `MAX_WATCH_SUFFIXES`, 16 bytes each).
     pub watch_suffixes: Vec<(String, u32)>,
+    /// `--enforce`: with anything but `off`, the BPF-LSM hook is attached where the kernel
+    /// has BPF-LSM active (else `on` kills at exec).
+    pub enforce: super::enforce::Mode,
 }
 
 impl LoadOptions {
@@ -72,6 +75,7 @@ impl Default for LoadOptions {
             syscall_hooks: SyscallHooks::Auto,
             watch: Vec::new(),
             watch_suffixes: Vec::new(),
+            enforce: super::enforce::Mode::Off,
         }
     }
 }
@@ -161,6 +165,8 @@ pub struct Probes {
     pub lost: LossCounters,
     /// Every concern: how it is attached, or why not.
     pub status: Vec<ProbeStatus>,
+    /// The enforcement maps (`--enforce`).
+    pub enforcer: super::enforce::Enforcer,
 }
 
 impl Probes {
@@ -232,6 +238,19 @@ impl Probes {
             .any(|s| s.name == Probe::PathFiles.name() && matches!(s.state, State::Attached));
         set_open_cache(&mut ebpf, Some(renames_seen))?;
 
+        // Enforcement: the LSM hook only when asked for (it runs on every exec).
+        let mechanism = if options.enforce == super::enforce::Mode::Off {
+            super::enforce::Mechanism::Kill
+        } else {
+            match super::enforce::attach_lsm(&mut ebpf, &btf) {
+                Ok(()) => super::enforce::Mechanism::Lsm,
+                Err(reason) => {
+                    info!(%reason, "enforcement kills at exec (no BPF-LSM hook)");
+                    super::enforce::Mechanism::Kill
+                }
+            }
+        };
+        let enforcer = super::enforce::Enforcer::new(&mut ebpf, mechanism)?;
         let ring = take_map(&mut ebpf, "EVENTS")?;
         let lost = take_map(&mut ebpf, "LOST")?;
         Ok(Self {
@@ -239,6 +258,7 @@ impl Probes {
             ring,
             lost: LossCounters(lost),
             status,
+            enforcer,
         })
     }
 
@@ -279,6 +299,7 @@ impl Probes {
                             Program::FExit(p) => p.unload(),
                             Program::BtfTracePoint(p) => p.unload(),
                             Program::RawTracePoint(p) => p.unload(),
+                            Program::Lsm(p) => p.unload(),
                             _ => Ok(()),
                         };
                     }
@@ -705,7 +726,7 @@ pub fn set_watch(ebpf: &mut Ebpf, old: &[WatchRule], new: &[WatchRule]) -> Resul
     Ok(())
 }
 
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+pub(crate) fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {

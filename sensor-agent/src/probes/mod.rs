@@ -2,6 +2,7 @@
 //! attaching the embedded probes, and the maps records and loss counters come through.
 
 pub mod catalog;
+pub mod enforce;
 pub mod layout;
 pub mod loader;
 pub mod preflight;
