@@ -55,6 +55,8 @@ pub struct PipelineStats {
     pub detect_ns: u64,
     /// Alerts by (rule id, severity).
     pub alerts_by: BTreeMap<(String, i32), u64>,
+    /// Execs enforcement acted on, by (action: killed, denied, would_kill; rule).
+    pub enforced: BTreeMap<(String, String), u64>,
 }
 
 impl PipelineStats {
@@ -165,6 +167,14 @@ impl<S: Sink> Pipeline<S> {
             flight.on_event(&event);
         }
         self.stats.by_kind[EventKind::of(&event).map_or(EventKind::COUNT, EventKind::index)] += 1;
+        if let Some(e) = crate::detect::alert::enforcement_of(&event) {
+            let action = crate::detect::alert::action_name(e.action);
+            *self
+                .stats
+                .enforced
+                .entry((action.to_owned(), e.rule.clone()))
+                .or_default() += 1;
+        }
         self.table.apply(&event);
         let started = Instant::now();
         let mut alerts = self.engine.on_event(&event, &mut self.table);

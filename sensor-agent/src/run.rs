@@ -214,6 +214,10 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     }
     if let Some(metrics) = &metrics {
         metrics.set_probes(&probes.status);
+        metrics.set_enforcement(
+            probes.enforcer.mode().name(),
+            probes.enforcer.mechanism().name(),
+        );
     }
     let attached = probes
         .status
@@ -557,7 +561,15 @@ impl Agent<'_> {
                     shells,
                     &self.pipeline.table,
                 ) {
-                    Ok(applied) => log_enforcement(&self.enforcer, &applied),
+                    Ok(applied) => {
+                        log_enforcement(&self.enforcer, &applied);
+                        if let Some(metrics) = &self.ops.metrics {
+                            metrics.set_enforcement(
+                                self.enforcer.mode().name(),
+                                self.enforcer.mechanism().name(),
+                            );
+                        }
+                    }
                     Err(e) => error!("cannot update the enforcement policy: {e}"),
                 }
                 self.pipeline.engine.set_rules(new.rules);

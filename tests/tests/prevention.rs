@@ -3,7 +3,8 @@
 //! attacked with the published request shape. With `--enforce on` the injected program
 //! is stopped before it runs; with `--enforce audit` it runs and the alert says it would
 //! have been stopped. The appliance answers normal requests the same throughout, and the
-//! helper's own baseline (`date`) keeps working.
+//! helper's own baseline (`date`) keeps working. Enforcement switched off by the
+//! configuration and SIGHUP, or by stopping the agent, stops nothing.
 //!
 //! One test in this file, on purpose: an enforcing agent acts on every labelled lineage
 //! of the host, so nothing else may run beside it.
@@ -152,6 +153,15 @@ fn enforcement_alert<'a>(line: &'a Value, file: &Path) -> Option<&'a Value> {
     })
 }
 
+/// The injected command ran: its file appears (bounded wait).
+fn wait_for_file(file: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(file.exists(), "the command did not run: {}", file.display());
+}
+
 #[test]
 fn an_injected_program_is_stopped_before_it_runs_and_audit_only_reports_it() {
     require_root();
@@ -159,7 +169,17 @@ fn an_injected_program_is_stopped_before_it_runs_and_audit_only_reports_it() {
     std::fs::set_permissions(dir.path(""), std::fs::Permissions::from_mode(0o755)).unwrap();
 
     // --- on -----------------------------------------------------------------------------
-    let mut agent = Agent::start(&["--enforce", "on"]);
+    // From the configuration file, so that a reload can switch it off (the kill switch).
+    let config = dir.path("agent.toml");
+    let write_config = |mode: &str| {
+        std::fs::write(
+            &config,
+            format!("[agent]\ncollapse_seconds = 0\nenforce = \"{mode}\"\n"),
+        )
+        .unwrap()
+    };
+    write_config("on");
+    let mut agent = Agent::start(&["--config", config.to_str().unwrap()]);
     let httpd = Httpd::start(&dir);
     // The helper starts with httpd: the agent labels it as a web-tier source.
     agent.wait_for_log(
@@ -203,7 +223,24 @@ fn an_injected_program_is_stopped_before_it_runs_and_audit_only_reports_it() {
         })
     });
     assert!(baseline_stopped.is_empty(), "{baseline_stopped:?}");
+
+    // The kill switch: `enforce = "off"` and SIGHUP; the same injection runs.
+    write_config("off");
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("enforcement off", Duration::from_secs(20));
+    let file = dir.path(&marker("poc-switched-off"));
+    let _ = httpd.get(&injection(&format!("/usr/bin/touch {}", file.display())));
+    wait_for_file(&file);
+    let enforced = agent.collect(Duration::from_millis(500), |l| {
+        enforcement_alert(l, &file).is_some()
+    });
+    assert!(enforced.is_empty(), "switched off, yet: {enforced:?}");
     agent.stop();
+
+    // No enforcement outlives the agent.
+    let file = dir.path(&marker("poc-no-agent"));
+    let _ = httpd.get(&injection(&format!("/usr/bin/touch {}", file.display())));
+    wait_for_file(&file);
 
     // --- audit (the helper is found running in /proc this time) ------------------------
     let mut agent = Agent::start(&["--enforce", "audit"]);
@@ -213,11 +250,7 @@ fn an_injected_program_is_stopped_before_it_runs_and_audit_only_reports_it() {
         enforcement_alert(l, &file).is_some()
     });
     assert_eq!(line["alert"]["action"], "ACTION_WOULD_KILL", "{line}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !file.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(file.exists(), "audit stops nothing");
+    wait_for_file(&file);
     assert_eq!(httpd.get(NORMAL), before);
     agent.stop();
     drop(httpd);

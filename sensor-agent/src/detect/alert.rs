@@ -179,6 +179,16 @@ pub fn build(input: AlertInput<'_>) -> pb::Alert {
     }
 }
 
+/// The short name of an enforcement action: killed, denied, would_kill.
+pub fn action_name(action: i32) -> &'static str {
+    match pb::Action::try_from(action) {
+        Ok(pb::Action::Killed) => "killed",
+        Ok(pb::Action::Denied) => "denied",
+        Ok(pb::Action::WouldKill) => "would_kill",
+        _ => "none",
+    }
+}
+
 /// What enforcement decided for the exec `event` reports, if anything.
 pub fn enforcement_of(event: &Event) -> Option<&pb::Enforcement> {
     match event.kind.as_ref()? {

@@ -322,13 +322,8 @@ fields! {
         };
 
     EnforceAction => "enforce.action", Str, [Exec, ExecFailed], "what enforcement did: killed, denied, would_kill (absent when nothing)",
-        |c| crate::detect::alert::enforcement_of(c.event).map_or(Value::Missing, |e| {
-            s(match sensor_proto::v1::Action::try_from(e.action) {
-                Ok(sensor_proto::v1::Action::Killed) => "killed",
-                Ok(sensor_proto::v1::Action::Denied) => "denied",
-                _ => "would_kill",
-            })
-        });
+        |c| crate::detect::alert::enforcement_of(c.event)
+            .map_or(Value::Missing, |e| s(crate::detect::alert::action_name(e.action)));
     EnforceRule => "enforce.rule", Str, [Exec, ExecFailed], "the enforcement rule that decided (enforce:IDENTITY)",
         |c| crate::detect::alert::enforcement_of(c.event).map_or(Value::Missing, |e| s(&e.rule));
     EnforceReason => "enforce.reason", Str, [Exec, ExecFailed], "the shape that decided: not_allowed, socket_shell, unlinked, tmp_written",

@@ -49,6 +49,18 @@ struct ProbeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnforcementLabels {
+    action: String,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModeLabels {
+    mode: String,
+    mechanism: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: String,
 }
@@ -71,6 +83,8 @@ pub struct Metrics {
     ring_peak: Gauge,
     ring_read: Counter,
     probes: Family<ProbeLabels, Gauge>,
+    enforced: Family<EnforcementLabels, Counter>,
+    enforce_mode: Family<ModeLabels, Gauge>,
 }
 
 /// A reading of the agent's counters, made by the event loop.
@@ -136,6 +150,8 @@ impl Metrics {
             ring_peak: Gauge::default(),
             ring_read: Counter::default(),
             probes: Family::default(),
+            enforced: Family::default(),
+            enforce_mode: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -213,7 +229,28 @@ impl Metrics {
             "The probes' concerns, 1 per concern: state attached, skipped or unavailable (with the reason), mode tp_btf, fexit or sys_exit, path walk bpf_loop or bounded",
             m.probes.clone(),
         );
+        registry.register(
+            "enforcement_actions",
+            "Execs enforcement stopped (killed, denied) or, in audit, would have stopped, by action and enforcement rule",
+            m.enforced.clone(),
+        );
+        registry.register(
+            "enforcement_mode",
+            "1 for the enforcement mode in force (off, audit, on) and how `on` stops a program (lsm, kill)",
+            m.enforce_mode.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Publishes the enforcement mode in force (at start and on every reload).
+    pub fn set_enforcement(&self, mode: &str, mechanism: &str) {
+        self.enforce_mode.clear();
+        self.enforce_mode
+            .get_or_create(&ModeLabels {
+                mode: mode.to_owned(),
+                mechanism: mechanism.to_owned(),
+            })
+            .set(1);
     }
 
     /// Publishes how every concern of the probes is attached (once, at start).
@@ -255,6 +292,13 @@ impl Metrics {
                 severity: severity_name(*severity),
             };
             advance(&self.alerts.get_or_create(&labels), *n);
+        }
+        for ((action, rule), n) in &s.pipeline.enforced {
+            let labels = EnforcementLabels {
+                action: action.clone(),
+                rule: rule.clone(),
+            };
+            advance(&self.enforced.get_or_create(&labels), *n);
         }
         for (reason, n) in [
             ("collapsed", s.detect.collapsed),
@@ -382,6 +426,10 @@ mod tests {
             2,
         );
         s.lost.push(("exec".into(), 7));
+        s.pipeline
+            .enforced
+            .insert(("killed".into(), "enforce:tomcat".into()), 4);
+        m.set_enforcement("on", "kill");
         s.process_table = 42;
         s.detect.collapsed = 3;
         s.detect.allowed = 1;
@@ -410,6 +458,16 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sensor_process_table_entries 42"), "{text}");
+        assert!(
+            text.contains(
+                "sensor_enforcement_actions_total{action=\"killed\",rule=\"enforce:tomcat\"} 4"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("sensor_enforcement_mode{mode=\"on\",mechanism=\"kill\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("sensor_resident_memory_bytes "), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }

@@ -4,7 +4,10 @@
 //! loopback up, and runs itself as `drive HOOKS` once per syscall-hook mode. A drive starts
 //! the agent, re-enacts every kind of event the agent claims plus two attacks its rules
 //! know (a shell on a socket, a program run from memory), stops the agent and checks its
-//! JSON lines. PID 1 writes the reports and the agent's logs to the second serial port,
+//! JSON lines. The `auto` drive runs the agent with `--enforce on` and adds an
+//! enforcement smoke: a RewriteMap-helper look-alike runs its allowed baseline and then a
+//! payload written to /tmp, which must be refused (BPF-LSM, where the kernel has it
+//! active) or killed at exec (elsewhere). PID 1 writes the reports and the agent's logs to the second serial port,
 //! which the host reads, and powers the guest off. The guest has no network device: every
 //! socket here is on 127.0.0.1.
 
@@ -184,18 +187,32 @@ impl Checks {
 fn drive(hooks: &str) -> Value {
     let out_path = format!("/tmp/agent-{hooks}.out");
     let err_path = format!("/tmp/agent-{hooks}.err");
+    let enforce = hooks == "auto";
+    if enforce {
+        // The helper's allow list, as an operator's file extends the pack's (the guest
+        // has no `date`).
+        let _ = fs::create_dir_all("/tmp/kmx-rules");
+        let _ = fs::write(
+            "/tmp/kmx-rules/local.yaml",
+            "enforce:\n  - identity: rewritemap-helper\n    append: true\n    allow: [/bin/true]\n",
+        );
+    }
     let started = Instant::now();
+    let mut args = vec![
+        "run",
+        "--events",
+        "--collapse",
+        "0",
+        "--syscall-hooks",
+        hooks,
+        "--metrics",
+        METRICS,
+    ];
+    if enforce {
+        args.extend(["--enforce", "on", "--rules", "/tmp/kmx-rules"]);
+    }
     let agent = Command::new(AGENT)
-        .args([
-            "run",
-            "--events",
-            "--collapse",
-            "0",
-            "--syscall-hooks",
-            hooks,
-            "--metrics",
-            METRICS,
-        ])
+        .args(&args)
         .env("SENSOR_LOG", "info,sensor_agent::probes=debug")
         .env("NO_COLOR", "1")
         .stdout(fs::File::create(&out_path).expect("agent stdout file"))
@@ -232,6 +249,9 @@ fn drive(hooks: &str) -> Value {
 
     let mut expect = Expect::default();
     reenact(agent_pid, &mut expect);
+    if enforce {
+        enforce_smoke(&err_path, &mut expect);
+    }
     // The agent drains its ring every few milliseconds; give it time under TCG.
     std::thread::sleep(Duration::from_secs(3));
     // SAFETY: signalling the child we started.
@@ -258,7 +278,10 @@ fn drive(hooks: &str) -> Value {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let checks = check(&lines, &expect);
+    let mut checks = check(&lines, &expect);
+    if enforce {
+        check_enforcement(&lines, &expect, &mut checks);
+    }
     let alerts: Vec<String> = lines
         .iter()
         .filter_map(|l| l.pointer("/alert/ruleId").and_then(Value::as_str))
@@ -320,6 +343,9 @@ struct Expect {
     memfd_pid: u32,
     ptrace_target: u32,
     cron_file: String,
+    /// Enforcement smoke: the helper's pid and what its two programs exited with.
+    helper_pid: u32,
+    helper_output: String,
     linked_file: String,
     bound_file: String,
     errors: Vec<String>,
@@ -477,6 +503,91 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     // A signal to the agent (one that does nothing to it).
     // SAFETY: SIGCONT to the agent we started.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+}
+
+/// A RewriteMap-helper look-alike, started once the agent enforces: it waits for a line,
+/// runs its allowed baseline (/bin/true) and a payload written to /tmp since boot.
+fn enforce_smoke(err_path: &str, e: &mut Expect) {
+    const HELPER: &str = "/tmp/kmx-mi/bin/map-appstore-url";
+    let script = format!(
+        "#!/bin/sh\nread line\n/bin/true {MARK}-baseline\necho baseline=$?\n/tmp/kmx-payload {MARK}-payload\necho payload=$?\n"
+    );
+    let prepared = fs::create_dir_all("/tmp/kmx-mi/bin")
+        .and_then(|()| fs::write(HELPER, script))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(HELPER, fs::Permissions::from_mode(0o755))
+        })
+        .and_then(|()| fs::copy("/bin/true", "/tmp/kmx-payload").map(|_| ()));
+    if let Err(err) = prepared {
+        e.errors.push(format!("enforcement smoke: {err}"));
+        return;
+    }
+    let mut helper = match Command::new(HELPER)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(h) => h,
+        Err(err) => {
+            e.errors.push(format!("enforcement smoke: {HELPER}: {err}"));
+            return;
+        }
+    };
+    e.helper_pid = helper.id();
+    // The agent labels the helper once it has seen its exec.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && !fs::read_to_string(err_path)
+            .unwrap_or_default()
+            .contains("new web-tier source labelled")
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(mut stdin) = helper.stdin.take() {
+        let _ = stdin.write_all(b"go\n");
+    }
+    match helper.wait_with_output() {
+        Ok(out) => {
+            e.helper_output = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .replace('\n', " ")
+        }
+        Err(err) => e.errors.push(format!("enforcement smoke: {err}")),
+    }
+}
+
+/// The baseline ran, the payload did not, and the alert says how it was stopped: refused
+/// where BPF-LSM is active, killed elsewhere.
+fn check_enforcement(lines: &[Value], e: &Expect, c: &mut Checks) {
+    let lsm = fs::read_to_string("/sys/kernel/security/lsm")
+        .unwrap_or_default()
+        .trim()
+        .split(',')
+        .any(|m| m == "bpf");
+    let (action, exit) = if lsm {
+        ("ACTION_DENIED", "payload=126")
+    } else {
+        ("ACTION_KILLED", "payload=137")
+    };
+    let out = &e.helper_output;
+    c.add(
+        "enforce_stopped",
+        out.contains("baseline=0") && out.contains(exit),
+        format!("helper {}: {out} (want baseline=0 {exit})", e.helper_pid),
+    );
+    let alert = lines.iter().filter_map(|l| l.get("alert")).find(|a| {
+        a.pointer("/ruleId").and_then(Value::as_str) == Some("enforce:rewritemap-helper")
+    });
+    let got = alert
+        .and_then(|a| a.pointer("/action"))
+        .and_then(Value::as_str)
+        .unwrap_or("no alert");
+    c.add(
+        "enforce_alert",
+        got == action,
+        format!("{got} (want {action})"),
+    );
 }
 
 fn bind_mount(from: &str, to: &str) -> std::io::Result<()> {
