@@ -230,6 +230,10 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         .filter(|s| s.state == State::Skipped)
         .count();
     let summary = probes.summary();
+    let enforce = match probes.enforcer.mode() {
+        crate::probes::enforce::Mode::Off => "off".to_owned(),
+        mode => format!("{}+{}", mode.name(), probes.enforcer.mechanism().name()),
+    };
     if !unavailable.is_empty() {
         let why: Vec<String> = unavailable
             .iter()
@@ -238,6 +242,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         warn!(
             processes = seeded,
             probes = %summary,
+            enforce = %enforce,
             "ready, DEGRADED: {} of {} probes attached; unavailable: {}",
             attached,
             probes.status.len(),
@@ -247,6 +252,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         info!(
             processes = seeded,
             probes = %summary,
+            enforce = %enforce,
             "ready: {attached} of {} probes attached, {skipped} skipped as asked; process table seeded",
             probes.status.len()
         );
@@ -254,6 +260,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         info!(
             processes = seeded,
             probes = %summary,
+            enforce = %enforce,
             "ready: all probes attached, process table seeded"
         );
     }

@@ -67,6 +67,41 @@ fn rules_check_accepts_good_rules_and_counts_sigma() {
     );
 }
 
+/// `rules check` shows the enforcement policy as compiled, an operator's extension
+/// included, and names allowed executables that do not exist on this host.
+#[test]
+fn rules_check_shows_the_enforcement_policy() {
+    let dir = Scratch::new("enforcerules");
+    std::fs::write(
+        dir.path("local.yaml"),
+        "enforce:\n  - identity: rewritemap-helper\n    append: true\n    allow: [/usr/bin/sha256sum, /opt/nowhere/tool]\n",
+    )
+    .unwrap();
+    let out = Command::new(agent_bin())
+        .args(["rules", "check", dir.str()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("enforcement: 2 identities"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "rewritemap-helper (label 1, rule enforce:rewritemap-helper): may run /usr/bin/date, /bin/date, /usr/bin/sha256sum, /opt/nowhere/tool; never socket_shell, unlinked, tmp_written"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("tomcat (label 2, rule enforce:tomcat): may run anything not denied; never socket_shell, unlinked, tmp_written"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "warning: rewritemap-helper: allowed executable /opt/nowhere/tool does not exist here"
+        ),
+        "{stdout}"
+    );
+}
+
 /// A file rule that no watched place serves is named; one that confines its path is not.
 #[test]
 fn rules_check_warns_about_a_file_rule_no_probe_can_see() {

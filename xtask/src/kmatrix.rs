@@ -589,6 +589,16 @@ fn modes(run: &Value) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         })
+        .map(|m| match run.get("enforcement").filter(|e| !e.is_null()) {
+            Some(e) if label(e, "mode") != "off" => {
+                format!(
+                    "{m}, enforce={}+{}",
+                    label(e, "mode"),
+                    label(e, "mechanism")
+                )
+            }
+            _ => m,
+        })
         .unwrap_or_default()
 }
 

@@ -245,7 +245,9 @@ fn drive(hooks: &str) -> Value {
         let status = agent.wait().map(|s| s.to_string()).unwrap_or_default();
         return json!({"hooks": hooks, "ready": false, "ready_secs": ready_secs, "agent_exit": status});
     };
-    let probes = scrape_probes();
+    let metrics = scrape();
+    let probes = series(&metrics, "sensor_probes");
+    let enforcement = series(&metrics, "sensor_enforcement_mode");
 
     let mut expect = Expect::default();
     reenact(agent_pid, &mut expect);
@@ -293,6 +295,7 @@ fn drive(hooks: &str) -> Value {
         "ready_secs": ready_secs,
         "ready_line": ready_line,
         "probes": probes,
+        "enforcement": enforcement.first(),
         "checks": checks.items,
         "alerts": alerts,
         "lines": lines.len(),
@@ -300,16 +303,22 @@ fn drive(hooks: &str) -> Value {
     })
 }
 
-/// The `sensor_probes` series of the agent's metrics endpoint.
-fn scrape_probes() -> Vec<Value> {
+/// The agent's metrics page.
+fn scrape() -> String {
     let mut body = String::new();
     if let Ok(mut s) = TcpStream::connect(METRICS) {
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
         let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: kmx\r\n\r\n");
         let _ = s.read_to_string(&mut body);
     }
+    body
+}
+
+/// The labels of every series of the metric family `name` on `body`.
+fn series(body: &str, name: &str) -> Vec<Value> {
+    let prefix = format!("{name}{{");
     body.lines()
-        .filter(|l| l.starts_with("sensor_probes{"))
+        .filter(|l| l.starts_with(&prefix))
         .map(|l| {
             let labels = &l[l.find('{').map_or(0, |i| i + 1)..l.rfind('}').unwrap_or(l.len())];
             let mut map = serde_json::Map::new();
