@@ -388,15 +388,26 @@ pub struct Macro {
     pub cond: Cond,
     weight: u64,
     depth: u32,
+    /// Where an event's context remembers this macro's value (`Ctx::memo`): many rules
+    /// of one event ask the same macro (`web_child`, `package_manager`...).
+    slot: Option<usize>,
 }
 
 impl Macro {
+    /// A macro whose value is computed each time it is asked.
     pub fn new(cond: Cond) -> Arc<Macro> {
+        Self::numbered(cond, usize::MAX)
+    }
+
+    /// The `n`th macro of a rule set: its value is computed once per event (for the
+    /// first `fields::MACRO_MEMO` macros of the set).
+    pub fn numbered(cond: Cond, n: usize) -> Arc<Macro> {
         let (weight, depth) = cond.measure();
         Arc::new(Macro {
             cond,
             weight,
             depth,
+            slot: (n < super::fields::MACRO_MEMO).then_some(n),
         })
     }
 }
@@ -905,7 +916,10 @@ impl Cond {
             Cond::Const(b) => *b,
             Cond::Truthy(field) => matches!(field.get(ctx), Value::Bool(true)),
             Cond::Test { field, op, rhs } => test(&field.get(ctx), *op, rhs, ctx),
-            Cond::Macro(m) => m.cond.eval(ctx),
+            Cond::Macro(m) => match m.slot {
+                Some(slot) => ctx.memo(slot, || m.cond.eval(ctx)),
+                None => m.cond.eval(ctx),
+            },
         }
     }
 

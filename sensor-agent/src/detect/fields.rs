@@ -532,7 +532,12 @@ pub struct Ctx<'a> {
     /// `proc.name` and `file.name`, asked by many rules of one event: found once.
     proc_name: std::cell::OnceCell<&'a str>,
     file_name: std::cell::OnceCell<&'a str>,
+    /// Values of the rule set's macros for this event: 0 not yet asked, 1 false, 2 true.
+    macros: [std::cell::Cell<u8>; MACRO_MEMO],
 }
+
+/// Macros of a rule set whose value an event's context remembers (the pack has 11).
+pub const MACRO_MEMO: usize = 32;
 
 impl<'a> Ctx<'a> {
     pub fn new(
@@ -552,6 +557,21 @@ impl<'a> Ctx<'a> {
             ancestors: OnceLock::new(),
             proc_name: std::cell::OnceCell::new(),
             file_name: std::cell::OnceCell::new(),
+            macros: [const { std::cell::Cell::new(0) }; MACRO_MEMO],
+        }
+    }
+
+    /// The value of macro `slot` for this event, computed by `eval` the first time.
+    pub fn memo(&self, slot: usize, eval: impl FnOnce() -> bool) -> bool {
+        let cell = &self.macros[slot % MACRO_MEMO];
+        match cell.get() {
+            1 => false,
+            2 => true,
+            _ => {
+                let value = eval();
+                cell.set(1 + u8::from(value));
+                value
+            }
         }
     }
 
@@ -767,6 +787,29 @@ mod tests {
         for (name, field, kind, on, _) in FIELDS {
             assert_eq!(Field::by_name(name), Some((*field, *kind, *on)));
         }
+    }
+
+    #[test]
+    fn a_macro_is_evaluated_once_per_event() {
+        let table = ProcessTable::default();
+        let users = UserNames::default();
+        let event = Event::default();
+        let evaluations = std::cell::Cell::new(0);
+        let ask = |ctx: &Ctx<'_>, value: bool| {
+            ctx.memo(3, || {
+                evaluations.set(evaluations.get() + 1);
+                value
+            })
+        };
+        let ctx = Ctx::new(&event, &table, &users, 0, &[]);
+        assert!(ask(&ctx, true));
+        assert!(ask(&ctx, false), "the first value stands for the event");
+        assert_eq!(evaluations.get(), 1);
+        // The next event's context asks again.
+        let ctx = Ctx::new(&event, &table, &users, 0, &[]);
+        assert!(!ask(&ctx, false));
+        assert!(!ask(&ctx, true));
+        assert_eq!(evaluations.get(), 2);
     }
 
     #[test]

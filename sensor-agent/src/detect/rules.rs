@@ -761,7 +761,8 @@ fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
         let env = Env::new(&lists, &macros);
         match expr::compile(cond_text, &env) {
             Ok(cond) => {
-                macros.insert(name.clone(), Macro::new(cond));
+                let n = macros.len();
+                macros.insert(name.clone(), Macro::numbered(cond, n));
             }
             Err(e) => errors.push(src(*index).in_condition(cond_text, &e)),
         }
