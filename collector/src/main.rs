@@ -4,6 +4,7 @@
 //! send in SQLite and prints each new alert as a JSON line; `sensor-collector alerts`
 //! queries the stored alerts and `sensor-collector agents` lists the fleet.
 
+mod forward;
 mod listener;
 mod server;
 mod store;
@@ -59,7 +60,19 @@ struct ServeArgs {
     /// Connections served at once from one peer address.
     #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections_per_peer: u64,
+    /// Forward every stored alert to this syslog receiver (`tcp://HOST:PORT`: RFC 5424,
+    /// octet-counting framing), from a durable cursor: an outage delays, never drops
+    /// (repeatable).
+    #[arg(long = "forward-syslog", value_name = "URL", value_parser = forward::parse_target)]
+    forward_syslog: Vec<forward::Target>,
+    /// Delete stored alerts older than this many days (hourly; agent state is kept, and
+    /// nothing a syslog target has not taken yet).
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=36500))]
+    retain: Option<u64>,
 }
+
+/// How often `--retain` prunes.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// How long streams get to close on SIGTERM/SIGINT before the collector exits anyway.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -230,6 +243,37 @@ fn agents(db: &std::path::Path, json: bool, silent_after: u64) -> anyhow::Result
     Ok(())
 }
 
+/// `--retain DAYS`: prunes at start and then hourly, on its own connection.
+async fn retention(
+    db: PathBuf,
+    days: u64,
+    targets: Vec<String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (db, targets) = (db.clone(), targets.clone());
+        let pruned = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
+            let conn = store::open(&db)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos() as i64;
+            let before = now.saturating_sub((days as i64).saturating_mul(86_400 * 1_000_000_000));
+            Ok(store::prune(&conn, before, &targets)?)
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(alerts = n, days, "retention: pruned old alerts"),
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "retention: cannot prune"),
+            Err(e) => warn!(error = %e, "retention: the pruning task failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listen = args
         .listen
@@ -301,6 +345,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             per_peer = limits.per_peer,
             "listening"
         );
+        for target in &args.forward_syslog {
+            tokio::spawn(forward::run(db.clone(), target.clone(), stop_rx.clone()));
+        }
+        if let Some(days) = args.retain {
+            let targets: Vec<String> = args.forward_syslog.iter().map(|t| t.name.clone()).collect();
+            tokio::spawn(retention(db.clone(), days, targets, stop_rx.clone()));
+        }
         let mut stopping = stop_rx;
         let server =
             builder

@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS events (
     json TEXT NOT NULL,
     PRIMARY KEY (agent_id, seq)
 );
+-- Per syslog target: the last alert row forwarded to it (`forward.rs`).
+CREATE TABLE IF NOT EXISTS forward (target TEXT PRIMARY KEY, last_rowid INTEGER NOT NULL);
 ";
 
 fn now_ns() -> i64 {
@@ -94,6 +96,22 @@ fn now_ns() -> i64 {
 /// plus a count), so the cast is exact.
 fn sql_u64(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
+}
+
+/// `--retain`: deletes the alerts older than `before_ns`, but never one a syslog target of
+/// `targets` has not taken yet, nor the newest alert (whose row number keeps the next
+/// ones above every cursor). Agent state (agents, sequence records, gaps) stays. Returns
+/// the alerts deleted.
+pub fn prune(conn: &Connection, before_ns: i64, targets: &[String]) -> rusqlite::Result<usize> {
+    let mut forwarded = i64::MAX;
+    for target in targets {
+        forwarded = forwarded.min(crate::forward::cursor(conn, target)?);
+    }
+    conn.execute(
+        "DELETE FROM alerts WHERE time_ns < ?1 AND rowid <= ?2
+         AND rowid < (SELECT MAX(rowid) FROM alerts)",
+        params![before_ns, forwarded],
+    )
 }
 
 pub fn open(path: &Path) -> anyhow::Result<Connection> {
@@ -731,6 +749,65 @@ mod tests {
         .unwrap();
         tx.commit().unwrap();
         (r, printed.len())
+    }
+
+    #[test]
+    fn retention_keeps_what_a_syslog_target_has_not_taken_and_the_newest_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open(&dir.path().join("c.db")).unwrap();
+        hello(&mut conn, "a", 1);
+        // Alerts 1-5 at times 1-5 s after the epoch.
+        let envs = (1..=5)
+            .map(|seq| {
+                let mut env = alert_env(seq, "EPMM-B1");
+                if let Some(envelope::Body::Output(Output {
+                    item: Some(output::Item::Alert(a)),
+                })) = env.body.as_mut()
+                {
+                    a.time = Some(sensor_proto::Timestamp {
+                        seconds: seq as i64,
+                        nanos: 0,
+                    });
+                }
+                env
+            })
+            .collect();
+        records(&mut conn, "a", envs);
+        let seqs = |conn: &Connection| -> Vec<i64> {
+            let mut stmt = conn.prepare("SELECT seq FROM alerts ORDER BY seq").unwrap();
+            stmt.query_map([], |r| r.get(0))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let target = "tcp://127.0.0.1:514".to_owned();
+        // The target took the first two rows: only those may go, however old the rest.
+        conn.execute(
+            "INSERT INTO forward (target, last_rowid) VALUES (?1, 2)",
+            [&target],
+        )
+        .unwrap();
+        let all_old = 10 * 1_000_000_000;
+        assert_eq!(
+            prune(&conn, all_old, std::slice::from_ref(&target)).unwrap(),
+            2
+        );
+        assert_eq!(seqs(&conn), vec![3, 4, 5]);
+        // Without targets: everything old but the newest row.
+        assert_eq!(prune(&conn, all_old, &[]).unwrap(), 2);
+        assert_eq!(seqs(&conn), vec![5]);
+        // Agent state stays.
+        let contiguous: i64 = conn
+            .query_row(
+                "SELECT contiguous FROM agents WHERE agent_id = 'a'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(contiguous, 5);
+        // Newer than the cut-off: kept.
+        records(&mut conn, "a", vec![alert_env(6, "EPMM-B2")]);
+        assert_eq!(prune(&conn, 3 * 1_000_000_000, &[]).unwrap(), 0);
     }
 
     #[test]

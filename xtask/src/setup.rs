@@ -93,14 +93,16 @@ fn ensure_llvm() -> Result<()> {
     )
 }
 
-/// The tools the packaging tests read the unit and the packages with, and the web server
-/// the prevention test attacks.
+/// The tools the packaging tests read the unit and the packages with, the web server the
+/// prevention test attacks and the syslog receiver the forwarding test feeds.
 pub fn ensure_test_tools() -> Result<()> {
     ensure_apt("systemd", Path::new("/usr/bin/systemd-analyze"))?;
     ensure_apt("dpkg", Path::new("/usr/bin/dpkg-deb"))?;
     // The prevention test runs a real httpd with a RewriteMap helper (on loopback, in a
     // scratch directory, with its own configuration).
-    ensure_apt("apache2", Path::new("/usr/sbin/apache2"))
+    ensure_apt("apache2", Path::new("/usr/sbin/apache2"))?;
+    // The syslog forwarding test sends alerts to a real rsyslog, also on loopback.
+    ensure_apt("rsyslog", Path::new("/usr/sbin/rsyslogd"))
 }
 
 /// Installs an apt `package` unless `probe` (a file it provides) exists.

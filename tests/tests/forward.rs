@@ -1,0 +1,218 @@
+//! Forwarding to a SIEM end to end: a real agent streams alerts to the real collector,
+//! which forwards every stored alert to a real rsyslog (Debian's, started here on
+//! loopback with its own configuration, writing each message to a file). rsyslog is
+//! stopped while alerts keep coming and started again: it receives every alert once.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sensor_e2e::{
+    Agent, Scratch,
+    collector::{Collector, TmpProgram, b17_of, free_port, query},
+};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Rsyslog {
+    child: Child,
+}
+
+impl Rsyslog {
+    /// rsyslogd in the foreground: TCP on 127.0.0.1:`port`, every message's MSG part (the
+    /// alert's JSON line) appended to `out`.
+    fn start(dir: &Scratch, port: u16, out: &Path) -> Rsyslog {
+        let work = dir.path("rsyslog-work");
+        std::fs::create_dir_all(&work).unwrap();
+        let conf = dir.path("rsyslog.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "global(workDirectory=\"{}\")\n\
+                 module(load=\"imtcp\")\n\
+                 template(name=\"msgonly\" type=\"string\" string=\"%pri% %hostname% %app-name% %msgid% %structured-data% %msg%\\n\")\n\
+                 ruleset(name=\"siem\") {{ action(type=\"omfile\" file=\"{}\" template=\"msgonly\") }}\n\
+                 input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{port}\" ruleset=\"siem\")\n",
+                work.display(),
+                out.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/sbin/rsyslogd")
+            .arg("-n")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-i")
+            .arg(dir.path("rsyslog.pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .process_group(0)
+            .spawn()
+            .expect("start rsyslogd (the test command installs the rsyslog package)");
+        let deadline = Instant::now() + TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "rsyslogd did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Rsyslog { child }
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling the rsyslogd we started, by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Rsyslog {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// Alert id -> how many times rsyslog wrote it.
+fn received(out: &Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(out).unwrap_or_default().lines() {
+        let json = &line[line.find('{').unwrap_or(0)..];
+        let value: Value = serde_json::from_str(json)
+            .unwrap_or_else(|e| panic!("rsyslog wrote a line that is not an alert ({e}): {line}"));
+        *seen
+            .entry(value["alert"]["id"].as_str().unwrap_or("").to_owned())
+            .or_default() += 1;
+    }
+    seen
+}
+
+/// The ids of the B17 alerts of `exe` the collector stored.
+fn stored_ids(db: &Path, exe: &str) -> Vec<String> {
+    query("alerts", db, &[])
+        .iter()
+        .filter(|l| b17_of(l, exe))
+        .map(|l| l["alert"]["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until rsyslog wrote every alert the collector stored (for `exe`), then returns
+/// what it received.
+fn wait_forwarded(db: &Path, exe: &str, out: &Path, n: usize) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let ids = stored_ids(db, exe);
+        let got = received(out);
+        if ids.len() >= n && ids.iter().all(|id| got.contains_key(id)) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rsyslog has {} of the {} stored alerts: {got:?}",
+            ids.iter().filter(|id| got.contains_key(*id)).count(),
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
+    let scratch = Scratch::new("forward");
+    let db = scratch.path("c.db");
+    let out: PathBuf = scratch.path("siem.log");
+    let port = free_port();
+    let mut rsyslog = Rsyslog::start(&scratch, port, &out);
+    let target = format!("tcp://127.0.0.1:{port}");
+    let mut collector = Collector::start(&db, "127.0.0.1:0", &["--forward-syslog", &target]);
+    let url = collector.url("http");
+    let spool = scratch.path("spool");
+    let mut agent = Agent::start_with(&[
+        "run",
+        "--collapse",
+        "0",
+        "--collector",
+        &url,
+        "--spool",
+        spool.to_str().unwrap(),
+        "--agent-id",
+        "e2e-forward",
+        "--heartbeat",
+        "1",
+    ]);
+    let prog = TmpProgram::new("forward");
+    for _ in 0..3 {
+        prog.run();
+    }
+    collector.wait_alerts(3, TIMEOUT, |l| b17_of(l, prog.exe()));
+    wait_forwarded(&db, prog.exe(), &out, 3);
+
+    // The SIEM goes away; alerts keep coming and are stored.
+    rsyslog.stop();
+    for _ in 0..3 {
+        prog.run();
+    }
+    collector.wait_alerts(3, TIMEOUT, |l| b17_of(l, prog.exe()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        collector.log().contains("syslog forwarding interrupted"),
+        "the outage is logged:\n{}",
+        collector.log()
+    );
+
+    // Back: what it missed arrives, then what comes next.
+    let _rsyslog = Rsyslog::start(&scratch, port, &out);
+    prog.run();
+    let got = wait_forwarded(&db, prog.exe(), &out, 7);
+    let ids = stored_ids(&db, prog.exe());
+    assert_eq!(ids.len(), 7, "{ids:?}");
+    for id in &ids {
+        assert_eq!(
+            got.get(id),
+            Some(&1),
+            "{id} received {:?} times",
+            got.get(id)
+        );
+    }
+    // The syslog header carries the host, the rule, the store's key (unique for ever:
+    // what the SIEM de-duplicates on) and the alert's own id.
+    let text = std::fs::read_to_string(&out).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let json = &line[line.find('{').unwrap()..];
+        let alert: Value = serde_json::from_str(json).unwrap();
+        let alert = &alert["alert"];
+        assert!(line.contains(alert["host"].as_str().unwrap()), "{line}");
+        let key = line
+            .split("[sensor@32473 id=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no structured data: {line}"));
+        assert!(key.starts_with("e2e-forward:"), "{line}");
+        keys.insert(key.to_owned());
+        let tail = format!(
+            "\" alert=\"{}\" rule=\"EPMM-B17\"",
+            alert["id"].as_str().unwrap()
+        );
+        assert!(line.contains(&tail), "{line}");
+        assert!(
+            line.contains(" sensor-agent EPMM-B17 [sensor@32473 "),
+            "{line}"
+        );
+    }
+    assert_eq!(
+        keys.len(),
+        text.lines().count(),
+        "each stored alert once: {text}"
+    );
+    agent.stop();
+    collector.stop();
+}
