@@ -122,8 +122,10 @@ impl Default for FlightSection {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CollectorSection {
-    /// `https://HOST:PORT` or `http://127.0.0.1:PORT`; empty: no collector.
-    pub url: Option<String>,
+    /// `https://HOST:PORT` or `http://127.0.0.1:PORT`, or a list of them in order of
+    /// preference (failover); empty: no collector.
+    #[serde(deserialize_with = "one_or_more")]
+    pub url: Vec<String>,
     pub send_events: bool,
     pub spool: PathBuf,
     #[serde(deserialize_with = "at_least_one")]
@@ -140,7 +142,7 @@ pub struct CollectorSection {
 impl Default for CollectorSection {
     fn default() -> Self {
         Self {
-            url: None,
+            url: Vec::new(),
             send_events: false,
             spool: PathBuf::from("/var/lib/sensor-agent/spool"),
             spool_max_mib: 256,
@@ -180,6 +182,24 @@ fn absolute_paths<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Err
         }
     }
     Ok(paths)
+}
+
+/// A string, or a list of strings.
+fn one_or_more<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    Ok(
+        match OneOrMore::deserialize(d)
+            .map_err(|_| D::Error::custom("expected a URL or a list of URLs"))?
+        {
+            OneOrMore::One(s) => vec![s],
+            OneOrMore::More(v) => v,
+        },
+    )
 }
 
 fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
@@ -328,7 +348,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         let config = parse(&all, Path::new("agent.toml")).unwrap();
-        assert!(config.collector.url.is_some() && config.metrics.listen.is_some());
+        assert!(!config.collector.url.is_empty() && config.metrics.listen.is_some());
         assert_eq!(examples, 7);
     }
 
@@ -358,6 +378,16 @@ listen = "127.0.0.1:9464"
             "unset keys keep defaults"
         );
         assert_eq!(config.metrics.listen.unwrap().port(), 9464);
+        assert_eq!(config.collector.url, ["https://collector.example:7443"]);
+        // A list: failover in order.
+        let config = parse(
+            "[collector]\nurl = [\"https://a.example:7443\", \"https://b.example:7443\"]\n",
+            Path::new("b.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.collector.url.len(), 2);
+        let e = parse("[collector]\nurl = 7\n", Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("a URL or a list of URLs"), "{e}");
     }
 
     #[test]

@@ -174,9 +174,11 @@ struct RunArgs {
     collapse: Option<u64>,
     /// Stream alerts to this collector: `https://HOST:PORT` (mutual TLS, with --tls-cert,
     /// --tls-key and --tls-ca) or `http://127.0.0.1:PORT` (plaintext, loopback only).
-    /// [collector] url
+    /// Repeatable: the first is preferred, the next ones take over when it fails or falls
+    /// silent, and the agent returns to the first once it answers. [collector] url (a URL
+    /// or a list)
     #[arg(long, value_name = "URL")]
-    collector: Option<String>,
+    collector: Vec<String>,
     /// Also stream every event to the collector, not only alerts. [collector] send_events
     #[arg(long)]
     send_events: bool,
@@ -292,9 +294,14 @@ fn run_command(args: RunArgs) -> anyhow::Result<()> {
             after_ns: args.flight_after.unwrap_or(c.flight.after_seconds) * S,
             max_bytes: args.flight_max_mib.unwrap_or(c.flight.max_mib).max(1) * MIB as usize,
         });
-    let delivery = args.collector.or(c.collector.url.clone()).map(|url| {
+    let urls = if args.collector.is_empty() {
+        c.collector.url.clone()
+    } else {
+        args.collector.clone()
+    };
+    let delivery = (!urls.is_empty()).then(|| {
         let spool = args.spool.clone().unwrap_or(c.collector.spool.clone());
-        let mut d = delivery::DeliveryOptions::new(url, spool);
+        let mut d = delivery::DeliveryOptions::new(urls, spool);
         d.tls = delivery::TlsFiles {
             cert: args.tls_cert.clone().or(c.collector.tls_cert.clone()),
             key: args.tls_key.clone().or(c.collector.tls_key.clone()),

@@ -116,6 +116,61 @@ fn alerts_raised_while_the_collector_is_down_are_stored_exactly_once() {
     agent.stop();
 }
 
+/// Two collectors given in order: the first is SIGKILLed mid-stream, the agent fails over
+/// to the second, and returns to the first once it is back. Every alert is stored, none
+/// twice in a store (each collector has its own database here; a shared database is
+/// issue 16's PostgreSQL store).
+#[test]
+fn an_agent_fails_over_to_the_next_collector_and_returns_to_the_first() {
+    let scratch = Scratch::new("deliver-failover");
+    let (db_a, db_b) = (scratch.path("a.db"), scratch.path("b.db"));
+    let spool = scratch.path("spool");
+    let mut first = Collector::start(&db_a, "127.0.0.1:0", &[]);
+    let port_a = first.addr.port();
+    let mut second = Collector::start(&db_b, "127.0.0.1:0", &[]);
+    let (url_a, url_b) = (first.url("http"), second.url("http"));
+    let mut args = agent_args(&url_a, spool.to_str().unwrap(), "e2e-failover");
+    args.extend(["--collector", url_b.as_str()]);
+    let mut agent = Agent::start_with(&args);
+    let prog = TmpProgram::new("failover");
+    let mut pids = BTreeSet::from([u64::from(prog.run())]);
+    first.wait_alerts(1, STORE_TIMEOUT, |l| b17_of(l, prog.exe()));
+
+    // The first collector dies without a word; the second takes over.
+    // SAFETY: SIGKILL to the collector this test started, by its pid.
+    unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
+    for _ in 0..3 {
+        pids.insert(u64::from(prog.run()));
+    }
+    second.wait_alerts(3, STORE_TIMEOUT, |l| b17_of(l, prog.exe()));
+    assert!(
+        agent.log().contains("failing over to the next collector"),
+        "{}",
+        agent.log()
+    );
+
+    // The first comes back (same port, same database): the agent returns to it.
+    let mut first = Collector::start(&db_a, &format!("127.0.0.1:{port_a}"), &[]);
+    agent.wait_for_log("returning to the first collector", STORE_TIMEOUT);
+    let last = u64::from(prog.run());
+    pids.insert(last);
+    first.wait_alerts(1, STORE_TIMEOUT, |l| {
+        b17_of(l, prog.exe()) && alert_pid(l) == last
+    });
+
+    // Every alert in one store or the other; none twice in either (stored_pids checks).
+    let (in_a, in_b) = (
+        stored_pids(&db_a, "e2e-failover", prog.exe()),
+        stored_pids(&db_b, "e2e-failover", prog.exe()),
+    );
+    let union: BTreeSet<u64> = in_a.union(&in_b).copied().collect();
+    assert_eq!(union, pids, "a: {in_a:?}, b: {in_b:?}");
+    assert!(in_a.contains(&last), "back on the first: {in_a:?}");
+    agent.stop();
+    second.stop();
+    first.stop();
+}
+
 #[test]
 fn an_agent_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
     let scratch = Scratch::new("deliver-kill");

@@ -42,6 +42,8 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 const OPEN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Records sent and no acknowledgement for this long: the stream is stuck; reconnect.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// While streaming to a fallback collector, how often the first one is tried again.
+const PRIMARY_PROBE: Duration = Duration::from_secs(5);
 
 /// Client certificate, key and the CA that signed the collector's certificate.
 #[derive(Clone, Debug, Default)]
@@ -51,10 +53,19 @@ pub struct TlsFiles {
     pub ca: Option<PathBuf>,
 }
 
+/// One collector: where, and its URL for the log.
 #[derive(Clone, Debug)]
-pub struct ClientOptions {
+pub struct Target {
     pub endpoint: Endpoint,
     pub url: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// The collectors in order of preference: the agent streams to the first that
+    /// answers, fails over to the next on an error or silence, and returns to the first
+    /// as soon as it answers again.
+    pub targets: Vec<Target>,
     pub identity: AgentIdentity,
     pub heartbeat: Duration,
     pub backoff_max: Duration,
@@ -230,6 +241,9 @@ enum SessionError {
     Stalled(&'static str),
     #[error("spool: {0}")]
     Spool(#[from] super::spool::SpoolError),
+    /// Not a failure: the preferred collector answers again.
+    #[error("the first collector answers again")]
+    PrimaryBack,
 }
 
 /// An error with its causes: "transport error: tcp connect error: Connection refused".
@@ -254,30 +268,56 @@ pub async fn run(shared: Arc<Shared>, options: ClientOptions) {
         max: options.backoff_max.max(BACKOFF_START),
     };
     let mut failures = 0u64;
+    // The collector streamed to (an index into `options.targets`).
+    let mut current = 0usize;
     loop {
         let started = Instant::now();
         let mut acked_any = false;
-        let result = session(&shared, &options, &mut acked_any).await;
+        let result = session(&shared, &options, current, &mut acked_any).await;
         if acked_any || started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
             failures = 0;
+        }
+        let url = &options.targets[current].url;
+        if let Err(SessionError::PrimaryBack) = result {
+            info!(from = %url, to = %options.targets[0].url, "returning to the first collector");
+            current = 0;
+            continue;
         }
         failures += 1;
         let wait = backoff.next();
         let pending = shared.spool().pending();
         if let Err(e) = result {
             // Every failure while alerts wait is worth a line; the wait bounds the rate.
-            warn!(collector = %options.url, error = %e, pending, retry_in_ms = wait.as_millis() as u64, attempt = failures, "collector unreachable; records stay in the spool");
+            warn!(collector = %url, error = %e, pending, retry_in_ms = wait.as_millis() as u64, attempt = failures, "collector unreachable; records stay in the spool");
+        }
+        if options.targets.len() > 1 {
+            current = (current + 1) % options.targets.len();
+            info!(to = %options.targets[current].url, "failing over to the next collector");
         }
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Tries the first collector every `PRIMARY_PROBE` until it answers (a connection: TCP,
+/// TLS and HTTP/2 handshakes), then says so on `back`.
+async fn watch_primary(target: Target, back: watch::Sender<bool>) {
+    loop {
+        tokio::time::sleep(PRIMARY_PROBE).await;
+        if let Ok(Ok(_)) = tokio::time::timeout(OPEN_TIMEOUT, target.endpoint.connect()).await {
+            back.send_replace(true);
+            return;
+        }
     }
 }
 
 async fn session(
     shared: &Shared,
     options: &ClientOptions,
+    current: usize,
     acked_any: &mut bool,
 ) -> Result<(), SessionError> {
+    let target = &options.targets[current];
     let (mut next, last_seq, first_seq) = {
         let spool = shared.spool();
         (spool.acked() + 1, spool.last_seq(), spool.first_seq())
@@ -292,7 +332,7 @@ async fn session(
     // A peer that accepts TCP and then says nothing (or a connection to ourselves) must
     // not hold the client: the whole opening is bounded.
     let opening = async {
-        let channel: Channel = options.endpoint.connect().await?;
+        let channel: Channel = target.endpoint.connect().await?;
         let mut grpc = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -312,7 +352,16 @@ async fn session(
         .await
         .map_err(|_| SessionError::Stalled("no answer to the stream's opening"))??;
     let mut inbound = response.into_inner();
-    info!(collector = %options.url, resend_from = next, "connected to the collector");
+    info!(collector = %target.url, resend_from = next, "connected to the collector");
+    // On a fallback collector: watch for the first one, ended with the session.
+    let (back_tx, mut back) = watch::channel(false);
+    let mut watching = current > 0;
+    let _primary = (current > 0).then(|| {
+        AbortOnDrop(tokio::spawn(watch_primary(
+            options.targets[0].clone(),
+            back_tx,
+        )))
+    });
     let mut durable_rx = shared.durable.subscribe();
     let mut heartbeat = tokio::time::interval(options.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -370,6 +419,13 @@ async fn session(
                     return Err(SessionError::Closed);
                 }
             }
+            changed = back.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                } else if *back.borrow() {
+                    return Err(SessionError::PrimaryBack);
+                }
+            }
             _ = heartbeat.tick() => {
                 let acked = shared.spool().acked();
                 let waiting = in_flight.iter().any(|s| *s > acked);
@@ -382,6 +438,15 @@ async fn session(
                 tx.send(beat).await.map_err(|_| SessionError::Closed)?;
             }
         }
+    }
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -21,7 +21,8 @@ pub use spool::{Spool, SpoolOptions};
 /// `--collector` and what goes with it.
 #[derive(Clone, Debug)]
 pub struct DeliveryOptions {
-    pub url: String,
+    /// Collector URLs in order of preference (at least one).
+    pub urls: Vec<String>,
     pub tls: TlsFiles,
     pub spool: SpoolOptions,
     /// Stream every event too, not only alerts.
@@ -31,10 +32,10 @@ pub struct DeliveryOptions {
 }
 
 impl DeliveryOptions {
-    pub fn new(url: String, spool_dir: PathBuf) -> Self {
+    pub fn new(urls: Vec<String>, spool_dir: PathBuf) -> Self {
         let defaults = crate::config::CollectorSection::default();
         Self {
-            url,
+            urls,
             tls: TlsFiles::default(),
             spool: SpoolOptions::new(spool_dir),
             send_events: defaults.send_events,
@@ -67,11 +68,23 @@ impl Delivery {
         options: &DeliveryOptions,
         identity: sensor_proto::v1::AgentIdentity,
     ) -> Result<Self, StartError> {
-        let endpoint =
-            client::endpoint(&options.url, &options.tls).map_err(StartError::Collector)?;
+        let targets = options
+            .urls
+            .iter()
+            .map(|url| {
+                client::endpoint(url, &options.tls).map(|endpoint| client::Target {
+                    endpoint,
+                    url: url.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::Collector)?;
+        if targets.is_empty() {
+            return Err(StartError::Collector("no collector URL".into()));
+        }
         let spool = Spool::open(options.spool.clone())?;
         info!(
-            collector = %options.url,
+            collectors = %options.urls.join(", "),
             spool = %options.spool.dir.display(),
             pending = spool.pending(),
             acked = spool.acked(),
@@ -82,8 +95,7 @@ impl Delivery {
         tokio::spawn(client::run(
             Arc::clone(&shared),
             ClientOptions {
-                endpoint,
-                url: options.url.clone(),
+                targets,
                 identity,
                 heartbeat: options.heartbeat,
                 backoff_max: options.backoff_max,
