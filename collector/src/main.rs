@@ -4,6 +4,7 @@
 //! send in SQLite and prints each new alert as a JSON line; `sensor-collector alerts`
 //! queries the stored alerts and `sensor-collector agents` lists the fleet.
 
+mod config;
 mod forward;
 mod listener;
 mod server;
@@ -34,6 +35,10 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct ServeArgs {
+    /// Configuration file (every flag below has a key: packaging/collector.toml); a flag
+    /// given here wins over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on (HOST:PORT; port 0 picks a free one, logged at start).
     /// Plaintext is served only on loopback addresses; anything else needs --tls-*.
     #[arg(long, value_name = "ADDR")]
@@ -50,16 +55,16 @@ struct ServeArgs {
     /// The CA (PEM) agents' client certificates must be signed by.
     #[arg(long, value_name = "FILE")]
     tls_client_ca: Option<PathBuf>,
-    /// Close a stream that sends nothing (not even a heartbeat) for this many seconds.
-    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
-    silence: u64,
+    /// Close a stream that sends nothing (not even a heartbeat) for this many seconds (60).
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    silence: Option<u64>,
     /// Connections served at once (default: the descriptor limit, raised to its hard
     /// value at start, less 64).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: Option<u64>,
-    /// Connections served at once from one peer address.
-    #[arg(long, default_value_t = 64, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    max_connections_per_peer: u64,
+    /// Connections served at once from one peer address (64).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections_per_peer: Option<u64>,
     /// Forward every stored alert to this syslog receiver (`tcp://HOST:PORT`: RFC 5424,
     /// octet-counting framing), from a durable cursor: an outage delays, never drops
     /// (repeatable).
@@ -243,6 +248,35 @@ fn agents(db: &std::path::Path, json: bool, silent_after: u64) -> anyhow::Result
     Ok(())
 }
 
+/// Tells systemd (when it runs the collector as a `Type=notify` service).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// The service watchdog: pings systemd every `every` (half of `WatchdogSec`) only when
+/// the store committed a transaction since the last ping; a stuck store or database gets
+/// the service restarted.
+async fn watchdog(
+    writer: store::Writer,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let (reply, committed) = tokio::sync::oneshot::channel();
+        if writer.request(store::Request::Ping { reply }).await.is_ok()
+            && matches!(committed.await, Ok(Ok(_)))
+        {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// `--retain DAYS`: prunes at start and then hourly, on its own connection.
 async fn retention(
     db: PathBuf,
@@ -274,12 +308,44 @@ async fn retention(
     }
 }
 
+/// The command line over the configuration file: a flag given wins.
+fn merge(mut args: ServeArgs) -> anyhow::Result<ServeArgs> {
+    let Some(path) = &args.config else {
+        return Ok(args);
+    };
+    let file = config::load(path).map_err(anyhow::Error::msg)?;
+    args.listen = args.listen.or(file.listen);
+    args.db = args.db.or(file.db);
+    args.tls_cert = args.tls_cert.or(file.tls_cert);
+    args.tls_key = args.tls_key.or(file.tls_key);
+    args.tls_client_ca = args.tls_client_ca.or(file.tls_client_ca);
+    args.silence = args.silence.or(file.silence_seconds);
+    args.max_connections = args.max_connections.or(file.max_connections);
+    args.max_connections_per_peer = args
+        .max_connections_per_peer
+        .or(file.max_connections_per_peer);
+    args.retain = args.retain.or(file.retain_days);
+    if args.forward_syslog.is_empty() {
+        args.forward_syslog = file
+            .forward_syslog
+            .iter()
+            .map(|t| {
+                forward::parse_target(t)
+                    .map_err(|e| anyhow::anyhow!("{}: forward_syslog: {e}", path.display()))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    Ok(args)
+}
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let args = merge(args)?;
     let listen = args
         .listen
         .context("--listen ADDR is required (or a subcommand: alerts, agents)")?;
     let db = args
         .db
+        .clone()
         .context("--db FILE is required (or a subcommand: alerts, agents)")?;
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
         (None, None, None) => {
@@ -310,7 +376,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(n) = args.max_connections {
         limits.total = n as usize;
     }
-    limits.per_peer = args.max_connections_per_peer as usize;
+    limits.per_peer = args.max_connections_per_peer.unwrap_or(64) as usize;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -331,9 +397,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .context("TLS configuration")?;
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let watchdog_writer = writer.clone();
         let service = sensor_proto::v1::collector_server::CollectorServer::new(server::Collector {
             writer,
-            silence: Duration::from_secs(args.silence),
+            silence: Duration::from_secs(args.silence.unwrap_or(60)),
             stop: stop_rx.clone(),
         })
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
@@ -345,6 +412,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             per_peer = limits.per_peer,
             "listening"
         );
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("listening on {local}")),
+        ]);
+        let mut usec = 0;
+        if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+            tokio::spawn(watchdog(
+                watchdog_writer.clone(),
+                Duration::from_micros(usec / 2),
+                stop_rx.clone(),
+            ));
+        }
         for target in &args.forward_syslog {
             tokio::spawn(forward::run(db.clone(), target.clone(), stop_rx.clone()));
         }
@@ -367,6 +446,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             _ = term.recv() => info!("SIGTERM: stopping"),
             _ = tokio::signal::ctrl_c() => info!("SIGINT: stopping"),
         }
+        notify(&[sd_notify::NotifyState::Stopping]);
         // Streams end after their current commit, telling agents to reconnect later.
         let _ = stop_tx.send(true);
         match tokio::time::timeout(STOP_GRACE, server).await {

@@ -172,6 +172,11 @@ pub enum Request {
         agent_id: String,
         heartbeat: Heartbeat,
     },
+    /// The service watchdog: answered once a transaction with it committed (the store
+    /// thread runs and the database takes writes).
+    Ping {
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
 }
 
 /// The writer's handle.
@@ -242,7 +247,9 @@ fn write_loop(
                 let _ = out.flush();
                 for (request, answer) in batch.into_iter().zip(answers) {
                     match request {
-                        Request::Hello { reply, .. } | Request::Records { reply, .. } => {
+                        Request::Hello { reply, .. }
+                        | Request::Records { reply, .. }
+                        | Request::Ping { reply } => {
                             let _ = reply.send(Ok(answer));
                         }
                         Request::Heartbeat { .. } => {}
@@ -253,7 +260,10 @@ fn write_loop(
                 // Nothing of the batch is stored: no acknowledgement, the agents resend.
                 error!(error = %e, "cannot store a batch; the agents will resend it");
                 for request in batch {
-                    if let Request::Hello { reply, .. } | Request::Records { reply, .. } = request {
+                    if let Request::Hello { reply, .. }
+                    | Request::Records { reply, .. }
+                    | Request::Ping { reply } = request
+                    {
                         let _ = reply.send(Err(format!("store error: {e}")));
                     }
                 }
@@ -364,6 +374,7 @@ fn apply(
             )?;
             Ok(0)
         }
+        Request::Ping { .. } => Ok(0),
     }
 }
 

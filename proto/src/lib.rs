@@ -13,6 +13,7 @@ pub mod v1 {
 pub mod frames;
 pub mod kind;
 pub mod pem;
+pub mod position;
 
 pub use kind::EventKind;
 pub use pbjson_types::Timestamp;

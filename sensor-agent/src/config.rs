@@ -261,12 +261,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let at = e
             .span()
-            .map(|span| {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-                format!("{}:{line}:{column}", origin.display())
-            })
+            .map(|span| sensor_proto::position::position(text, span.start, origin))
             .unwrap_or_else(|| origin.display().to_string());
         ConfigError::Invalid {
             at,

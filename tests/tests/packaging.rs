@@ -20,7 +20,14 @@ const EXPECTED: &[(&str, u32, bool)] = &[
     ("/usr/bin/sensor-agent", 0o755, false),
     ("/usr/bin/sensor-collector", 0o755, false),
     ("/usr/lib/systemd/system/sensor-agent.service", 0o644, false),
+    (
+        "/usr/lib/systemd/system/sensor-collector.service",
+        0o644,
+        false,
+    ),
+    ("/usr/lib/sysusers.d/sensor-collector.conf", 0o644, false),
     ("/etc/sensor-agent/agent.toml", 0o600, true),
+    ("/etc/sensor-collector/collector.toml", 0o640, true),
     ("/usr/share/sensor-agent/rules/epmm.yaml", 0o644, false),
     ("/usr/share/doc/sensor-agent/README.md", 0o644, false),
     ("/usr/share/doc/sensor-agent/operations.md", 0o644, false),
@@ -29,6 +36,7 @@ const EXPECTED: &[(&str, u32, bool)] = &[
 ];
 const EXPECTED_DIRS: &[(&str, u32)] = &[
     ("/etc/sensor-agent", 0o700),
+    ("/etc/sensor-collector", 0o750),
     ("/var/lib/sensor-agent", 0o700),
 ];
 
@@ -50,12 +58,19 @@ fn unit_root() -> Scratch {
         std::fs::create_dir_all(root.path(dir)).unwrap();
     }
     std::fs::copy(agent_bin(), root.path("usr/bin/sensor-agent")).unwrap();
-    std::fs::copy("/bin/kill", root.path("bin/kill")).unwrap();
     std::fs::copy(
-        workspace().join("packaging/sensor-agent.service"),
-        root.path("etc/systemd/system/sensor-agent.service"),
+        sensor_e2e::collector::collector_bin(),
+        root.path("usr/bin/sensor-collector"),
     )
     .unwrap();
+    std::fs::copy("/bin/kill", root.path("bin/kill")).unwrap();
+    for unit in ["sensor-agent.service", "sensor-collector.service"] {
+        std::fs::copy(
+            workspace().join("packaging").join(unit),
+            root.path("etc/systemd/system").join(unit),
+        )
+        .unwrap();
+    }
     let units = ["/usr/lib/systemd/system", "/lib/systemd/system"]
         .into_iter()
         .find(|d| Path::new(d).join("sysinit.target").exists())
@@ -69,22 +84,21 @@ fn unit_root() -> Scratch {
     root
 }
 
-#[test]
-fn the_unit_verifies_and_its_security_exposure_is_the_documented_one() {
+/// `systemd-analyze verify` of `unit` installed in a scratch root, and its exposure
+/// score (`systemd-analyze security --offline=yes`), which docs/operations.md records as
+/// "`UNIT`: exposure N.N".
+fn verify_and_score(unit: &str) -> f64 {
     let analyze = tool("systemd-analyze");
     let root = unit_root();
     let root_arg = format!("--root={}", root.str());
+    let installed = format!("/etc/systemd/system/{unit}");
     let out = Command::new(&analyze)
-        .args([
-            "verify",
-            &root_arg,
-            "/etc/systemd/system/sensor-agent.service",
-        ])
+        .args(["verify", &root_arg, &installed])
         .output()
         .unwrap();
     assert!(
         out.status.success() && out.stderr.is_empty(),
-        "systemd-analyze verify: {}",
+        "systemd-analyze verify {unit}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new(&analyze)
@@ -93,23 +107,29 @@ fn the_unit_verifies_and_its_security_exposure_is_the_documented_one() {
             "--offline=yes",
             &root_arg,
             "--no-pager",
-            "/etc/systemd/system/sensor-agent.service",
+            &installed,
         ])
         .output()
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let score: f64 = text
-        .split("Overall exposure level for sensor-agent.service:")
+        .split(&format!("Overall exposure level for {unit}:"))
         .nth(1)
         .and_then(|t| t.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}"));
-    assert!(score <= 4.0, "exposure {score}:\n{text}");
     let doc = std::fs::read_to_string(workspace().join("docs/operations.md")).unwrap();
     assert!(
-        doc.contains(&format!("exposure {score:.1}")),
-        "docs/operations.md does not record the exposure {score:.1}"
+        doc.contains(&format!("`{unit}`: exposure {score:.1}")),
+        "docs/operations.md does not record \"`{unit}`: exposure {score:.1}\""
     );
+    score
+}
+
+#[test]
+fn the_unit_verifies_and_its_security_exposure_is_the_documented_one() {
+    let score = verify_and_score("sensor-agent.service");
+    assert!(score <= 4.0, "exposure {score}");
     // The unit speaks the protocol the agent implements.
     let unit = std::fs::read_to_string(workspace().join("packaging/sensor-agent.service")).unwrap();
     for line in [
@@ -121,6 +141,26 @@ fn the_unit_verifies_and_its_security_exposure_is_the_documented_one() {
         "ProtectSystem=strict",
         "ProtectHome=yes",
         "CapabilityBoundingSet=CAP_BPF",
+    ] {
+        assert!(unit.lines().any(|l| l.starts_with(line)), "{line} missing");
+    }
+}
+
+/// The collector's unit: notify with a watchdog, its own user, no capability, hardened.
+#[test]
+fn the_collector_unit_verifies_and_is_hardened() {
+    let score = verify_and_score("sensor-collector.service");
+    assert!(score <= 2.0, "exposure {score}");
+    let unit =
+        std::fs::read_to_string(workspace().join("packaging/sensor-collector.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "User=sensor-collector",
+        "StateDirectory=sensor-collector",
+        "ExecStart=/usr/bin/sensor-collector --config /etc/sensor-collector/collector.toml",
+        "CapabilityBoundingSet=",
+        "NoNewPrivileges=yes",
     ] {
         assert!(unit.lines().any(|l| l.starts_with(line)), "{line} missing");
     }
@@ -187,7 +227,16 @@ fn dpkg_installs_the_deb() {
     }
     let conffiles =
         std::fs::read_to_string(root.path("var/lib/dpkg/info/sensor-agent.conffiles")).unwrap();
-    assert_eq!(conffiles.trim(), "/etc/sensor-agent/agent.toml");
+    assert_eq!(
+        conffiles.trim(),
+        "/etc/sensor-agent/agent.toml\n/etc/sensor-collector/collector.toml"
+    );
+    // The collector's user, made by the postinst in the root dpkg installed into.
+    let passwd = std::fs::read_to_string(root.path("etc/passwd")).unwrap_or_default();
+    assert!(
+        passwd.lines().any(|l| l.starts_with("sensor-collector:")),
+        "no sensor-collector user in the root's /etc/passwd:\n{passwd}"
+    );
     // The installed agent is the one built: it runs and knows its version.
     let out = Command::new(root.path("usr/bin/sensor-agent"))
         .arg("--version")
@@ -230,7 +279,7 @@ fn the_deb_holds_what_is_documented() {
         .unwrap();
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "/etc/sensor-agent/agent.toml"
+        "/etc/sensor-agent/agent.toml\n/etc/sensor-collector/collector.toml"
     );
     let out = Command::new(&dpkg)
         .arg("--info")

@@ -62,6 +62,24 @@ const ENTRIES: &[Entry] = &[
         config: true,
     },
     Entry {
+        source: Source::Workspace("packaging/sensor-collector.service"),
+        dest: "/usr/lib/systemd/system/sensor-collector.service",
+        mode: 0o644,
+        config: false,
+    },
+    Entry {
+        source: Source::Workspace("packaging/sensor-collector.sysusers"),
+        dest: "/usr/lib/sysusers.d/sensor-collector.conf",
+        mode: 0o644,
+        config: false,
+    },
+    Entry {
+        source: Source::Workspace("packaging/collector.toml"),
+        dest: "/etc/sensor-collector/collector.toml",
+        mode: 0o640,
+        config: true,
+    },
+    Entry {
         source: Source::Workspace("rules/epmm.yaml"),
         dest: "/usr/share/sensor-agent/rules/epmm.yaml",
         mode: 0o644,
@@ -96,11 +114,17 @@ const ENTRIES: &[Entry] = &[
 /// Directories the packages own, with their modes.
 const DIRS: &[(&str, u32)] = &[
     ("/etc/sensor-agent", 0o700),
+    ("/etc/sensor-collector", 0o750),
     ("/var/lib/sensor-agent", 0o700),
 ];
 
-const POST_INSTALL: &str = "systemctl daemon-reload >/dev/null 2>&1 || :\n";
-const PRE_REMOVE: &str = "systemctl stop sensor-agent.service >/dev/null 2>&1 || :\n";
+/// The collector's user (into the root dpkg installs to, when it is not /), then the
+/// units; neither unit is enabled or started.
+const POST_INSTALL: &str = "systemd-sysusers --root=\"${DPKG_ROOT:-/}\" sensor-collector.conf >/dev/null 2>&1 || :\n\
+chgrp sensor-collector \"${DPKG_ROOT:-}/etc/sensor-collector\" \"${DPKG_ROOT:-}/etc/sensor-collector/collector.toml\" >/dev/null 2>&1 || :\n\
+systemctl daemon-reload >/dev/null 2>&1 || :\n";
+const PRE_REMOVE: &str =
+    "systemctl stop sensor-agent.service sensor-collector.service >/dev/null 2>&1 || :\n";
 const POST_REMOVE: &str = "systemctl daemon-reload >/dev/null 2>&1 || :\n";
 
 #[derive(clap::Args)]
