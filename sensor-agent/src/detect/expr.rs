@@ -923,6 +923,29 @@ impl Cond {
         }
     }
 
+    /// Whether the condition can only hold for a process in a web-tier lineage (it asks
+    /// for `lineage.tainted`, or for a `lineage.identity` among named ones, in every way
+    /// it can hold): such rules are not even looked at for other processes.
+    pub fn needs_lineage(&self) -> bool {
+        match self {
+            Cond::And(items) => items.iter().any(Cond::needs_lineage),
+            Cond::Or(items) => !items.is_empty() && items.iter().all(Cond::needs_lineage),
+            Cond::Macro(m) => m.cond.needs_lineage(),
+            Cond::Truthy(Field::LineageTainted) => true,
+            Cond::Test {
+                field: Field::LineageTainted,
+                op: Op::Eq,
+                rhs: Rhs::Bool(true),
+            } => true,
+            Cond::Test {
+                field: Field::LineageIdentity,
+                op: Op::Eq,
+                rhs: Rhs::Strs(items) | Rhs::Indexed(items, _),
+            } => !items.is_empty() && items.iter().all(|i| !i.is_empty()),
+            _ => false,
+        }
+    }
+
     /// Comparisons this condition stands for once its macros are expanded.
     pub fn weight(&self) -> u64 {
         self.measure().0

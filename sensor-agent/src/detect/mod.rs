@@ -56,8 +56,9 @@ pub struct DetectStats {
 pub struct Engine {
     rules: Arc<RuleSet>,
     sigma: Arc<SigmaSet>,
-    /// Single-event rules by `EventKind::index` (indexes into `rules.rules`).
-    singles: [Vec<usize>; EventKind::COUNT],
+    /// Single-event rules by `EventKind::index`: (index into `rules.rules`, whether the
+    /// rule can only match a process of a web-tier lineage, `Cond::needs_lineage`).
+    singles: [Vec<(usize, bool)>; EventKind::COUNT],
     /// Sequence rules with a step on each event kind, by `EventKind::index`.
     sequences: [Vec<usize>; EventKind::COUNT],
     trackers: FxHashMap<usize, Tracker>,
@@ -119,9 +120,14 @@ impl Engine {
         self.counters.clear();
         for (i, rule) in rules.rules.iter().enumerate() {
             match &rule.body {
-                Body::Single { on, threshold, .. } => {
+                Body::Single {
+                    on,
+                    threshold,
+                    cond,
+                } => {
+                    let web = cond.needs_lineage();
                     for kind in on {
-                        self.singles[kind.index()].push(i);
+                        self.singles[kind.index()].push((i, web));
                     }
                     if threshold.is_some() {
                         self.counters.insert(i, Counter::default());
@@ -244,7 +250,13 @@ impl Engine {
         let mut matched: Vec<(usize, Vec<Event>)> = Vec::new();
         let ctx = Ctx::new(event, table, &self.users, self.agent_pid, &[]);
         if let Some(singles) = kind.map(|k| &self.singles[k.index()]) {
-            for &i in singles {
+            // Most processes of a host are not of the web tier: the rules that can only
+            // match one of its processes are not looked at for the others.
+            let web = ctx.proc.is_some_and(|p| p.lineage.is_some());
+            for &(i, needs_web) in singles {
+                if needs_web && !web {
+                    continue;
+                }
                 let Body::Single {
                     cond, threshold, ..
                 } = &self.rules.rules[i].body

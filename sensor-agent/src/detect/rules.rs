@@ -1177,6 +1177,61 @@ mod tests {
         }
     }
 
+    /// Rules that can only match a web-tier process are found as such (and only those):
+    /// the engine skips them for every other process.
+    #[test]
+    fn rules_that_need_a_web_tier_lineage_are_recognised() {
+        let set = compile_texts(&[(DEFAULT_PACK_NAME.into(), DEFAULT_PACK.into())]).unwrap();
+        let needs = |id: &str| {
+            let rule = set.rules.iter().find(|r| &*r.id == id).unwrap();
+            match &rule.body {
+                Body::Single { cond, .. } => cond.needs_lineage(),
+                _ => panic!("{id} is not a single-event rule"),
+            }
+        };
+        for id in [
+            "EPMM-B1",
+            "EPMM-B2",
+            "EPMM-B3",
+            "EPMM-B6",
+            "EPMM-B11",
+            "EPMM-B18-EXEC",
+        ] {
+            assert!(needs(id), "{id} asks for the web tier");
+        }
+        for id in [
+            "EPMM-B7",
+            "EPMM-B12",
+            "EPMM-B16",
+            "EPMM-B17",
+            "EPMM-B21",
+            "EPMM-B5-WRITTEN",
+        ] {
+            assert!(!needs(id), "{id} can match any process");
+        }
+        let one = |cond: &str| {
+            let text = format!(
+                "rules:\n  - id: T\n    title: t\n    severity: low\n    techniques: [T1059]\n    on: [exec]\n    condition: {cond}\n"
+            );
+            let set = compile_texts(&[("t.yaml".into(), text)]).unwrap();
+            match &set.rules[0].body {
+                Body::Single { cond, .. } => cond.needs_lineage(),
+                _ => unreachable!(),
+            }
+        };
+        assert!(one("lineage.tainted and proc.uid = 0"));
+        assert!(one(
+            "lineage.identity in (\"tomcat\", \"httpd\") or (lineage.tainted and proc.uid = 0)"
+        ));
+        assert!(
+            !one("lineage.identity = \"\""),
+            "matches processes without a lineage"
+        );
+        assert!(!one("not lineage.tainted"));
+        assert!(!one("lineage.tainted or proc.uid = 0"));
+        assert!(!one("lineage.identity != \"tomcat\""));
+    }
+
     #[test]
     fn enforcement_compiles_overrides_and_refuses_what_it_cannot_apply() {
         let pack = (DEFAULT_PACK_NAME.to_owned(), DEFAULT_PACK.to_owned());
