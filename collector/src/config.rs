@@ -23,8 +23,10 @@ pub struct Config {
     pub silence_seconds: Option<u64>,
     pub max_connections: Option<u64>,
     pub max_connections_per_peer: Option<u64>,
-    /// `tcp://HOST:PORT` syslog receivers.
+    /// `tcp://HOST:PORT` or `tls://HOST:PORT` syslog receivers.
     pub forward_syslog: Vec<String>,
+    /// The CA of the `tls://` receivers' certificates.
+    pub forward_ca: Option<PathBuf>,
     pub retain_days: Option<u64>,
 }
 

@@ -1,5 +1,6 @@
 //! Forwarding every stored alert to a SIEM over syslog: RFC 5424 messages over TCP with
-//! octet-counting framing (RFC 6587), one forwarder per target.
+//! octet-counting framing (RFC 6587), or over TLS (RFC 5425, `tls://`, the receiver's
+//! certificate checked against `--forward-ca`), one forwarder per target.
 //!
 //! Each target has a durable cursor in the store (`forward`: the last alert row it
 //! took): the forwarder reads the alerts after it, writes them, checks that the receiver
@@ -16,12 +17,15 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use rusqlite::{Connection, OptionalExtension, params};
+use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
+use tokio_rustls::{TlsConnector, client::TlsStream};
 use tracing::{info, warn};
 
 /// Alerts read and written per round.
@@ -30,19 +34,26 @@ const BATCH: i64 = 256;
 const IDLE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// A syslog receiver: `tcp://HOST:PORT`.
+/// A syslog receiver: `tcp://HOST:PORT` or `tls://HOST:PORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// As given: the cursor's key in the store.
     pub name: String,
     pub host: String,
     pub port: u16,
+    pub tls: bool,
 }
 
 pub fn parse_target(s: &str) -> Result<Target, String> {
-    let rest = s
-        .strip_prefix("tcp://")
-        .ok_or_else(|| format!("{s:?}: a syslog target is tcp://HOST:PORT"))?;
+    let (tls, rest) = match (s.strip_prefix("tcp://"), s.strip_prefix("tls://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => {
+            return Err(format!(
+                "{s:?}: a syslog target is tcp://HOST:PORT or tls://HOST:PORT"
+            ));
+        }
+    };
     let (host, port) = rest
         .rsplit_once(':')
         .ok_or_else(|| format!("{s:?}: no port (tcp://HOST:PORT)"))?;
@@ -59,7 +70,92 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
         name: s.to_owned(),
         host: host.to_owned(),
         port,
+        tls,
     })
+}
+
+/// How `tls://` targets are reached: the CA (PEM) their certificates must chain to.
+pub fn tls_connector(ca: &Path) -> Result<TlsConnector, String> {
+    let pem = sensor_proto::pem::certificates(ca, "--forward-ca")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        let cert = cert.map_err(|e| format!("--forward-ca {}: {e}", ca.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("--forward-ca {}: {e}", ca.display()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection to a receiver.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    async fn open(target: &Target, tls: Option<&TlsConnector>) -> anyhow::Result<Conn> {
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .with_context(|| format!("cannot connect to {}:{}", target.host, target.port))?;
+        tcp.set_nodelay(true)?;
+        if !target.tls {
+            return Ok(Conn::Plain(tcp));
+        }
+        let connector = tls.context("tls:// targets need --forward-ca")?;
+        let name = ServerName::try_from(target.host.clone())
+            .with_context(|| format!("{}: not a DNS name or address", target.host))?;
+        let stream = tokio::time::timeout(Duration::from_secs(15), connector.connect(name, tcp))
+            .await
+            .context("no TLS handshake within 15 s")?
+            .context("TLS handshake")?;
+        Ok(Conn::Tls(Box::new(stream)))
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+            Conn::Tls(s) => {
+                s.write_all(bytes).await?;
+                s.flush().await
+            }
+        }
+    }
+
+    /// Errors when the receiver closed the connection (receivers never send data; a TLS
+    /// receiver's session tickets are taken by the TLS layer, its close is end of data).
+    async fn alive(&mut self) -> anyhow::Result<()> {
+        let mut buf = [0u8; 64];
+        let read = match self {
+            Conn::Plain(s) => match s.try_read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                other => other,
+            },
+            Conn::Tls(s) => {
+                use tokio::io::AsyncReadExt;
+                // Polled once: nothing to read is the usual answer.
+                match tokio::time::timeout(Duration::ZERO, s.read(&mut buf)).await {
+                    Err(_) => return Ok(()),
+                    Ok(read) => read,
+                }
+            }
+        };
+        match read {
+            Ok(0) => anyhow::bail!("the receiver closed the connection"),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e).context("the connection failed"),
+        }
+    }
 }
 
 /// One stored alert, as the forwarder reads it.
@@ -181,13 +277,18 @@ fn frame(row: &Row) -> Vec<u8> {
 }
 
 /// Forwards to `target` until `stop` is set.
-pub async fn run(db: PathBuf, target: Target, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    db: PathBuf,
+    target: Target,
+    tls: Option<TlsConnector>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = Duration::from_millis(250);
     loop {
         if *stop.borrow() {
             return;
         }
-        match forward(&db, &target, &mut stop).await {
+        match forward(&db, &target, tls.as_ref(), &mut stop).await {
             Ok(()) => return,
             Err(e) => {
                 warn!(target = %target.name, error = %format!("{e:#}"), retry_in = ?backoff, "syslog forwarding interrupted; the alerts wait in the store");
@@ -205,14 +306,12 @@ pub async fn run(db: PathBuf, target: Target, mut stop: watch::Receiver<bool>) {
 async fn forward(
     db: &Path,
     target: &Target,
+    tls: Option<&TlsConnector>,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let conn = open(db)?;
     let mut after = cursor(&conn, &target.name)?;
-    let mut stream = TcpStream::connect((target.host.as_str(), target.port))
-        .await
-        .with_context(|| format!("cannot connect to {}:{}", target.host, target.port))?;
-    stream.set_nodelay(true)?;
+    let mut stream = Conn::open(target, tls).await?;
     info!(target = %target.name, from_row = after, "forwarding alerts to syslog");
     loop {
         let rows = read_batch(&conn, after)?;
@@ -221,7 +320,7 @@ async fn forward(
                 _ = tokio::time::sleep(IDLE) => {}
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
-            receiver_alive(&stream)?;
+            stream.alive().await?;
             continue;
         }
         let mut bytes = Vec::new();
@@ -229,27 +328,15 @@ async fn forward(
             bytes.extend_from_slice(&frame(row));
         }
         stream
-            .write_all(&bytes)
+            .send(&bytes)
             .await
             .context("the receiver went away")?;
-        stream.flush().await?;
         // A receiver that closed its end has not taken these: the cursor stays.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        receiver_alive(&stream)?;
+        stream.alive().await?;
         let last = rows.last().map_or(after, |r| r.rowid);
         set_cursor(&conn, &target.name, last)?;
         after = last;
-    }
-}
-
-/// Errors when the receiver closed the connection (it never sends anything).
-fn receiver_alive(stream: &TcpStream) -> anyhow::Result<()> {
-    let mut buf = [0u8; 64];
-    match stream.try_read(&mut buf) {
-        Ok(0) => anyhow::bail!("the receiver closed the connection"),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-        Err(e) => Err(e).context("the connection failed"),
     }
 }
 
@@ -271,18 +358,121 @@ mod tests {
             Target {
                 name: "tcp://127.0.0.1:6514".into(),
                 host: "127.0.0.1".into(),
-                port: 6514
+                port: 6514,
+                tls: false,
             }
         );
         assert_eq!(parse_target("tcp://[::1]:514").unwrap().host, "::1");
+        assert!(parse_target("tls://siem.example:6514").unwrap().tls);
         for (bad, why) in [
-            ("udp://h:514", "tcp://HOST:PORT"),
+            ("udp://h:514", "tcp://HOST:PORT or tls://HOST:PORT"),
             ("tcp://h", "no port"),
             ("tcp://h:0", "1-65535"),
             ("tcp://:514", "no host"),
         ] {
             let err = parse_target(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    /// A self-signed certificate for `localhost` and its key, as a TLS acceptor, and the
+    /// certificate's PEM (the CA a forwarder must be given).
+    fn tls_server() -> (tokio_rustls::TlsAcceptor, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+            cert.pem(),
+        )
+    }
+
+    /// Over TLS, a receiver whose certificate chains to --forward-ca gets the stored
+    /// alerts, framed; one signed by another CA gets nothing (the handshake fails and the
+    /// cursor stays).
+    #[tokio::test]
+    async fn tls_receivers_are_checked_and_served() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("c.db");
+        let conn = crate::store::open(&db).unwrap();
+        conn.execute(
+            "INSERT INTO alerts (agent_id, seq, time_ns, rule_id, severity, title, host, json)
+             VALUES ('a', 7, 1769766000000000000, 'EPMM-B1', 4, 't', 'epmm01', '{\"alert\":{\"id\":\"a:1\"}}')",
+            [],
+        )
+        .unwrap();
+        let (acceptor, ca_pem) = tls_server();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, &ca_pem).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = parse_target(&format!("tls://localhost:{port}")).unwrap();
+
+        // Another CA: refused, nothing forwarded.
+        let (_, other_pem) = tls_server();
+        let other = dir.path().join("other.pem");
+        std::fs::write(&other, &other_pem).unwrap();
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let server = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            acceptor.accept(tcp).await.is_err()
+        };
+        let wrong = tls_connector(&other).unwrap();
+        let client = forward(&db, &target, Some(&wrong), &mut stop);
+        let (refused, result) = tokio::join!(server, client);
+        assert!(refused, "the server saw a completed handshake");
+        assert!(format!("{:#}", result.unwrap_err()).contains("TLS handshake"));
+        assert_eq!(cursor(&conn, &target.name).unwrap(), 0);
+
+        // The right CA: the alert arrives, framed.
+        let connector = tls_connector(&ca).unwrap();
+        tokio::spawn(run(
+            db.clone(),
+            target.clone(),
+            Some(connector),
+            stop.clone(),
+        ));
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut received = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&received).ends_with('}') {
+            let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf))
+                .await
+                .expect("a frame within 10 s")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&received));
+            received.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8(received).unwrap();
+        let (len, message) = text.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), message.len());
+        assert!(
+            message.contains(r#"[sensor@32473 id="a:7" alert="a:1" rule="EPMM-B1""#),
+            "{message}"
+        );
+        // The cursor moves once the receiver took it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cursor(&conn, &target.name).unwrap() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the cursor did not move"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

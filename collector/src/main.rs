@@ -65,11 +65,14 @@ struct ServeArgs {
     /// Connections served at once from one peer address (64).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections_per_peer: Option<u64>,
-    /// Forward every stored alert to this syslog receiver (`tcp://HOST:PORT`: RFC 5424,
-    /// octet-counting framing), from a durable cursor: an outage delays, never drops
-    /// (repeatable).
+    /// Forward every stored alert to this syslog receiver (`tcp://HOST:PORT`, or
+    /// `tls://HOST:PORT` with --forward-ca: RFC 5424, octet-counting framing), from a
+    /// durable cursor: an outage delays, never drops (repeatable).
     #[arg(long = "forward-syslog", value_name = "URL", value_parser = forward::parse_target)]
     forward_syslog: Vec<forward::Target>,
+    /// The CA (PEM) the certificates of `tls://` syslog receivers must chain to.
+    #[arg(long, value_name = "FILE")]
+    forward_ca: Option<PathBuf>,
     /// Delete stored alerts older than this many days (hourly; agent state is kept, and
     /// nothing a syslog target has not taken yet).
     #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=36500))]
@@ -325,6 +328,7 @@ fn merge(mut args: ServeArgs) -> anyhow::Result<ServeArgs> {
         .max_connections_per_peer
         .or(file.max_connections_per_peer);
     args.retain = args.retain.or(file.retain_days);
+    args.forward_ca = args.forward_ca.or(file.forward_ca);
     if args.forward_syslog.is_empty() {
         args.forward_syslog = file
             .forward_syslog
@@ -368,6 +372,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 )),
         ),
         _ => anyhow::bail!("mutual TLS needs all of --tls-cert, --tls-key and --tls-client-ca"),
+    };
+    // TLS to syslog receivers: checked at start, not at the first connection.
+    let forward_tls = match (&args.forward_ca, args.forward_syslog.iter().any(|t| t.tls)) {
+        (Some(ca), _) => Some(forward::tls_connector(ca).map_err(anyhow::Error::msg)?),
+        (None, true) => anyhow::bail!("a tls:// --forward-syslog target needs --forward-ca FILE"),
+        (None, false) => None,
     };
     let conn = store::open(&db)?;
     let (writer, store_thread) = store::Writer::start(conn, Box::new(std::io::stdout()));
@@ -425,7 +435,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ));
         }
         for target in &args.forward_syslog {
-            tokio::spawn(forward::run(db.clone(), target.clone(), stop_rx.clone()));
+            tokio::spawn(forward::run(
+                db.clone(),
+                target.clone(),
+                forward_tls.clone(),
+                stop_rx.clone(),
+            ));
         }
         if let Some(days) = args.retain {
             let targets: Vec<String> = args.forward_syslog.iter().map(|t| t.name.clone()).collect();
