@@ -28,6 +28,8 @@ pub struct Config {
     /// The CA of the `tls://` receivers' certificates.
     pub forward_ca: Option<PathBuf>,
     pub retain_days: Option<u64>,
+    /// Address of the /metrics endpoint.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Parses configuration text; errors name `origin`, the line and the column.
@@ -85,6 +87,7 @@ mod tests {
             "max_connections_per_peer",
             "forward_syslog",
             "retain_days",
+            "metrics",
         ] {
             assert!(
                 text.contains(&format!("#{key} = ")),

@@ -281,6 +281,7 @@ pub async fn run(
     db: PathBuf,
     target: Target,
     tls: Option<TlsConnector>,
+    metrics: Arc<crate::metrics::Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(250);
@@ -288,7 +289,7 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
-        match forward(&db, &target, tls.as_ref(), &mut stop).await {
+        match forward(&db, &target, tls.as_ref(), &metrics, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
                 warn!(target = %target.name, error = %format!("{e:#}"), retry_in = ?backoff, "syslog forwarding interrupted; the alerts wait in the store");
@@ -307,14 +308,27 @@ async fn forward(
     db: &Path,
     target: &Target,
     tls: Option<&TlsConnector>,
+    metrics: &crate::metrics::Metrics,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let conn = open(db)?;
+    let label = metrics.target(&target.name);
+    let lag = |conn: &Connection, after: i64| -> rusqlite::Result<()> {
+        let newest: Option<i64> =
+            conn.query_row("SELECT MAX(rowid) FROM alerts", [], |r| r.get(0))?;
+        metrics
+            .forward_lag
+            .get_or_create(&label)
+            .set((newest.unwrap_or(0) - after).max(0));
+        Ok(())
+    };
     let mut after = cursor(&conn, &target.name)?;
+    lag(&conn, after)?;
     let mut stream = Conn::open(target, tls).await?;
     info!(target = %target.name, from_row = after, "forwarding alerts to syslog");
     loop {
         let rows = read_batch(&conn, after)?;
+        lag(&conn, after)?;
         if rows.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(IDLE) => {}
@@ -336,7 +350,12 @@ async fn forward(
         stream.alive().await?;
         let last = rows.last().map_or(after, |r| r.rowid);
         set_cursor(&conn, &target.name, last)?;
+        metrics
+            .forwarded
+            .get_or_create(&label)
+            .inc_by(rows.len() as u64);
         after = last;
+        lag(&conn, after)?;
     }
 }
 
@@ -432,7 +451,8 @@ mod tests {
             acceptor.accept(tcp).await.is_err()
         };
         let wrong = tls_connector(&other).unwrap();
-        let client = forward(&db, &target, Some(&wrong), &mut stop);
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let client = forward(&db, &target, Some(&wrong), &metrics, &mut stop);
         let (refused, result) = tokio::join!(server, client);
         assert!(refused, "the server saw a completed handshake");
         assert!(format!("{:#}", result.unwrap_err()).contains("TLS handshake"));
@@ -444,6 +464,7 @@ mod tests {
             db.clone(),
             target.clone(),
             Some(connector),
+            Arc::clone(&metrics),
             stop.clone(),
         ));
         let (tcp, _) = listener.accept().await.unwrap();

@@ -7,6 +7,7 @@
 mod config;
 mod forward;
 mod listener;
+mod metrics;
 mod server;
 mod store;
 
@@ -73,6 +74,10 @@ struct ServeArgs {
     /// The CA (PEM) the certificates of `tls://` syslog receivers must chain to.
     #[arg(long, value_name = "FILE")]
     forward_ca: Option<PathBuf>,
+    /// Serve Prometheus/OpenMetrics text at http://ADDR/metrics (streams, alerts stored,
+    /// commit latency, forward lag per syslog target).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Delete stored alerts older than this many days (hourly; agent state is kept, and
     /// nothing a syslog target has not taken yet).
     #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=36500))]
@@ -329,6 +334,7 @@ fn merge(mut args: ServeArgs) -> anyhow::Result<ServeArgs> {
         .or(file.max_connections_per_peer);
     args.retain = args.retain.or(file.retain_days);
     args.forward_ca = args.forward_ca.or(file.forward_ca);
+    args.metrics = args.metrics.or(file.metrics);
     if args.forward_syslog.is_empty() {
         args.forward_syslog = file
             .forward_syslog
@@ -380,7 +386,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let conn = store::open(&db)?;
-    let (writer, store_thread) = store::Writer::start(conn, Box::new(std::io::stdout()));
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let (writer, store_thread) = store::Writer::start(
+        conn,
+        Box::new(std::io::stdout()),
+        std::sync::Arc::clone(&metrics),
+    );
     let nofile = listener::raise_nofile();
     let mut limits = listener::Limits::for_descriptors(nofile);
     if let Some(n) = args.max_connections {
@@ -412,6 +423,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             writer,
             silence: Duration::from_secs(args.silence.unwrap_or(60)),
             stop: stop_rx.clone(),
+            metrics: std::sync::Arc::clone(&metrics),
         })
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES);
         info!(
@@ -422,6 +434,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             per_peer = limits.per_peer,
             "listening"
         );
+        if let Some(addr) = args.metrics {
+            let m = std::sync::Arc::clone(&metrics);
+            sensor_proto::metrics_http::serve(addr, std::sync::Arc::new(move || m.render()))
+                .await
+                .with_context(|| format!("--metrics {addr}: cannot listen"))?;
+        }
         notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(&format!("listening on {local}")),
@@ -439,6 +457,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 db.clone(),
                 target.clone(),
                 forward_tls.clone(),
+                std::sync::Arc::clone(&metrics),
                 stop_rx.clone(),
             ));
         }

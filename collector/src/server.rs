@@ -31,6 +31,7 @@ pub struct Collector {
     pub silence: Duration,
     /// Turns true when the collector stops: streams end after their current commit.
     pub stop: tokio::sync::watch::Receiver<bool>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// What a stream ends with when the collector stops: agents reconnect later.
@@ -146,7 +147,9 @@ impl collector_server::Collector for Collector {
         let writer = self.writer.clone();
         let silence = self.silence;
         let mut stop = self.stop.clone();
+        let open = crate::metrics::StreamGuard::new(&self.metrics);
         tokio::spawn(async move {
+            let _open = open;
             let result = serve(&writer, &agent_id, &mut inbound, &tx, silence, &mut stop).await;
             match result {
                 Ok(()) => info!(agent = %agent_id, %peer, "agent disconnected"),

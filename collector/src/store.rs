@@ -199,11 +199,15 @@ impl StoreThread {
 
 impl Writer {
     /// Starts the writer thread on `conn`; new alerts are printed on `out` as JSON lines.
-    pub fn start(conn: Connection, out: Box<dyn Write + Send>) -> (Self, StoreThread) {
+    pub fn start(
+        conn: Connection,
+        out: Box<dyn Write + Send>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> (Self, StoreThread) {
         let (tx, rx) = mpsc::channel(1024);
         let thread = std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || write_loop(conn, rx, out))
+            .spawn(move || write_loop(conn, rx, out, &metrics))
             .expect("spawning the store thread");
         (Self { tx }, StoreThread(thread))
     }
@@ -220,6 +224,7 @@ fn write_loop(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Request>,
     mut out: Box<dyn Write + Send>,
+    metrics: &crate::metrics::Metrics,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -230,6 +235,7 @@ fn write_loop(
             }
         }
         let mut printed = Vec::new();
+        let started = std::time::Instant::now();
         let result = (|| -> rusqlite::Result<Vec<u64>> {
             let tx = conn.transaction()?;
             let mut answers = Vec::with_capacity(batch.len());
@@ -239,8 +245,12 @@ fn write_loop(
             tx.commit()?;
             Ok(answers)
         })();
+        metrics
+            .commit_seconds
+            .observe(started.elapsed().as_secs_f64());
         match result {
             Ok(answers) => {
+                metrics.alerts_stored.inc_by(printed.len() as u64);
                 for line in &printed {
                     let _ = writeln!(out, "{line}");
                 }

@@ -12,6 +12,7 @@ pub mod v1 {
 
 pub mod frames;
 pub mod kind;
+pub mod metrics_http;
 pub mod pem;
 pub mod position;
 

@@ -132,7 +132,13 @@ fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
     let port = free_port();
     let mut rsyslog = Rsyslog::start(&scratch, port, &out);
     let target = format!("tcp://127.0.0.1:{port}");
-    let mut collector = Collector::start(&db, "127.0.0.1:0", &["--forward-syslog", &target]);
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let mut collector = Collector::start(
+        &db,
+        "127.0.0.1:0",
+        &["--forward-syslog", &target, "--metrics", &metrics_addr],
+    );
     let url = collector.url("http");
     let spool = scratch.path("spool");
     let mut agent = Agent::start_with(&[
@@ -167,6 +173,11 @@ fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
         "the outage is logged:\n{}",
         collector.log()
     );
+
+    // The collector says how far behind the SIEM is.
+    let lag = format!("sensor_collector_forward_lag_alerts{{target=\"{target}\"}} ");
+    let behind = metric(&scrape(&metrics_addr), &lag);
+    assert!(behind >= 3, "lag {behind} with 3 alerts waiting");
 
     // Back: what it missed arrives, then what comes next.
     let _rsyslog = Rsyslog::start(&scratch, port, &out);
@@ -213,6 +224,38 @@ fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
         text.lines().count(),
         "each stored alert once: {text}"
     );
+    let text = scrape(&metrics_addr);
+    assert_eq!(metric(&text, &lag), 0, "{text}");
+    let forwarded = format!("sensor_collector_forwarded_alerts_total{{target=\"{target}\"}} ");
+    assert!(metric(&text, &forwarded) >= 7, "{text}");
+    assert!(
+        metric(&text, "sensor_collector_alerts_stored_total ") >= 7,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "sensor_collector_streams "), 1, "{text}");
+    assert!(
+        text.contains("sensor_collector_commit_seconds_bucket"),
+        "{text}"
+    );
     agent.stop();
     collector.stop();
+}
+
+/// The collector's /metrics page.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of the series whose line starts with `prefix` (name, labels and a space).
+fn metric(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in:\n{text}")) as u64
 }

@@ -3,22 +3,16 @@
 //!
 //! The event loop owns every counter it updates; once a second it publishes them here
 //! (`Metrics::publish`), so scrapes never touch the hot path and lag it by at most a
-//! second. The HTTP side is a few lines over tokio: one GET, no keep-alive, bounded
-//! request size and time (a web framework for one read-only page would be most of the
-//! agent's dependencies).
+//! second. The HTTP side is `sensor_proto::metrics_http`, shared with the collector.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::{detect::DetectStats, pipeline::PipelineStats};
 
@@ -346,71 +340,18 @@ pub fn resident_bytes() -> u64 {
         .map_or(0, |m| m.resident * procfs::page_size())
 }
 
-/// Binds `addr` now (a bad address is an error at start) and serves in the background.
+/// Serves `metrics` at `http://ADDR/metrics` (`sensor_proto::metrics_http`); returns the
+/// address bound.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    info!(address = %local, "metrics at http://{local}/metrics");
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let metrics = Arc::clone(&metrics);
-            tokio::spawn(async move {
-                if let Err(e) = answer(stream, &metrics).await {
-                    debug!(%peer, error = %e, "metrics request failed");
-                }
-            });
-        }
-    });
-    Ok(local)
-}
-
-async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    // The request line and headers, at most 8 KiB and 5 s.
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
-            let n = stream.read(&mut buf[len..]).await?;
-            if n == 0 {
-                break;
-            }
-            len += n;
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await;
-    if read.is_err() {
-        return Ok(());
-    }
-    let head = String::from_utf8_lossy(&buf[..len]);
-    let mut words = head.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, content_type, body) = if method == "GET" && (path == "/metrics" || path == "/") {
-        (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.render(),
-        )
-    } else {
-        (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "only GET /metrics\n".to_owned(),
-        )
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    sensor_proto::metrics_http::serve(addr, Arc::new(move || metrics.render())).await
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[test]
