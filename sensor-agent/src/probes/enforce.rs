@@ -3,7 +3,7 @@
 //!
 //! The kernel knows files by inode and device only, so the policy's paths are resolved
 //! here, when it is applied: an allowed executable replaced later (a package update) is
-//! a new inode and needs a reload (SIGHUP), which the package scripts' restart does.
+//! a new inode and needs a reload (SIGHUP) of the agent.
 
 use std::{collections::HashSet, os::unix::fs::MetadataExt, path::Path};
 
