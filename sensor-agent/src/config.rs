@@ -417,5 +417,11 @@ listen = "127.0.0.1:9464"
 
         let e = err("[agent]\nevents = \"yes\"\n");
         assert!(e.contains(":2:") && e.contains("bool"), "{e}");
+
+        let e = err("[agent]\nenforce = \"kill\"\n");
+        assert!(
+            e.contains(":2:") && e.contains("`off`, `audit`, `on`"),
+            "{e}"
+        );
     }
 }
