@@ -11,7 +11,6 @@ use crate::proctable::{ProcessInfo, ProcessTable, Source};
 /// Reads every process under `proc_root` (normally `/proc`) into `table`. Processes that
 /// vanish while being read are skipped. Returns how many were added.
 pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize> {
-    let ticks = procfs::ticks_per_second().max(1);
     let processes = procfs::process::all_processes_with_root(proc_root)
         .map_err(|e| std::io::Error::other(format!("{}: {e}", proc_root.display())))?;
     let mut seeded = Vec::new();
@@ -35,7 +34,7 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
             pid: stat.pid as u32,
             ppid: stat.ppid.max(0) as u32,
             parent_start_ns: 0,
-            start_boot_ns: stat.starttime.saturating_mul(1_000_000_000) / ticks,
+            start_boot_ns: boot_ns(&stat),
             exe_memfd: exe.starts_with("/memfd:"),
             exe: exe.into(),
             exe_deleted,
@@ -71,14 +70,20 @@ pub fn seed(table: &mut ProcessTable, proc_root: &Path) -> std::io::Result<usize
     Ok(count)
 }
 
+/// A process's start in nanoseconds since boot, at clock-tick precision (`seed` and
+/// `start_boot_ns` must agree exactly: enforcement compares the two).
+fn boot_ns(stat: &procfs::process::Stat) -> u64 {
+    let ticks = procfs::ticks_per_second().max(1);
+    stat.starttime.saturating_mul(1_000_000_000) / ticks
+}
+
 /// The start time of process `pid` as `seed` reads it (clock-tick precision), if it runs.
 pub fn start_boot_ns(pid: u32) -> Option<u64> {
-    let ticks = procfs::ticks_per_second().max(1);
     let stat = procfs::process::Process::new(pid as i32)
         .ok()?
         .stat()
         .ok()?;
-    Some(stat.starttime.saturating_mul(1_000_000_000) / ticks)
+    Some(boot_ns(&stat))
 }
 
 #[cfg(test)]
