@@ -277,6 +277,26 @@ impl Default for Certs {
     }
 }
 
+/// `sensor-agent run` streaming to the collector at `url` through the spool in `spool`,
+/// as agent `id`: every alert a line (no collapse), quick retries and heartbeats.
+pub fn agent_args<'a>(url: &'a str, spool: &'a str, id: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--collapse",
+        "0",
+        "--collector",
+        url,
+        "--spool",
+        spool,
+        "--agent-id",
+        id,
+        "--collector-retry-max",
+        "2",
+        "--heartbeat",
+        "1",
+    ]
+}
+
 /// A program in /tmp that raises EPMM-B17 each time it runs (execution from a writable
 /// location). Removed on drop.
 pub struct TmpProgram(pub PathBuf);

@@ -10,7 +10,7 @@ use std::{
 use prost::Message;
 use sensor_e2e::{
     Agent, Scratch, alert_of,
-    collector::{Certs, Collector, TmpProgram, alert_pid, b17_of, free_port, query},
+    collector::{Certs, Collector, TmpProgram, agent_args, alert_pid, b17_of, free_port, query},
     num,
 };
 use sensor_proto::{
@@ -20,24 +20,6 @@ use sensor_proto::{
 use serde_json::Value;
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn agent_args<'a>(url: &'a str, spool: &'a str, id: &'a str) -> Vec<&'a str> {
-    vec![
-        "run",
-        "--collapse",
-        "0",
-        "--collector",
-        url,
-        "--spool",
-        spool,
-        "--agent-id",
-        id,
-        "--collector-retry-max",
-        "2",
-        "--heartbeat",
-        "1",
-    ]
-}
 
 /// The pids of the stored B17 alerts of `exe` from `agent`, asserting none is stored twice.
 fn stored_pids(db: &std::path::Path, agent: &str, exe: &str) -> BTreeSet<u64> {
