@@ -25,7 +25,9 @@ struct Rsyslog {
 
 impl Rsyslog {
     /// rsyslogd in the foreground: TCP on 127.0.0.1:`port`, every message's MSG part (the
-    /// alert's JSON line) appended to `out`.
+    /// alert's JSON line) appended to `out`. Messages up to 1 MiB: an alert carries its
+    /// ancestry's argv and is easily larger than rsyslog's default of 8 KiB, which it
+    /// truncates (seen in CI, where an ancestor is `bash -c` with a 30 KB script).
     fn start(dir: &Scratch, port: u16, out: &Path) -> Rsyslog {
         let work = dir.path("rsyslog-work");
         std::fs::create_dir_all(&work).unwrap();
@@ -33,7 +35,7 @@ impl Rsyslog {
         std::fs::write(
             &conf,
             format!(
-                "global(workDirectory=\"{}\")\n\
+                "global(workDirectory=\"{}\" maxMessageSize=\"1m\")\n\
                  module(load=\"imtcp\")\n\
                  template(name=\"msgonly\" type=\"string\" string=\"%pri% %hostname% %app-name% %msgid% %structured-data% %msg%\\n\")\n\
                  ruleset(name=\"siem\") {{ action(type=\"omfile\" file=\"{}\" template=\"msgonly\") }}\n\
