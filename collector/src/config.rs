@@ -15,8 +15,10 @@ use serde::Deserialize;
 pub struct Config {
     /// Address to listen on.
     pub listen: Option<SocketAddr>,
-    /// SQLite database file.
-    pub db: Option<PathBuf>,
+    /// SQLite database file or postgres:// URL.
+    pub db: Option<String>,
+    /// The CA of the PostgreSQL server's certificate.
+    pub db_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
@@ -73,12 +75,13 @@ mod tests {
         assert_eq!(config.retain_days, Some(365));
         assert_eq!(
             config.db.as_deref(),
-            Some(Path::new("/var/lib/sensor-collector/collector.db"))
+            Some("/var/lib/sensor-collector/collector.db")
         );
         assert_eq!(config.forward_syslog.len(), 1);
         for key in [
             "listen",
             "db",
+            "db_ca",
             "tls_cert",
             "tls_key",
             "tls_client_ca",

@@ -15,18 +15,15 @@
 //! unique for ever (what a SIEM de-duplicates on), `alert` the alert's own id. Facility 13 (log audit); severity critical -> 2,
 //! high -> 3, medium -> 4, low -> 5.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OptionalExtension, params};
 use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::{io::AsyncWriteExt, net::TcpStream, sync::watch};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tracing::{info, warn};
+
+use crate::store::{Db, ForwardRow as Row};
 
 /// Alerts read and written per round.
 const BATCH: i64 = 256;
@@ -76,22 +73,30 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
 
 /// How `tls://` targets are reached: the CA (PEM) their certificates must chain to.
 pub fn tls_connector(ca: &Path) -> Result<TlsConnector, String> {
-    let pem = sensor_proto::pem::certificates(ca, "--forward-ca")?;
+    Ok(TlsConnector::from(Arc::new(client_config(
+        ca,
+        "--forward-ca",
+    )?)))
+}
+
+/// A TLS client that trusts the certificates of `ca` (PEM; `flag` names it in errors)
+/// and checks the server's name: syslog receivers, the PostgreSQL server.
+pub fn client_config(ca: &Path, flag: &str) -> Result<rustls::ClientConfig, String> {
+    let pem = sensor_proto::pem::certificates(ca, flag)?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("--forward-ca {}: {e}", ca.display()))?;
+        let cert = cert.map_err(|e| format!("{flag} {}: {e}", ca.display()))?;
         roots
             .add(cert)
-            .map_err(|e| format!("--forward-ca {}: {e}", ca.display()))?;
+            .map_err(|e| format!("{flag} {}: {e}", ca.display()))?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| format!("TLS: {e}"))?
     .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
+    .with_no_client_auth())
 }
 
 /// A connection to a receiver.
@@ -156,60 +161,6 @@ impl Conn {
             Err(e) => Err(e).context("the connection failed"),
         }
     }
-}
-
-/// One stored alert, as the forwarder reads it.
-#[derive(Debug)]
-struct Row {
-    rowid: i64,
-    agent_id: String,
-    seq: i64,
-    time_ns: i64,
-    rule_id: String,
-    severity: i32,
-    host: String,
-    json: String,
-}
-
-fn read_batch(conn: &Connection, after: i64) -> rusqlite::Result<Vec<Row>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT rowid, agent_id, seq, time_ns, rule_id, severity, host, json FROM alerts
-         WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
-    )?;
-    stmt.query_map(params![after, BATCH], |r| {
-        Ok(Row {
-            rowid: r.get(0)?,
-            agent_id: r.get(1)?,
-            seq: r.get(2)?,
-            time_ns: r.get(3)?,
-            rule_id: r.get(4)?,
-            severity: r.get(5)?,
-            host: r.get(6)?,
-            json: r.get(7)?,
-        })
-    })?
-    .collect()
-}
-
-/// The cursor of `target` (0 when it was never forwarded to: everything stored goes).
-pub fn cursor(conn: &Connection, target: &str) -> rusqlite::Result<i64> {
-    Ok(conn
-        .query_row(
-            "SELECT last_rowid FROM forward WHERE target = ?1",
-            [target],
-            |r| r.get(0),
-        )
-        .optional()?
-        .unwrap_or(0))
-}
-
-fn set_cursor(conn: &Connection, target: &str, rowid: i64) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO forward (target, last_rowid) VALUES (?1, ?2)
-         ON CONFLICT (target) DO UPDATE SET last_rowid = excluded.last_rowid",
-        params![target, rowid],
-    )?;
-    Ok(())
 }
 
 /// Printable ASCII without spaces, at most `max` characters, "-" when empty (RFC 5424's
@@ -278,7 +229,7 @@ fn frame(row: &Row) -> Vec<u8> {
 
 /// Forwards to `target` until `stop` is set.
 pub async fn run(
-    db: PathBuf,
+    db: Db,
     target: Target,
     tls: Option<TlsConnector>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -289,9 +240,14 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
+        let started = std::time::Instant::now();
         match forward(&db, &target, tls.as_ref(), &metrics, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
+                // A connection that served for a while starts the back-off again.
+                if started.elapsed() > BACKOFF_MAX * 2 {
+                    backoff = Duration::from_millis(250);
+                }
                 warn!(target = %target.name, error = %format!("{e:#}"), retry_in = ?backoff, "syslog forwarding interrupted; the alerts wait in the store");
             }
         }
@@ -305,30 +261,30 @@ pub async fn run(
 
 /// One connection's worth of forwarding; `Ok` only when asked to stop.
 async fn forward(
-    db: &Path,
+    db: &Db,
     target: &Target,
     tls: Option<&TlsConnector>,
     metrics: &crate::metrics::Metrics,
     stop: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let conn = open(db)?;
-    let label = metrics.target(&target.name);
-    let lag = |conn: &Connection, after: i64| -> rusqlite::Result<()> {
-        let newest: Option<i64> =
-            conn.query_row("SELECT MAX(rowid) FROM alerts", [], |r| r.get(0))?;
-        metrics
-            .forward_lag
-            .get_or_create(&label)
-            .set((newest.unwrap_or(0) - after).max(0));
-        Ok(())
+    let Some(mut source) = db.forward_source(&target.name, stop).await? else {
+        return Ok(());
     };
-    let mut after = cursor(&conn, &target.name)?;
-    lag(&conn, after)?;
+    let lag = metrics
+        .forward_lag
+        .get_or_create(&metrics.target(&target.name))
+        .clone();
+    let forwarded = metrics
+        .forwarded
+        .get_or_create(&metrics.target(&target.name))
+        .clone();
+    let mut after = source.cursor(&target.name).await?;
+    lag.set(source.lag(after).await?);
     let mut stream = Conn::open(target, tls).await?;
-    info!(target = %target.name, from_row = after, "forwarding alerts to syslog");
+    info!(target = %target.name, from = ?after, "forwarding alerts to syslog");
     loop {
-        let rows = read_batch(&conn, after)?;
-        lag(&conn, after)?;
+        let rows = source.read_batch(after, BATCH).await?;
+        lag.set(source.lag(after).await?);
         if rows.is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(IDLE) => {}
@@ -348,22 +304,12 @@ async fn forward(
         // A receiver that closed its end has not taken these: the cursor stays.
         tokio::time::sleep(Duration::from_millis(20)).await;
         stream.alive().await?;
-        let last = rows.last().map_or(after, |r| r.rowid);
-        set_cursor(&conn, &target.name, last)?;
-        metrics
-            .forwarded
-            .get_or_create(&label)
-            .inc_by(rows.len() as u64);
+        let last = rows.last().map_or(after, |r| r.pos);
+        source.set_cursor(&target.name, last).await?;
+        forwarded.inc_by(rows.len() as u64);
         after = last;
-        lag(&conn, after)?;
+        lag.set(source.lag(after).await?);
     }
-}
-
-fn open(db: &Path) -> anyhow::Result<Connection> {
-    let conn = Connection::open(db)
-        .with_context(|| format!("--db {}: cannot open for forwarding", db.display()))?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
 }
 
 #[cfg(test)]
@@ -426,8 +372,9 @@ mod tests {
     async fn tls_receivers_are_checked_and_served() {
         use tokio::io::AsyncReadExt;
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("c.db");
-        let conn = crate::store::open(&db).unwrap();
+        let path = dir.path().join("c.db");
+        let conn = crate::store::sqlite::open(&path).unwrap();
+        let db = Db::Sqlite(path);
         conn.execute(
             "INSERT INTO alerts (agent_id, seq, time_ns, rule_id, severity, title, host, json)
              VALUES ('a', 7, 1769766000000000000, 'EPMM-B1', 4, 't', 'epmm01', '{\"alert\":{\"id\":\"a:1\"}}')",
@@ -456,7 +403,10 @@ mod tests {
         let (refused, result) = tokio::join!(server, client);
         assert!(refused, "the server saw a completed handshake");
         assert!(format!("{:#}", result.unwrap_err()).contains("TLS handshake"));
-        assert_eq!(cursor(&conn, &target.name).unwrap(), 0);
+        assert_eq!(
+            crate::store::sqlite::cursor(&conn, &target.name).unwrap(),
+            0
+        );
 
         // The right CA: the alert arrives, framed.
         let connector = tls_connector(&ca).unwrap();
@@ -488,7 +438,7 @@ mod tests {
         );
         // The cursor moves once the receiver took it.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while cursor(&conn, &target.name).unwrap() == 0 {
+        while crate::store::sqlite::cursor(&conn, &target.name).unwrap() == 0 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the cursor did not move"
@@ -500,7 +450,7 @@ mod tests {
     #[test]
     fn frames_are_rfc5424_with_octet_counting() {
         let row = Row {
-            rowid: 7,
+            pos: (0, 7),
             agent_id: "agent-1".into(),
             seq: 42,
             time_ns: 1_769_766_000_123_456_789,

