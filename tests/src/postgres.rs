@@ -165,21 +165,19 @@ impl Postgres {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
 
+    /// psql connected to the server as `sensor`, stopping at the first error.
+    pub fn client(&self) -> Command {
+        let mut cmd = Command::new(bin_dir().join("psql"));
+        cmd.args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "sensor", "-d", "postgres", "-v", "ON_ERROR_STOP=1"]);
+        cmd
+    }
+
     /// One SQL statement's result through psql, unaligned, tuples only.
     pub fn psql(&self, sql: &str) -> String {
-        let out = Command::new(bin_dir().join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args([
-                "-U",
-                "sensor",
-                "-d",
-                "postgres",
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
+        let out = self
+            .client()
+            .args(["-At", "-c", sql])
             .output()
             .expect("run psql");
         assert!(

@@ -13,8 +13,9 @@ use std::{
 
 use sensor_e2e::{
     Agent, Scratch,
-    collector::{Collector, TmpProgram, agent_args, alert_pid, b17_of, query},
+    collector::{Collector, TmpProgram, agent_args, alert_pid, b17_of, free_port, query},
     postgres::Postgres,
+    rsyslog::{Rsyslog, received},
 };
 use serde_json::Value;
 
@@ -180,4 +181,164 @@ fn two_collectors_on_postgres_store_every_alert_once_across_a_database_restart()
     agent.stop();
     second.stop();
     first.stop();
+}
+
+/// Waits until rsyslog wrote each stored B17 alert of `exe` (at least `n` of them), and
+/// checks it wrote each exactly once.
+fn wait_forwarded_once(url: &str, exe: &str, out: &Path, n: usize) {
+    let deadline = Instant::now() + STORE_TIMEOUT;
+    loop {
+        let ids: Vec<String> = query("alerts", Path::new(url), &[])
+            .iter()
+            .filter(|l| b17_of(l, exe))
+            .map(|l| l["alert"]["id"].as_str().unwrap().to_owned())
+            .collect();
+        let got = received(out);
+        if ids.len() >= n && ids.iter().all(|id| got.contains_key(id)) {
+            for id in &ids {
+                assert_eq!(got[id], 1, "{id} received {} times: {got:?}", got[id]);
+            }
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rsyslog has {} of the {} stored alerts: {got:?}",
+            ids.iter().filter(|id| got.contains_key(*id)).count(),
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Both collectors are configured to forward to the same SIEM: one forwards (it holds the
+/// target's lock in the database), the other stands by, so each alert arrives once. The
+/// forwarding one stops; the other takes over from the shared cursor.
+#[test]
+fn a_fleet_forwards_each_alert_once_and_hands_forwarding_over() {
+    let scratch = Scratch::new("fleet-forward");
+    let pg = Postgres::start(&scratch.path("pg"));
+    let url = pg.url();
+    let db = Path::new(&url);
+    let out = scratch.path("siem.log");
+    let port = free_port();
+    let _rsyslog = Rsyslog::start(&scratch, port, &out);
+    let target = format!("tcp://127.0.0.1:{port}");
+    let forward = ["--forward-syslog", target.as_str()];
+    let mut collectors = [
+        Collector::start(db, "127.0.0.1:0", &forward),
+        Collector::start(db, "127.0.0.1:0", &forward),
+    ];
+    let (url_a, url_b) = (collectors[0].url("http"), collectors[1].url("http"));
+    let spool = scratch.path("spool");
+    let mut args = agent_args(&url_a, spool.to_str().unwrap(), "e2e-fleet-forward");
+    args.extend(["--collector", url_b.as_str()]);
+    let mut agent = Agent::start_with(&args);
+    let prog = TmpProgram::new("fleet-forward");
+    for _ in 0..5 {
+        prog.run();
+    }
+    wait_forwarded_once(&url, prog.exe(), &out, 5);
+    let forwarding = |c: &Collector| c.log().contains("forwarding alerts to syslog");
+    let holder = collectors
+        .iter()
+        .position(forwarding)
+        .expect("one collector forwards");
+    let other = 1 - holder;
+    assert!(
+        !forwarding(&collectors[other]),
+        "both collectors forward:\n{}",
+        collectors[other].log()
+    );
+    assert!(
+        collectors[other].log().contains("standing by"),
+        "{}",
+        collectors[other].log()
+    );
+
+    collectors[holder].stop();
+    for _ in 0..5 {
+        prog.run();
+    }
+    wait_forwarded_once(&url, prog.exe(), &out, 10);
+    assert!(
+        forwarding(&collectors[other]),
+        "the standby took over:\n{}",
+        collectors[other].log()
+    );
+    agent.stop();
+}
+
+/// Two collectors' transactions take alert row numbers in one order and commit in
+/// another. A forwarder that followed row numbers would pass a row still uncommitted and
+/// never send it; ours waits for it. Re-enacted with psql: a transaction inserts an alert
+/// and stays open while a later one inserts and commits another.
+#[test]
+fn forwarding_on_postgres_never_skips_a_row_committed_late() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let scratch = Scratch::new("fleet-order");
+    let pg = Postgres::start(&scratch.path("pg"));
+    let url = pg.url();
+    let out = scratch.path("siem.log");
+    let port = free_port();
+    let _rsyslog = Rsyslog::start(&scratch, port, &out);
+    let target = format!("tcp://127.0.0.1:{port}");
+    let mut collector = Collector::start(
+        Path::new(&url),
+        "127.0.0.1:0",
+        &["--forward-syslog", &target],
+    );
+    let insert = |seq: u32| {
+        format!(
+            "INSERT INTO alerts (agent_id, seq, time_ns, rule_id, severity, title, host, json) \
+             VALUES ('order', {seq}, 1769766000000000000, 'EPMM-B1', 4, 't', 'h', \
+             '{{\"alert\":{{\"id\":\"order:{seq}\"}}}}');"
+        )
+    };
+    let mut open = pg
+        .client()
+        .arg("-q")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run psql");
+    let mut stdin = open.stdin.take().unwrap();
+    writeln!(stdin, "BEGIN; {}", insert(1)).unwrap();
+    stdin.flush().unwrap();
+    // The open transaction has its row (the lower number) before the next one commits.
+    let deadline = Instant::now() + STORE_TIMEOUT;
+    while pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction'")
+        != "1"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "psql did not open its transaction"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    pg.psql(&insert(2));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        received(&out).is_empty(),
+        "forwarded past a transaction still open: {:?}",
+        received(&out)
+    );
+    writeln!(stdin, "COMMIT;").unwrap();
+    drop(stdin);
+    assert!(open.wait().unwrap().success());
+    let deadline = Instant::now() + STORE_TIMEOUT;
+    loop {
+        let got = received(&out);
+        if got.len() == 2 {
+            assert!(got.values().all(|n| *n == 1), "{got:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rsyslog has {got:?}; the collector:\n{}",
+            collector.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    collector.stop();
 }
