@@ -49,6 +49,10 @@ enum Workload {
     /// Alerts from agent to collector over mutual TLS with fsync on both sides: latency
     /// from exec to stored alert (`--iterations` samples) and a burst's alerts per second.
     Delivery,
+    /// Simulated agents (100 and 1,000 concurrent streams) sending `--iterations` alerts in
+    /// all to collectors on SQLite, PostgreSQL, and PostgreSQL with two collectors: stored
+    /// alerts per second and stream-to-commit latency.
+    Fleet,
 }
 
 /// What one run with the agent cost and delivered.
@@ -65,6 +69,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Workload::Delivery = args.workload {
         return delivery(&args);
+    }
+    if let Workload::Fleet = args.workload {
+        return fleet(&args);
     }
     let bin = match &args.agent {
         Some(bin) => bin.clone(),
@@ -126,38 +133,61 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs the delivery benchmark binary (tests/src/bin/delivery_bench.rs) against release
-/// builds of the agent and the collector.
-fn delivery(args: &BenchArgs) -> Result<()> {
-    step("build the agent, the collector and the delivery benchmark (release)");
-    cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "sensor-agent",
-        "--package",
-        "sensor-collector",
-    ])?;
+/// Builds the release `packages` and the benchmark binary `bench` (tests/src/bin), and
+/// runs it with `args`, pointed at the release agent and collector.
+fn harness(packages: &[&str], bench: &str, args: &[&str]) -> Result<()> {
+    step(&format!(
+        "build {} and {bench} (release)",
+        packages.join(", ")
+    ));
+    let mut build = vec!["build", "--release"];
+    for package in packages {
+        build.extend(["--package", package]);
+    }
+    cargo(&build)?;
     cargo(&[
         "build",
         "--release",
         "--package",
         "sensor-e2e",
         "--bin",
-        "delivery-bench",
+        bench,
     ])?;
     let release = workspace().join("target/release");
-    let samples = args.iterations.min(10_000).to_string();
-    let status = Command::new(release.join("delivery-bench"))
-        .args([samples.as_str(), "2000"])
+    let status = Command::new(release.join(bench))
+        .args(args)
         .env("SENSOR_AGENT_BIN", release.join("sensor-agent"))
         .env("SENSOR_COLLECTOR_BIN", release.join("sensor-collector"))
         .status()
-        .context("run delivery-bench")?;
+        .with_context(|| format!("run {bench}"))?;
     if !status.success() {
-        bail!("delivery-bench failed ({status})");
+        bail!("{bench} failed ({status})");
     }
     Ok(())
+}
+
+/// The delivery benchmark (tests/src/bin/delivery_bench.rs).
+fn delivery(args: &BenchArgs) -> Result<()> {
+    let samples = args.iterations.min(10_000).to_string();
+    harness(
+        &["sensor-agent", "sensor-collector"],
+        "delivery-bench",
+        &[&samples, "2000"],
+    )
+}
+
+/// The fleet benchmark (tests/src/bin/fleet_bench.rs), against a PostgreSQL server of its
+/// own.
+fn fleet(args: &BenchArgs) -> Result<()> {
+    crate::setup::ensure_apt(
+        "postgresql",
+        std::path::Path::new("/usr/share/postgresql-common/pg_wrapper"),
+    )?;
+    harness(
+        &["sensor-collector"],
+        "fleet-bench",
+        &["100,1000", &args.iterations.to_string()],
+    )
 }
 
 fn median(mut values: Vec<Duration>) -> Duration {
@@ -182,7 +212,7 @@ fn workload(kind: Workload, iterations: u32) -> Result<Duration> {
         Workload::Connect => connect_storm(iterations),
         Workload::Open => open_storm(iterations, false),
         Workload::OpenWrite => open_storm(iterations, true),
-        Workload::Delivery => bail!("the delivery benchmark has its own runner"),
+        Workload::Delivery | Workload::Fleet => bail!("this benchmark has its own runner"),
     }
 }
 

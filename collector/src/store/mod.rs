@@ -238,10 +238,8 @@ pub(crate) trait Backend {
     async fn stored_any(&mut self, agent_id: &str) -> Result<bool>;
     /// Adds a gap unless the same one is there; true when added.
     async fn add_gap(&mut self, agent_id: &str, from: u64, to: u64, kind: &str) -> Result<bool>;
-    /// The end of the furthest gap that covers `seq`.
-    async fn covering_gap(&mut self, agent_id: &str, seq: u64) -> Result<Option<u64>>;
-    /// Stored sequence numbers above `after`, ascending, at most `limit`.
-    async fn records_after(&mut self, agent_id: &str, after: u64, limit: i64) -> Result<Vec<u64>>;
+    /// Runs [`ADVANCE`] for the agent: its new contiguous mark.
+    async fn advance(&mut self, agent_id: &str) -> Result<u64>;
     /// Inserts the records that are not there; returns the numbers inserted.
     async fn insert_records(
         &mut self,
@@ -459,7 +457,7 @@ async fn apply<B: Backend>(
                 }
                 backend.set_contiguous(agent, first_seq - 1).await?;
             }
-            advance(backend, agent).await
+            backend.advance(agent).await
         }
         Request::Records {
             agent_id,
@@ -471,7 +469,7 @@ async fn apply<B: Backend>(
             backend
                 .touch_agent(agent_id, now_ns(), sql_u64(last))
                 .await?;
-            advance(backend, agent_id).await
+            backend.advance(agent_id).await
         }
         Request::Heartbeat {
             agent_id,
@@ -589,33 +587,30 @@ async fn record_shed<B: Backend>(
     Ok(())
 }
 
-/// Moves the agent's contiguous mark over every number now stored or accounted for.
-async fn advance<B: Backend>(backend: &mut B, agent_id: &str) -> Result<u64> {
-    const CHUNK: i64 = 4096;
-    let start = backend.contiguous(agent_id).await?;
-    let mut mark = start;
-    loop {
-        if let Some(to) = backend.covering_gap(agent_id, mark + 1).await? {
-            mark = to.max(mark + 1);
-            continue;
-        }
-        let before = mark;
-        let stored = backend.records_after(agent_id, mark, CHUNK).await?;
-        for seq in &stored {
-            if *seq != mark + 1 {
-                break;
-            }
-            mark = *seq;
-        }
-        if mark == before {
-            break;
-        }
-    }
-    if mark != start {
-        backend.set_contiguous(agent_id, mark).await?;
-    }
-    Ok(mark)
-}
+/// Moves agent `$1`'s contiguous mark over every number now stored (`records`) or
+/// accounted for (`gaps`), in one statement both databases run (one round trip to
+/// PostgreSQL instead of one per step): each step of the walk takes the furthest gap that
+/// covers the next number, or the next number's record; it stops at the first number with
+/// neither.
+pub(crate) const ADVANCE: &str = "
+UPDATE agents SET contiguous = (
+    WITH RECURSIVE walk(mark) AS (
+        SELECT contiguous FROM agents WHERE agent_id = $1
+        UNION ALL
+        SELECT coalesce(
+            (SELECT max(g.to_seq) FROM gaps g
+              WHERE g.agent_id = $1 AND g.from_seq <= w.mark + 1 AND g.to_seq >= w.mark + 1),
+            (SELECT r.seq FROM records r WHERE r.agent_id = $1 AND r.seq = w.mark + 1))
+        FROM walk w
+        WHERE coalesce(
+            (SELECT max(g.to_seq) FROM gaps g
+              WHERE g.agent_id = $1 AND g.from_seq <= w.mark + 1 AND g.to_seq >= w.mark + 1),
+            (SELECT r.seq FROM records r WHERE r.agent_id = $1 AND r.seq = w.mark + 1)) IS NOT NULL
+    )
+    SELECT max(mark) FROM walk
+)
+WHERE agent_id = $1
+RETURNING contiguous";
 
 fn alert_time_ns(alert: &Alert) -> i64 {
     alert.time.as_ref().map_or(0, |t| {

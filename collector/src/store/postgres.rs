@@ -270,8 +270,7 @@ struct Statements {
     set_contiguous: Statement,
     stored_any: Statement,
     add_gap: Statement,
-    covering_gap: Statement,
-    records_after: Statement,
+    advance: Statement,
     insert_records: Statement,
     insert_alerts: Statement,
     insert_events: Statement,
@@ -317,18 +316,7 @@ impl Statements {
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                 )
                 .await?,
-            covering_gap: client
-                .prepare(
-                    "SELECT max(to_seq) FROM gaps
-                     WHERE agent_id = $1 AND from_seq <= $2 AND to_seq >= $2",
-                )
-                .await?,
-            records_after: client
-                .prepare(
-                    "SELECT seq FROM records WHERE agent_id = $1 AND seq > $2
-                     ORDER BY seq LIMIT $3",
-                )
-                .await?,
+            advance: client.prepare(super::ADVANCE).await?,
             insert_records: client
                 .prepare(
                     "INSERT INTO records (agent_id, seq, kind)
@@ -483,25 +471,10 @@ impl Backend for PgBackend {
             > 0)
     }
 
-    async fn covering_gap(&mut self, agent_id: &str, seq: u64) -> Result<Option<u64>> {
+    async fn advance(&mut self, agent_id: &str) -> Result<u64> {
         let (c, s) = self.live()?;
-        let to: Option<i64> = c
-            .query_one(&s.covering_gap, &[&text(agent_id), &super::sql_u64(seq)])
-            .await?
-            .get(0);
-        Ok(to.map(|t| t as u64))
-    }
-
-    async fn records_after(&mut self, agent_id: &str, after: u64, limit: i64) -> Result<Vec<u64>> {
-        let (c, s) = self.live()?;
-        Ok(c.query(
-            &s.records_after,
-            &[&text(agent_id), &super::sql_u64(after), &limit],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get::<_, i64>(0) as u64)
-        .collect())
+        let row = c.query_opt(&s.advance, &[&text(agent_id)]).await?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0)) as u64)
     }
 
     async fn insert_records(

@@ -231,26 +231,13 @@ impl Backend for SqliteBackend {
             > 0)
     }
 
-    async fn covering_gap(&mut self, agent_id: &str, seq: u64) -> Result<Option<u64>> {
-        let to: Option<i64> = self
+    async fn advance(&mut self, agent_id: &str) -> Result<u64> {
+        let mark: Option<i64> = self
             .conn
-            .prepare_cached(
-                "SELECT max(to_seq) FROM gaps WHERE agent_id = ?1 AND from_seq <= ?2 AND to_seq >= ?2",
-            )?
-            .query_row(params![agent_id, super::sql_u64(seq)], |r| r.get(0))?;
-        Ok(to.map(|t| t as u64))
-    }
-
-    async fn records_after(&mut self, agent_id: &str, after: u64, limit: i64) -> Result<Vec<u64>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq FROM records WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![agent_id, super::sql_u64(after), limit], |r| {
-            r.get::<_, i64>(0)
-        })?;
-        Ok(rows
-            .map(|r| r.map(|s| s as u64))
-            .collect::<rusqlite::Result<_>>()?)
+            .prepare_cached(super::ADVANCE)?
+            .query_row([agent_id], |r| r.get(0))
+            .optional()?;
+        Ok(mark.unwrap_or(0) as u64)
     }
 
     async fn insert_records(
