@@ -294,6 +294,21 @@ fn agents(
     Ok(())
 }
 
+/// The listening socket, with a backlog for a fleet reconnecting at once (after a restart
+/// of the collector, a thousand agents' handshakes arrive within their back-off jitter;
+/// the default backlog of 1024 overflowed into SYN cookies and resets in the fleet
+/// benchmark). The kernel caps it at `net.core.somaxconn`.
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
+}
+
 /// Tells systemd (when it runs the collector as a `Type=notify` service).
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
@@ -433,9 +448,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let served = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("--listen {listen}: cannot bind"))?;
+        let listener = bind(listen).with_context(|| format!("--listen {listen}: cannot bind"))?;
         let local = listener.local_addr()?;
         let incoming = listener::incoming(listener, limits);
         let mut builder = Server::builder()

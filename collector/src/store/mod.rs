@@ -17,7 +17,7 @@ mod postgres;
 pub(crate) mod sqlite;
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashMap, HashSet},
     io::Write,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -207,6 +207,7 @@ fn sql_u64(v: u64) -> i64 {
 
 /// One alert row to insert.
 pub(crate) struct AlertRow {
+    pub agent_id: String,
     pub seq: i64,
     pub time_ns: i64,
     pub rule_id: String,
@@ -238,17 +239,18 @@ pub(crate) trait Backend {
     async fn stored_any(&mut self, agent_id: &str) -> Result<bool>;
     /// Adds a gap unless the same one is there; true when added.
     async fn add_gap(&mut self, agent_id: &str, from: u64, to: u64, kind: &str) -> Result<bool>;
-    /// Runs [`ADVANCE`] for the agent: its new contiguous mark.
-    async fn advance(&mut self, agent_id: &str) -> Result<u64>;
-    /// Inserts the records that are not there; returns the numbers inserted.
+    /// Runs [`ADVANCE`] for each of these agents: their new contiguous marks.
+    async fn advance(&mut self, agent_ids: &[&str]) -> Result<HashMap<String, u64>>;
+    /// Inserts the records (agent id, sequence number, kind) that are not there; returns
+    /// those inserted.
     async fn insert_records(
         &mut self,
-        agent_id: &str,
-        records: &[(i64, &'static str)],
-    ) -> Result<HashSet<i64>>;
-    async fn insert_alerts(&mut self, agent_id: &str, rows: &[AlertRow]) -> Result<()>;
-    async fn insert_events(&mut self, agent_id: &str, rows: &[(i64, String)]) -> Result<()>;
-    async fn touch_agent(&mut self, agent_id: &str, now: i64, last_seq: i64) -> Result<()>;
+        records: &[(&str, i64, &'static str)],
+    ) -> Result<HashSet<(String, i64)>>;
+    async fn insert_alerts(&mut self, rows: &[AlertRow]) -> Result<()>;
+    async fn insert_events(&mut self, rows: &[(&str, i64, String)]) -> Result<()>;
+    /// Each agent (once) was heard from now, having sent up to this sequence number.
+    async fn touch_agents(&mut self, agents: &[(&str, i64)], now: i64) -> Result<()>;
     async fn heartbeat(
         &mut self,
         agent_id: &str,
@@ -403,7 +405,10 @@ async fn write_loop<B: Backend>(
     }
 }
 
-/// One transaction: the agents' rows taken in order, every request applied, committed.
+/// One transaction for the whole batch, in a few statements whatever its size: the
+/// agents' rows taken in order; Hellos; every stream's records inserted at once (the
+/// database says which were new); heartbeats; then each agent's contiguous mark, which
+/// answers its Hello or records. The answers are sent after the commit.
 pub(crate) async fn apply_batch<B: Backend>(
     backend: &mut B,
     batch: &[Request],
@@ -414,67 +419,25 @@ pub(crate) async fn apply_batch<B: Backend>(
     agents.sort_unstable();
     agents.dedup();
     backend.lock_agents(&agents).await?;
-    let mut answers = Vec::with_capacity(batch.len());
     for request in batch {
-        answers.push(apply(backend, request, printed).await?);
-    }
-    backend.commit().await?;
-    Ok(answers)
-}
-
-/// Applies one request inside the batch's transaction.
-async fn apply<B: Backend>(
-    backend: &mut B,
-    request: &Request,
-    printed: &mut Vec<String>,
-) -> Result<u64> {
-    match request {
-        Request::Hello {
+        if let Request::Hello {
             identity,
             first_seq,
             last_seq,
             peer,
             ..
-        } => {
-            let agent = identity.agent_id.as_str();
-            backend
-                .upsert_agent(identity, peer, now_ns(), sql_u64(*last_seq))
-                .await?;
-            let contiguous = backend.contiguous(agent).await?;
-            if *first_seq > contiguous + 1 {
-                // Numbers below first_seq never come: a new agent starts there; an agent
-                // with a new spool lost what its old spool held unsent.
-                if backend.stored_any(agent).await? {
-                    warn!(
-                        agent,
-                        from = contiguous + 1,
-                        to = first_seq - 1,
-                        "the agent's spool is new: records it never sent are lost"
-                    );
-                    backend
-                        .add_gap(agent, contiguous + 1, first_seq - 1, "reset")
-                        .await?;
-                }
-                backend.set_contiguous(agent, first_seq - 1).await?;
-            }
-            backend.advance(agent).await
+        } = request
+        {
+            hello(backend, identity, *first_seq, *last_seq, peer).await?;
         }
-        Request::Records {
-            agent_id,
-            envelopes,
-            ..
-        } => {
-            store_envelopes(backend, agent_id, envelopes, printed).await?;
-            let last = envelopes.iter().map(|e| e.seq).max().unwrap_or(0);
-            backend
-                .touch_agent(agent_id, now_ns(), sql_u64(last))
-                .await?;
-            backend.advance(agent_id).await
-        }
-        Request::Heartbeat {
+    }
+    store_records(backend, batch, printed).await?;
+    for request in batch {
+        if let Request::Heartbeat {
             agent_id,
             heartbeat,
-        } => {
+        } = request
+        {
             let lost: serde_json::Map<String, serde_json::Value> = heartbeat
                 .kernel_lost
                 .iter()
@@ -488,10 +451,62 @@ async fn apply<B: Backend>(
                     &serde_json::Value::Object(lost).to_string(),
                 )
                 .await?;
-            Ok(0)
         }
-        Request::Ping { .. } => Ok(0),
     }
+    let mut answered: Vec<&str> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Request::Hello { identity, .. } => Some(identity.agent_id.as_str()),
+            Request::Records { agent_id, .. } => Some(agent_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    answered.sort_unstable();
+    answered.dedup();
+    let marks = backend.advance(&answered).await?;
+    let answers = batch
+        .iter()
+        .map(|r| {
+            r.agent_id()
+                .and_then(|a| marks.get(a))
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect();
+    backend.commit().await?;
+    Ok(answers)
+}
+
+/// An agent connected: its identity, and where its numbers start.
+async fn hello<B: Backend>(
+    backend: &mut B,
+    identity: &AgentIdentity,
+    first_seq: u64,
+    last_seq: u64,
+    peer: &str,
+) -> Result<()> {
+    let agent = identity.agent_id.as_str();
+    backend
+        .upsert_agent(identity, peer, now_ns(), sql_u64(last_seq))
+        .await?;
+    let contiguous = backend.contiguous(agent).await?;
+    if first_seq > contiguous + 1 {
+        // Numbers below first_seq never come: a new agent starts there; an agent with a
+        // new spool lost what its old spool held unsent.
+        if backend.stored_any(agent).await? {
+            warn!(
+                agent,
+                from = contiguous + 1,
+                to = first_seq - 1,
+                "the agent's spool is new: records it never sent are lost"
+            );
+            backend
+                .add_gap(agent, contiguous + 1, first_seq - 1, "reset")
+                .await?;
+        }
+        backend.set_contiguous(agent, first_seq - 1).await?;
+    }
+    Ok(())
 }
 
 fn kind(env: &Envelope) -> Option<&'static str> {
@@ -505,56 +520,85 @@ fn kind(env: &Envelope) -> Option<&'static str> {
     }
 }
 
-async fn store_envelopes<B: Backend>(
+/// Every Records request of the batch: the records inserted in one statement, then the
+/// alerts and events that were new, the shed reports, and the agents' last-seen.
+async fn store_records<B: Backend>(
     backend: &mut B,
-    agent_id: &str,
-    envelopes: &[Envelope],
+    batch: &[Request],
     printed: &mut Vec<String>,
 ) -> Result<()> {
-    let records: Vec<(i64, &'static str)> = envelopes
+    let streams: Vec<(&str, &[Envelope])> = batch
         .iter()
-        .filter_map(|env| kind(env).map(|k| (sql_u64(env.seq), k)))
+        .filter_map(|r| match r {
+            Request::Records {
+                agent_id,
+                envelopes,
+                ..
+            } => Some((agent_id.as_str(), envelopes.as_slice())),
+            _ => None,
+        })
         .collect();
-    let inserted = backend.insert_records(agent_id, &records).await?;
+    if streams.is_empty() {
+        return Ok(());
+    }
+    let records: Vec<(&str, i64, &'static str)> = streams
+        .iter()
+        .flat_map(|(agent, envs)| {
+            envs.iter()
+                .filter_map(move |env| kind(env).map(|k| (*agent, sql_u64(env.seq), k)))
+        })
+        .collect();
+    let inserted = backend.insert_records(&records).await?;
     let mut alerts = Vec::new();
     let mut events = Vec::new();
-    for env in envelopes {
-        let seq = sql_u64(env.seq);
-        let new = inserted.contains(&seq);
-        match &env.body {
-            // A Shed record can take the number of a record stored before the agent shed
-            // it; its report still counts (and counts once: gaps are unique).
-            Some(envelope::Body::Shed(shed)) => {
-                record_shed(backend, agent_id, env.seq, shed).await?
-            }
-            Some(envelope::Body::Output(Output {
-                item: Some(output::Item::Alert(alert)),
-            })) if new => {
-                let line = json_line(&output::Item::Alert(alert.clone()));
-                alerts.push(AlertRow {
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for (agent_id, envelopes) in &streams {
+        let seen = last.entry(agent_id).or_insert(0);
+        for env in *envelopes {
+            let seq = sql_u64(env.seq);
+            *seen = (*seen).max(seq);
+            let new = inserted.contains(&((*agent_id).to_owned(), seq));
+            match &env.body {
+                // A Shed record can take the number of a record stored before the agent
+                // shed it; its report still counts (and counts once: gaps are unique).
+                Some(envelope::Body::Shed(shed)) => {
+                    record_shed(backend, agent_id, env.seq, shed).await?
+                }
+                Some(envelope::Body::Output(Output {
+                    item: Some(output::Item::Alert(alert)),
+                })) if new => {
+                    let line = json_line(&output::Item::Alert(alert.clone()));
+                    alerts.push(AlertRow {
+                        agent_id: (*agent_id).to_owned(),
+                        seq,
+                        time_ns: alert_time_ns(alert),
+                        rule_id: alert.rule_id.clone(),
+                        severity: alert.severity,
+                        title: alert.title.clone(),
+                        host: alert.host.clone(),
+                        json: line.clone(),
+                    });
+                    printed.push(line);
+                }
+                Some(envelope::Body::Output(Output {
+                    item: Some(output::Item::Event(event)),
+                })) if new => events.push((
+                    *agent_id,
                     seq,
-                    time_ns: alert_time_ns(alert),
-                    rule_id: alert.rule_id.clone(),
-                    severity: alert.severity,
-                    title: alert.title.clone(),
-                    host: alert.host.clone(),
-                    json: line.clone(),
-                });
-                printed.push(line);
+                    json_line(&output::Item::Event(event.clone())),
+                )),
+                _ => {}
             }
-            Some(envelope::Body::Output(Output {
-                item: Some(output::Item::Event(event)),
-            })) if new => events.push((seq, json_line(&output::Item::Event(event.clone())))),
-            _ => {}
         }
     }
     if !alerts.is_empty() {
-        backend.insert_alerts(agent_id, &alerts).await?;
+        backend.insert_alerts(&alerts).await?;
     }
     if !events.is_empty() {
-        backend.insert_events(agent_id, &events).await?;
+        backend.insert_events(&events).await?;
     }
-    Ok(())
+    let touched: Vec<(&str, i64)> = last.into_iter().collect();
+    backend.touch_agents(&touched, now_ns()).await
 }
 
 /// The numbers a Shed record reports, as 'shed' gaps (idempotent: a resent report counts

@@ -23,7 +23,12 @@
 //! - PostgreSQL text cannot hold NUL: NULs in what agents send become U+FFFD (the JSON
 //!   lines escape them and are stored as they are).
 
-use std::{borrow::Cow, collections::HashSet, path::Path, time::Duration};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use sensor_proto::v1::{AgentIdentity, Heartbeat};
@@ -274,7 +279,7 @@ struct Statements {
     insert_records: Statement,
     insert_alerts: Statement,
     insert_events: Statement,
-    touch_agent: Statement,
+    touch_agents: Statement,
     heartbeat: Statement,
 }
 
@@ -320,30 +325,29 @@ impl Statements {
             insert_records: client
                 .prepare(
                     "INSERT INTO records (agent_id, seq, kind)
-                     SELECT $1, s, k FROM unnest($2::bigint[], $3::text[]) AS t(s, k)
-                     ON CONFLICT DO NOTHING RETURNING seq",
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
+                     ON CONFLICT DO NOTHING RETURNING agent_id, seq",
                 )
                 .await?,
             insert_alerts: client
                 .prepare(
                     "INSERT INTO alerts (agent_id, seq, time_ns, rule_id, severity, title, host, json)
-                     SELECT $1, s, t, r, v, ti, h, j FROM unnest($2::bigint[], $3::bigint[],
-                        $4::text[], $5::int4[], $6::text[], $7::text[], $8::text[])
-                        AS u(s, t, r, v, ti, h, j)
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[],
+                        $5::int4[], $6::text[], $7::text[], $8::text[])
                      ON CONFLICT DO NOTHING",
                 )
                 .await?,
             insert_events: client
                 .prepare(
                     "INSERT INTO events (agent_id, seq, json)
-                     SELECT $1, s, j FROM unnest($2::bigint[], $3::text[]) AS u(s, j)
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[])
                      ON CONFLICT DO NOTHING",
                 )
                 .await?,
-            touch_agent: client
+            touch_agents: client
                 .prepare(
-                    "UPDATE agents SET last_seen_ns = $2, last_seq = GREATEST(last_seq, $3)
-                     WHERE agent_id = $1",
+                    "UPDATE agents a SET last_seen_ns = $1, last_seq = GREATEST(a.last_seq, u.l)
+                     FROM unnest($2::text[], $3::bigint[]) AS u(id, l) WHERE a.agent_id = u.id",
                 )
                 .await?,
             heartbeat: client
@@ -471,71 +475,87 @@ impl Backend for PgBackend {
             > 0)
     }
 
-    async fn advance(&mut self, agent_id: &str) -> Result<u64> {
+    /// One statement per agent, sent together: the driver pipelines them (one round
+    /// trip for the batch).
+    async fn advance(&mut self, agent_ids: &[&str]) -> Result<HashMap<String, u64>> {
         let (c, s) = self.live()?;
-        let row = c.query_opt(&s.advance, &[&text(agent_id)]).await?;
-        Ok(row.map_or(0, |r| r.get::<_, i64>(0)) as u64)
+        let ids: Vec<Cow<'_, str>> = agent_ids.iter().map(|a| text(a)).collect();
+        let params: Vec<[&(dyn tokio_postgres::types::ToSql + Sync); 1]> =
+            ids.iter().map(|id| [id as _]).collect();
+        let rows =
+            futures_util::future::try_join_all(params.iter().map(|p| c.query_opt(&s.advance, p)))
+                .await?;
+        Ok(agent_ids
+            .iter()
+            .zip(rows)
+            .map(|(id, row)| {
+                let mark = row.map_or(0, |r| r.get::<_, i64>(0)) as u64;
+                ((*id).to_owned(), mark)
+            })
+            .collect())
     }
 
     async fn insert_records(
         &mut self,
-        agent_id: &str,
-        records: &[(i64, &'static str)],
-    ) -> Result<HashSet<i64>> {
+        records: &[(&str, i64, &'static str)],
+    ) -> Result<HashSet<(String, i64)>> {
         let (c, s) = self.live()?;
-        let seqs: Vec<i64> = records.iter().map(|r| r.0).collect();
-        let kinds: Vec<&str> = records.iter().map(|r| r.1).collect();
-        Ok(
-            c.query(&s.insert_records, &[&text(agent_id), &seqs, &kinds])
-                .await?
-                .iter()
-                .map(|r| r.get::<_, i64>(0))
-                .collect(),
-        )
+        let agents: Vec<Cow<'_, str>> = records.iter().map(|r| text(r.0)).collect();
+        let seqs: Vec<i64> = records.iter().map(|r| r.1).collect();
+        let kinds: Vec<&str> = records.iter().map(|r| r.2).collect();
+        // Rows come back with the agent id as stored: map it back to the one given.
+        let given: HashMap<&str, &str> = agents
+            .iter()
+            .zip(records)
+            .map(|(stored, r)| (stored.as_ref(), r.0))
+            .collect();
+        let agents: Vec<&str> = agents.iter().map(|a| a.as_ref()).collect();
+        Ok(c.query(&s.insert_records, &[&agents, &seqs, &kinds])
+            .await?
+            .iter()
+            .map(|r| {
+                let stored: &str = r.get(0);
+                let id = given.get(stored).copied().unwrap_or(stored);
+                (id.to_owned(), r.get::<_, i64>(1))
+            })
+            .collect())
     }
 
-    async fn insert_alerts(&mut self, agent_id: &str, rows: &[AlertRow]) -> Result<()> {
+    async fn insert_alerts(&mut self, rows: &[AlertRow]) -> Result<()> {
         let (c, s) = self.live()?;
+        let owned = |f: fn(&AlertRow) -> &str| -> Vec<String> {
+            rows.iter().map(|a| text(f(a)).into_owned()).collect()
+        };
+        let agent = owned(|a| &a.agent_id);
+        let rule = owned(|a| &a.rule_id);
+        let title = owned(|a| &a.title);
+        let host = owned(|a| &a.host);
         let seq: Vec<i64> = rows.iter().map(|a| a.seq).collect();
         let time: Vec<i64> = rows.iter().map(|a| a.time_ns).collect();
-        let rule: Vec<Cow<'_, str>> = rows.iter().map(|a| text(&a.rule_id)).collect();
         let severity: Vec<i32> = rows.iter().map(|a| a.severity).collect();
-        let title: Vec<Cow<'_, str>> = rows.iter().map(|a| text(&a.title)).collect();
-        let host: Vec<Cow<'_, str>> = rows.iter().map(|a| text(&a.host)).collect();
         let json: Vec<&str> = rows.iter().map(|a| a.json.as_str()).collect();
-        let rule: Vec<&str> = rule.iter().map(|c| c.as_ref()).collect();
-        let title: Vec<&str> = title.iter().map(|c| c.as_ref()).collect();
-        let host: Vec<&str> = host.iter().map(|c| c.as_ref()).collect();
         c.execute(
             &s.insert_alerts,
-            &[
-                &text(agent_id),
-                &seq,
-                &time,
-                &rule,
-                &severity,
-                &title,
-                &host,
-                &json,
-            ],
+            &[&agent, &seq, &time, &rule, &severity, &title, &host, &json],
         )
         .await?;
         Ok(())
     }
 
-    async fn insert_events(&mut self, agent_id: &str, rows: &[(i64, String)]) -> Result<()> {
+    async fn insert_events(&mut self, rows: &[(&str, i64, String)]) -> Result<()> {
         let (c, s) = self.live()?;
-        let seq: Vec<i64> = rows.iter().map(|r| r.0).collect();
-        let json: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-        c.execute(&s.insert_events, &[&text(agent_id), &seq, &json])
-            .await?;
+        let agent: Vec<String> = rows.iter().map(|r| text(r.0).into_owned()).collect();
+        let seq: Vec<i64> = rows.iter().map(|r| r.1).collect();
+        let json: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+        c.execute(&s.insert_events, &[&agent, &seq, &json]).await?;
         Ok(())
     }
 
-    async fn touch_agent(&mut self, agent_id: &str, now: i64, last_seq: i64) -> Result<()> {
+    async fn touch_agents(&mut self, agents: &[(&str, i64)], now: i64) -> Result<()> {
         let (c, s) = self.live()?;
-        c.execute(&s.touch_agent, &[&text(agent_id), &now, &last_seq])
-            .await?;
+        let ids: Vec<String> = agents.iter().map(|a| text(a.0).into_owned()).collect();
+        let last: Vec<i64> = agents.iter().map(|a| a.1).collect();
+        c.execute(&s.touch_agents, &[&now, &ids, &last]).await?;
         Ok(())
     }
 

@@ -1,7 +1,11 @@
 //! The SQLite store (`--db FILE`): one collector, one file. WAL and `synchronous=FULL`:
 //! durable at commit. The bookkeeping is `mod.rs`'s; here are its statements.
 
-use std::{collections::HashSet, path::Path, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    time::Duration,
+};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use sensor_proto::v1::{AgentIdentity, Heartbeat};
@@ -231,61 +235,62 @@ impl Backend for SqliteBackend {
             > 0)
     }
 
-    async fn advance(&mut self, agent_id: &str) -> Result<u64> {
-        let mark: Option<i64> = self
-            .conn
-            .prepare_cached(super::ADVANCE)?
-            .query_row([agent_id], |r| r.get(0))
-            .optional()?;
-        Ok(mark.unwrap_or(0) as u64)
+    async fn advance(&mut self, agent_ids: &[&str]) -> Result<HashMap<String, u64>> {
+        let mut stmt = self.conn.prepare_cached(super::ADVANCE)?;
+        let mut marks = HashMap::new();
+        for agent_id in agent_ids {
+            let mark: Option<i64> = stmt.query_row([agent_id], |r| r.get(0)).optional()?;
+            marks.insert((*agent_id).to_owned(), mark.unwrap_or(0) as u64);
+        }
+        Ok(marks)
     }
 
     async fn insert_records(
         &mut self,
-        agent_id: &str,
-        records: &[(i64, &'static str)],
-    ) -> Result<HashSet<i64>> {
+        records: &[(&str, i64, &'static str)],
+    ) -> Result<HashSet<(String, i64)>> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO records (agent_id, seq, kind) VALUES (?1, ?2, ?3)",
         )?;
         let mut inserted = HashSet::new();
-        for (seq, kind) in records {
+        for (agent_id, seq, kind) in records {
             if stmt.execute(params![agent_id, seq, kind])? > 0 {
-                inserted.insert(*seq);
+                inserted.insert(((*agent_id).to_owned(), *seq));
             }
         }
         Ok(inserted)
     }
 
-    async fn insert_alerts(&mut self, agent_id: &str, rows: &[AlertRow]) -> Result<()> {
+    async fn insert_alerts(&mut self, rows: &[AlertRow]) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO alerts (agent_id, seq, time_ns, rule_id, severity, title, host, json)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for a in rows {
             stmt.execute(params![
-                agent_id, a.seq, a.time_ns, a.rule_id, a.severity, a.title, a.host, a.json
+                a.agent_id, a.seq, a.time_ns, a.rule_id, a.severity, a.title, a.host, a.json
             ])?;
         }
         Ok(())
     }
 
-    async fn insert_events(&mut self, agent_id: &str, rows: &[(i64, String)]) -> Result<()> {
+    async fn insert_events(&mut self, rows: &[(&str, i64, String)]) -> Result<()> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO events (agent_id, seq, json) VALUES (?1, ?2, ?3)",
         )?;
-        for (seq, json) in rows {
+        for (agent_id, seq, json) in rows {
             stmt.execute(params![agent_id, seq, json])?;
         }
         Ok(())
     }
 
-    async fn touch_agent(&mut self, agent_id: &str, now: i64, last_seq: i64) -> Result<()> {
-        self.conn
-            .prepare_cached(
-                "UPDATE agents SET last_seen_ns = ?2, last_seq = max(last_seq, ?3) WHERE agent_id = ?1",
-            )?
-            .execute(params![agent_id, now, last_seq])?;
+    async fn touch_agents(&mut self, agents: &[(&str, i64)], now: i64) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE agents SET last_seen_ns = ?2, last_seq = max(last_seq, ?3) WHERE agent_id = ?1",
+        )?;
+        for (agent_id, last_seq) in agents {
+            stmt.execute(params![agent_id, now, last_seq])?;
+        }
         Ok(())
     }
 

@@ -27,6 +27,9 @@ use sensor_proto::{
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Connections being set up at once.
+const HANDSHAKES: usize = 64;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -76,12 +79,23 @@ fn alert(agent: &str, seq: u64) -> Frame {
     Frame::envelope(&env.encode_to_vec())
 }
 
-/// One simulated agent: Hello, then `n` alerts one at a time; the latency of each.
-async fn agent(url: String, id: String, n: u64) -> anyhow::Result<Vec<Duration>> {
+/// One simulated agent: connects (at most [`HANDSHAKES`] at once, as agents' back-off
+/// jitter spreads reconnections), says Hello, reports ready and waits for `go`; then
+/// sends `n` alerts one at a time; the latency of each.
+async fn agent(
+    url: String,
+    id: String,
+    n: u64,
+    handshakes: std::sync::Arc<tokio::sync::Semaphore>,
+    ready: tokio::sync::mpsc::Sender<()>,
+    mut go: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Vec<Duration>> {
+    let permit = handshakes.acquire_owned().await?;
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .connect_timeout(TIMEOUT)
         .connect()
-        .await?;
+        .await
+        .map_err(|e| anyhow::anyhow!("{id}: connect: {e:?}"))?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Frame>(4);
@@ -103,8 +117,17 @@ async fn agent(url: String, id: String, n: u64) -> anyhow::Result<Vec<Duration>>
             tonic::codegen::http::uri::PathAndQuery::from_static(STREAM_PATH),
             FrameCodec,
         )
-        .await?;
+        .await
+        .map_err(|e| anyhow::anyhow!("{id}: open the stream: {e}"))?;
     let mut inbound = response.into_inner();
+    // The answer to Hello: where the store stands.
+    inbound
+        .message()
+        .await
+        .map_err(|e| anyhow::anyhow!("{id}: the answer to Hello: {e}"))?;
+    drop(permit);
+    ready.send(()).await?;
+    go.wait_for(|g| *g).await?;
     let mut latencies = Vec::with_capacity(n as usize);
     for seq in 1..=n {
         let sent = Instant::now();
@@ -112,7 +135,10 @@ async fn agent(url: String, id: String, n: u64) -> anyhow::Result<Vec<Duration>>
         loop {
             let message = tokio::time::timeout(TIMEOUT, inbound.message())
                 .await
-                .map_err(|_| anyhow::anyhow!("{id}: no acknowledgement of {seq}"))??
+                .map_err(|_| anyhow::anyhow!("{id}: no acknowledgement of {seq}"))?
+                .map_err(|e| {
+                    anyhow::anyhow!("{id}: waiting for the acknowledgement of {seq}: {e}")
+                })?
                 .ok_or_else(|| anyhow::anyhow!("{id}: the collector ended the stream"))?;
             if let Some(collector_message::Msg::Ack(ack)) = message.msg
                 && ack.seq >= seq
@@ -134,23 +160,59 @@ struct Result {
 }
 
 /// `streams` agents spread over `urls`, `total` alerts in all.
-fn load(urls: &[String], streams: usize, total: usize, tag: &str) -> Result {
+fn load(collectors: &[Collector], streams: usize, total: usize, tag: &str) -> Result {
+    let urls: Vec<String> = collectors.iter().map(|c| c.url("http")).collect();
+    eprintln!("fleet-bench: {tag}, {streams} streams");
     let per = (total / streams).max(1) as u64;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let started = Instant::now();
+    let mut started = Instant::now();
     let mut latencies: Vec<Duration> = runtime.block_on(async {
+        let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+        let (ready_tx, mut ready) = tokio::sync::mpsc::channel(streams);
+        let (go_tx, go) = tokio::sync::watch::channel(false);
         let tasks: Vec<_> = (0..streams)
             .map(|i| {
                 let url = urls[i % urls.len()].clone();
-                tokio::spawn(agent(url, format!("bench-{tag}-{streams}-{i}"), per))
+                tokio::spawn(agent(
+                    url,
+                    format!("bench-{tag}-{streams}-{i}"),
+                    per,
+                    handshakes.clone(),
+                    ready_tx.clone(),
+                    go.clone(),
+                ))
             })
             .collect();
+        drop(ready_tx);
+        // Every stream open before the clock starts (a failed one ends the wait early
+        // and reports below).
+        for _ in 0..streams {
+            if ready.recv().await.is_none() {
+                break;
+            }
+        }
+        started = Instant::now();
+        let _ = go_tx.send(true);
         let mut all = Vec::new();
         for task in tasks {
-            all.extend(task.await.expect("agent task").expect("agent stream"));
+            match task.await.expect("agent task") {
+                Ok(latencies) => all.extend(latencies),
+                Err(e) => {
+                    for c in collectors {
+                        let log = c.log();
+                        let tail: Vec<&str> = log
+                            .lines()
+                            .filter(|l| !l.contains(" INFO ") || l.contains("closing"))
+                            .take(30)
+                            .collect();
+                        eprintln!("collector {}:\n{}", c.url("http"), tail.join("\n"));
+                    }
+                    panic!("{e:#}")
+                }
+            }
         }
         all
     });
@@ -197,10 +259,8 @@ fn main() {
     let sqlite = scratch.path("c.db");
     for &n in &streams {
         let mut collector = Collector::start(&sqlite, "127.0.0.1:0", &limits);
-        rows.push((
-            "SQLite, 1 collector",
-            load(&[collector.url("http")], n, total, "sqlite"),
-        ));
+        let result = load(std::slice::from_ref(&collector), n, total, "sqlite");
+        rows.push(("SQLite, 1 collector", result));
         collector.stop();
     }
 
@@ -211,13 +271,12 @@ fn main() {
             let mut running: Vec<Collector> = (0..collectors)
                 .map(|_| Collector::start(Path::new(&url), "127.0.0.1:0", &limits))
                 .collect();
-            let urls: Vec<String> = running.iter().map(|c| c.url("http")).collect();
             let label = if collectors == 1 {
                 "PostgreSQL, 1 collector"
             } else {
                 "PostgreSQL, 2 collectors"
             };
-            rows.push((label, load(&urls, n, total, &format!("pg{collectors}"))));
+            rows.push((label, load(&running, n, total, &format!("pg{collectors}"))));
             for c in &mut running {
                 c.stop();
             }
