@@ -62,6 +62,12 @@ impl Postgres {
     /// A new cluster in `dir` (created; it must not exist) with a superuser `sensor`
     /// trusted on loopback, started.
     pub fn start(dir: &Path) -> Postgres {
+        Self::start_with(dir, None)
+    }
+
+    /// As `start`; with `tls` (certificate and key, PEM) the server speaks TLS and takes
+    /// only TLS connections (`hostssl` in pg_hba.conf, no `host` line).
+    pub fn start_with(dir: &Path, tls: Option<(&Path, &Path)>) -> Postgres {
         std::fs::create_dir_all(dir).unwrap();
         if let Some((uid, gid)) = owner() {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
@@ -85,6 +91,33 @@ impl Postgres {
             "initdb failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let data = dir.join("data");
+        let mut options = String::new();
+        if let Some((cert, key)) = tls {
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                std::fs::copy(from, data.join(to)).unwrap();
+                let path = data.join(to);
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+                .unwrap();
+                if let Some((uid, gid)) = owner() {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+                }
+            }
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .unwrap();
+            options.push_str("ssl = on\n");
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut conf, options.as_bytes()).unwrap();
         let mut pg = Postgres {
             dir: dir.to_owned(),
             port: free_port(),

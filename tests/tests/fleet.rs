@@ -342,3 +342,111 @@ fn forwarding_on_postgres_never_skips_a_row_committed_late() {
     }
     collector.stop();
 }
+
+/// TLS to the database: a server that takes only TLS connections is reached with
+/// `--db-ca` (its certificate chains to that CA and names the host); without it, or with
+/// another CA, the collector refuses to start and says why.
+#[test]
+fn the_collector_reaches_a_tls_only_database_with_the_right_ca_only() {
+    use sensor_e2e::collector::{Certs, collector_bin};
+    let certs = Certs::new();
+    let scratch = Scratch::new("fleet-tls");
+    let cert = certs.dir.path("collector.pem");
+    let key = certs.dir.path("collector.key");
+    let pg = Postgres::start_with(&scratch.path("pg"), Some((&cert, &key)));
+    let url = format!("postgres://sensor@localhost:{}/postgres", pg.port);
+    let refused = |extra: &[&str]| {
+        let out = std::process::Command::new(collector_bin())
+            .args(["--listen", "127.0.0.1:0", "--db", &url])
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "started with {extra:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // Plaintext: the server's pg_hba.conf has no entry for it.
+    let err = refused(&[]);
+    assert!(
+        err.contains("cannot connect") && err.contains("no encryption"),
+        "{err}"
+    );
+    let err = refused(&["--db-ca", &certs.path("rogue-ca.pem")]);
+    assert!(err.contains("cannot connect"), "{err}");
+    let tls_url = format!("{url}?sslmode=require");
+    let out = std::process::Command::new(collector_bin())
+        .args(["--listen", "127.0.0.1:0", "--db", &tls_url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--db-ca"), "{err}");
+
+    // The right CA: the collector starts, and the query commands reach the database too.
+    let ca = certs.path("ca.pem");
+    let mut collector = Collector::start(Path::new(&url), "127.0.0.1:0", &["--db-ca", &ca]);
+    // It connected (TLS is the only way in) and created the schema.
+    assert_eq!(pg.psql("SELECT max(version) FROM schema_migrations"), "1");
+    let out = std::process::Command::new(collector_bin())
+        .args(["agents", "--json", "--db", &url, "--db-ca", &ca])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    collector.stop();
+}
+
+/// `--retain` on PostgreSQL: old alerts go at start, new ones and agent state stay, and
+/// nothing a syslog target has not taken yet is deleted.
+#[test]
+fn retention_on_postgres_keeps_new_alerts_and_what_syslog_has_not_taken() {
+    let scratch = Scratch::new("fleet-retain");
+    let pg = Postgres::start(&scratch.path("pg"));
+    let url = pg.url();
+    let db = Path::new(&url);
+    Collector::start(db, "127.0.0.1:0", &[]).stop();
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let insert = |seq: u32, time_ns: u128| {
+        pg.psql(&format!(
+            "INSERT INTO alerts (agent_id, seq, time_ns, rule_id, severity, title, host, json) \
+             VALUES ('old', {seq}, {time_ns}, 'EPMM-B1', 4, 't', 'h', '{{\"alert\":{{}}}}')"
+        ));
+    };
+    for seq in 1..=3 {
+        insert(seq, 1_000_000_000);
+    }
+    insert(4, now_ns);
+    let count = || pg.psql("SELECT count(*) FROM alerts");
+    let wait_count = |want: &str| {
+        let deadline = Instant::now() + STORE_TIMEOUT;
+        while count() != want {
+            assert!(Instant::now() < deadline, "{} alerts, want {want}", count());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let mut collector = Collector::start(db, "127.0.0.1:0", &["--retain", "1"]);
+    wait_count("1");
+    collector.stop();
+
+    // A syslog target that never took anything (nobody listens): old alerts wait for it.
+    insert(5, 1_000_000_000);
+    let target = format!("tcp://127.0.0.1:{}", free_port());
+    let mut collector = Collector::start(
+        db,
+        "127.0.0.1:0",
+        &["--retain", "1", "--forward-syslog", &target],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(count(), "2", "an alert the target has not taken was pruned");
+    assert!(
+        !collector.log().contains("retention: cannot prune"),
+        "{}",
+        collector.log()
+    );
+    collector.stop();
+}
