@@ -242,11 +242,11 @@ pub(crate) trait Backend {
     /// Runs [`ADVANCE`] for each of these agents: their new contiguous marks.
     async fn advance(&mut self, agent_ids: &[&str]) -> Result<HashMap<String, u64>>;
     /// Inserts the records (agent id, sequence number, kind) that are not there; returns
-    /// those inserted.
+    /// the positions in `records` of those inserted.
     async fn insert_records(
         &mut self,
         records: &[(&str, i64, &'static str)],
-    ) -> Result<HashSet<(String, i64)>>;
+    ) -> Result<HashSet<usize>>;
     async fn insert_alerts(&mut self, rows: &[AlertRow]) -> Result<()>;
     async fn insert_events(&mut self, rows: &[(&str, i64, String)]) -> Result<()>;
     /// Each agent (once) was heard from now, having sent up to this sequence number.
@@ -552,12 +552,17 @@ async fn store_records<B: Backend>(
     let mut alerts = Vec::new();
     let mut events = Vec::new();
     let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    // The position in `records` of the next envelope that has a record.
+    let mut position = 0;
     for (agent_id, envelopes) in &streams {
         let seen = last.entry(agent_id).or_insert(0);
         for env in *envelopes {
             let seq = sql_u64(env.seq);
             *seen = (*seen).max(seq);
-            let new = inserted.contains(&((*agent_id).to_owned(), seq));
+            let new = kind(env).is_some() && {
+                position += 1;
+                inserted.contains(&(position - 1))
+            };
             match &env.body {
                 // A Shed record can take the number of a record stored before the agent
                 // shed it; its report still counts (and counts once: gaps are unique).

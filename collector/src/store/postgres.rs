@@ -498,25 +498,25 @@ impl Backend for PgBackend {
     async fn insert_records(
         &mut self,
         records: &[(&str, i64, &'static str)],
-    ) -> Result<HashSet<(String, i64)>> {
+    ) -> Result<HashSet<usize>> {
         let (c, s) = self.live()?;
         let agents: Vec<Cow<'_, str>> = records.iter().map(|r| text(r.0)).collect();
         let seqs: Vec<i64> = records.iter().map(|r| r.1).collect();
         let kinds: Vec<&str> = records.iter().map(|r| r.2).collect();
-        // Rows come back with the agent id as stored: map it back to the one given.
-        let given: HashMap<&str, &str> = agents
-            .iter()
-            .zip(records)
-            .map(|(stored, r)| (stored.as_ref(), r.0))
-            .collect();
+        // Rows come back as stored: (agent id, number) -> its position in `records` (the
+        // first, for a record the batch holds twice: the second meets the first).
+        let mut position: HashMap<(&str, i64), usize> = HashMap::with_capacity(records.len());
+        for (i, (agent, seq)) in agents.iter().zip(&seqs).enumerate() {
+            position.entry((agent.as_ref(), *seq)).or_insert(i);
+        }
         let agents: Vec<&str> = agents.iter().map(|a| a.as_ref()).collect();
         Ok(c.query(&s.insert_records, &[&agents, &seqs, &kinds])
             .await?
             .iter()
-            .map(|r| {
-                let stored: &str = r.get(0);
-                let id = given.get(stored).copied().unwrap_or(stored);
-                (id.to_owned(), r.get::<_, i64>(1))
+            .filter_map(|r| {
+                position
+                    .get(&(r.get::<_, &str>(0), r.get::<_, i64>(1)))
+                    .copied()
             })
             .collect())
     }

@@ -248,14 +248,14 @@ impl Backend for SqliteBackend {
     async fn insert_records(
         &mut self,
         records: &[(&str, i64, &'static str)],
-    ) -> Result<HashSet<(String, i64)>> {
+    ) -> Result<HashSet<usize>> {
         let mut stmt = self.conn.prepare_cached(
             "INSERT OR IGNORE INTO records (agent_id, seq, kind) VALUES (?1, ?2, ?3)",
         )?;
         let mut inserted = HashSet::new();
-        for (agent_id, seq, kind) in records {
+        for (i, (agent_id, seq, kind)) in records.iter().enumerate() {
             if stmt.execute(params![agent_id, seq, kind])? > 0 {
-                inserted.insert(((*agent_id).to_owned(), *seq));
+                inserted.insert(i);
             }
         }
         Ok(inserted)
@@ -566,6 +566,37 @@ mod tests {
         // Newer than the cut-off: kept.
         records(&mut db, "a", vec![alert_env(6, "EPMM-B2")]);
         assert_eq!(prune(&db.conn, 3 * 1_000_000_000, &[]).unwrap(), 0);
+    }
+
+    /// Two streams of one agent (an old one still draining after a reconnection) in one
+    /// batch with the same record: stored and printed once, both answered.
+    #[test]
+    fn a_record_twice_in_one_batch_is_printed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = SqliteBackend::new(open(&dir.path().join("c.db")).unwrap());
+        hello(&mut db, "a", 1);
+        let batch: Vec<Request> = (0..2)
+            .map(|_| Request::Records {
+                agent_id: "a".into(),
+                envelopes: vec![alert_env(1, "R1"), event_env(2)],
+                reply: oneshot::channel().0,
+            })
+            .collect();
+        let mut printed = Vec::new();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answers = rt
+            .block_on(crate::store::apply_batch(&mut db, &batch, &mut printed))
+            .unwrap();
+        assert_eq!(answers, vec![2, 2]);
+        assert_eq!(printed.len(), 1, "{printed:?}");
+        assert_eq!(
+            query_alerts(&db.conn, &AlertQuery::default())
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
