@@ -183,18 +183,27 @@ pub fn query(subcommand: &str, db: &Path, args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-/// A free loopback port (bound, then released) for a collector started later. It is
-/// taken below the ephemeral range: an agent dialling a closed ephemeral port over and
-/// over can end up connected to itself (TCP simultaneous open).
+/// A free loopback port (bound, then released) for a server started later (a collector,
+/// PostgreSQL, rsyslog). It is taken below the ephemeral range: an agent dialling a
+/// closed ephemeral port over and over can end up connected to itself (TCP simultaneous
+/// open). A port is handed out once per test process: tests run in parallel and their
+/// servers bind some time after asking, so "free now" alone gave two tests the same port
+/// (one test's collector reached another's PostgreSQL).
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|t| t.split_whitespace().next().and_then(|p| p.parse().ok()))
         .unwrap_or(32768);
     let start = 10_000 + (std::process::id() % 5_000) as u16;
-    (start..low.max(start + 1))
-        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .expect("a free loopback port below the ephemeral range")
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let port = (start..low.max(start + 1))
+        .find(|port| {
+            !given.contains(port) && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
+        })
+        .expect("a free loopback port below the ephemeral range");
+    given.push(port);
+    port
 }
 
 /// A CA, a collector certificate for 127.0.0.1/localhost, agent certificates signed by the
