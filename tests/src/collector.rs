@@ -2,6 +2,7 @@
 //! committed), and ways to raise alerts on demand.
 
 use std::{
+    collections::BTreeSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -159,6 +160,43 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The pids of the stored B17 alerts of `exe` from `agent` (`db`: a SQLite file or a
+/// `postgres://` URL), asserting none is stored twice.
+pub fn stored_pids(db: &Path, agent: &str, exe: &str) -> BTreeSet<u64> {
+    let alerts = query("alerts", db, &["--agent", agent, "--rule", "EPMM-B17"]);
+    let mine: Vec<&Value> = alerts.iter().filter(|l| b17_of(l, exe)).collect();
+    let pids: BTreeSet<u64> = mine.iter().map(|l| alert_pid(l)).collect();
+    assert_eq!(
+        pids.len(),
+        mine.len(),
+        "an alert was stored twice: {mine:#?}"
+    );
+    pids
+}
+
+/// Polls `sensor-collector agents` until `pred` holds for `agent`'s row, within
+/// `timeout`; returns the row.
+pub fn wait_agent_row(
+    db: &Path,
+    agent: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let rows = query("agents", db, &["--json"]);
+        let row = rows.into_iter().find(|r| r["agentId"] == agent);
+        if let Some(row) = &row
+            && pred(row)
+        {
+            return row.clone();
+        }
+        assert!(Instant::now() < deadline, "{what}: agent row now {row:?}");
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

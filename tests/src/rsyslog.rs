@@ -92,3 +92,38 @@ pub fn received(out: &Path) -> BTreeMap<String, usize> {
     }
     seen
 }
+
+/// The ids of the B17 alerts of `exe` the collector stored in `db` (a file or a URL).
+pub fn stored_ids(db: &Path, exe: &str) -> Vec<String> {
+    crate::collector::query("alerts", db, &[])
+        .iter()
+        .filter(|l| crate::collector::b17_of(l, exe))
+        .map(|l| l["alert"]["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Waits until rsyslog wrote every alert the collector stored for `exe` (at least `n` of
+/// them), within `timeout`; returns what it received.
+pub fn wait_forwarded(
+    db: &Path,
+    exe: &str,
+    out: &Path,
+    n: usize,
+    timeout: Duration,
+) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ids = stored_ids(db, exe);
+        let got = received(out);
+        if ids.len() >= n && ids.iter().all(|id| got.contains_key(id)) {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rsyslog has {} of the {} stored alerts: {got:?}",
+            ids.iter().filter(|id| got.contains_key(*id)).count(),
+            ids.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -10,50 +10,18 @@ use std::{
 use prost::Message;
 use sensor_e2e::{
     Agent, Scratch, alert_of,
-    collector::{Certs, Collector, TmpProgram, agent_args, alert_pid, b17_of, free_port, query},
+    collector::{
+        Certs, Collector, TmpProgram, agent_args, alert_pid, b17_of, free_port, query, stored_pids,
+        wait_agent_row,
+    },
     num,
 };
 use sensor_proto::{
     frames::{Frame, FrameCodec, STREAM_PATH},
     v1::{AgentIdentity, Alert, Envelope, Hello, Output, agent_message, envelope, output},
 };
-use serde_json::Value;
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The pids of the stored B17 alerts of `exe` from `agent`, asserting none is stored twice.
-fn stored_pids(db: &std::path::Path, agent: &str, exe: &str) -> BTreeSet<u64> {
-    let alerts = query("alerts", db, &["--agent", agent, "--rule", "EPMM-B17"]);
-    let mine: Vec<&Value> = alerts.iter().filter(|l| b17_of(l, exe)).collect();
-    let pids: BTreeSet<u64> = mine.iter().map(|l| alert_pid(l)).collect();
-    assert_eq!(
-        pids.len(),
-        mine.len(),
-        "an alert was stored twice: {mine:#?}"
-    );
-    pids
-}
-
-/// Polls the store until `pred` holds for `agent`'s row of `sensor-collector agents`.
-fn wait_agent_row(
-    db: &std::path::Path,
-    agent: &str,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + STORE_TIMEOUT;
-    loop {
-        let rows = query("agents", db, &["--json"]);
-        let row = rows.into_iter().find(|r| r["agentId"] == agent);
-        if let Some(row) = &row
-            && pred(row)
-        {
-            return row.clone();
-        }
-        assert!(Instant::now() < deadline, "{what}: agent row now {row:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 #[test]
 fn alerts_raised_while_the_collector_is_down_are_stored_exactly_once() {
@@ -91,9 +59,13 @@ fn alerts_raised_while_the_collector_is_down_are_stored_exactly_once() {
         "the outage is logged:\n{}",
         agent.log()
     );
-    let row = wait_agent_row(&db, "e2e-down", "every number accounted for", |r| {
-        r["outstanding"] == 0 && num(&r["lastSeq"]) > 0
-    });
+    let row = wait_agent_row(
+        &db,
+        "e2e-down",
+        "every number accounted for",
+        STORE_TIMEOUT,
+        |r| r["outstanding"] == 0 && num(&r["lastSeq"]) > 0,
+    );
     assert_eq!(row["gap"], 0);
     agent.stop();
 }
@@ -202,9 +174,13 @@ fn an_agent_killed_mid_stream_and_restarted_loses_and_duplicates_nothing() {
         raised.len(),
         "printed once each: {printed:#?}"
     );
-    wait_agent_row(&db, "e2e-kill", "every number accounted for", |r| {
-        r["outstanding"] == 0
-    });
+    wait_agent_row(
+        &db,
+        "e2e-kill",
+        "every number accounted for",
+        STORE_TIMEOUT,
+        |r| r["outstanding"] == 0,
+    );
     second.stop();
 }
 
@@ -464,6 +440,7 @@ fn a_full_spool_sheds_events_first_and_reports_exactly_what_it_shed() {
         &db,
         "e2e-shed",
         "shed accounted and nothing outstanding",
+        STORE_TIMEOUT,
         |r| r["outstanding"] == 0 && num(&r["shed"]) > 0 && r["shed"] == r["shedReported"],
     );
     let logged: u64 = agent

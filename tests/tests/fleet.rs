@@ -13,36 +13,22 @@ use std::{
 
 use sensor_e2e::{
     Agent, Scratch,
-    collector::{Collector, TmpProgram, agent_args, alert_pid, b17_of, free_port, query},
+    collector::{
+        Collector, TmpProgram, agent_args, alert_pid, b17_of, free_port, query, stored_pids,
+        wait_agent_row,
+    },
     postgres::Postgres,
-    rsyslog::{Rsyslog, received},
+    rsyslog::{Rsyslog, received, stored_ids, wait_forwarded},
 };
 use serde_json::Value;
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The pids of the stored B17 alerts of `exe` from `agent`, asserting none is stored twice.
-fn stored_pids(url: &str, agent: &str, exe: &str) -> BTreeSet<u64> {
-    let alerts = query(
-        "alerts",
-        Path::new(url),
-        &["--agent", agent, "--rule", "EPMM-B17"],
-    );
-    let mine: Vec<&Value> = alerts.iter().filter(|l| b17_of(l, exe)).collect();
-    let pids: BTreeSet<u64> = mine.iter().map(|l| alert_pid(l)).collect();
-    assert_eq!(
-        pids.len(),
-        mine.len(),
-        "an alert was stored twice: {mine:#?}"
-    );
-    pids
-}
-
 /// Waits until the database holds exactly `pids` for `exe` (each once).
 fn wait_stored(url: &str, agent: &str, exe: &str, pids: &BTreeSet<u64>) {
     let deadline = Instant::now() + STORE_TIMEOUT;
     loop {
-        let stored = stored_pids(url, agent, exe);
+        let stored = stored_pids(Path::new(url), agent, exe);
         if &stored == pids {
             return;
         }
@@ -61,22 +47,21 @@ fn wait_stored(url: &str, agent: &str, exe: &str, pids: &BTreeSet<u64>) {
     }
 }
 
-/// Waits until the agent's one row says every number is accounted for; returns it.
+/// Waits until the agent's row says every number is accounted for, and checks the agent
+/// has that one row only; returns it.
 fn wait_consistent_row(url: &str, agent: &str) -> Value {
-    let deadline = Instant::now() + STORE_TIMEOUT;
-    loop {
-        let rows: Vec<Value> = query("agents", Path::new(url), &["--json"])
-            .into_iter()
-            .filter(|r| r["agentId"] == agent)
-            .collect();
-        assert_eq!(rows.len(), 1, "one row per agent: {rows:#?}");
-        let row = &rows[0];
-        if row["outstanding"] == 0 && row["lastSeq"].as_u64() == row["contiguousSeq"].as_u64() {
-            return row.clone();
-        }
-        assert!(Instant::now() < deadline, "the agent's row: {row:#}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    let db = Path::new(url);
+    let row = wait_agent_row(
+        db,
+        agent,
+        "every number accounted for",
+        STORE_TIMEOUT,
+        |r| r["outstanding"] == 0 && r["lastSeq"].as_u64() == r["contiguousSeq"].as_u64(),
+    );
+    let rows = query("agents", db, &["--json"]);
+    let rows: Vec<&Value> = rows.iter().filter(|r| r["agentId"] == agent).collect();
+    assert_eq!(rows.len(), 1, "one row per agent: {rows:#?}");
+    row
 }
 
 #[test]
@@ -186,27 +171,10 @@ fn two_collectors_on_postgres_store_every_alert_once_across_a_database_restart()
 /// Waits until rsyslog wrote each stored B17 alert of `exe` (at least `n` of them), and
 /// checks it wrote each exactly once.
 fn wait_forwarded_once(url: &str, exe: &str, out: &Path, n: usize) {
-    let deadline = Instant::now() + STORE_TIMEOUT;
-    loop {
-        let ids: Vec<String> = query("alerts", Path::new(url), &[])
-            .iter()
-            .filter(|l| b17_of(l, exe))
-            .map(|l| l["alert"]["id"].as_str().unwrap().to_owned())
-            .collect();
-        let got = received(out);
-        if ids.len() >= n && ids.iter().all(|id| got.contains_key(id)) {
-            for id in &ids {
-                assert_eq!(got[id], 1, "{id} received {} times: {got:?}", got[id]);
-            }
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rsyslog has {} of the {} stored alerts: {got:?}",
-            ids.iter().filter(|id| got.contains_key(*id)).count(),
-            ids.len()
-        );
-        std::thread::sleep(Duration::from_millis(250));
+    let db = Path::new(url);
+    let got = wait_forwarded(db, exe, out, n, STORE_TIMEOUT);
+    for id in stored_ids(db, exe) {
+        assert_eq!(got[&id], 1, "{id} received {} times: {got:?}", got[&id]);
     }
 }
 
@@ -355,9 +323,9 @@ fn the_collector_reaches_a_tls_only_database_with_the_right_ca_only() {
     let key = certs.dir.path("collector.key");
     let pg = Postgres::start_with(&scratch.path("pg"), Some((&cert, &key)));
     let url = format!("postgres://sensor@localhost:{}/postgres", pg.port);
-    let refused = |extra: &[&str]| {
+    let refused = |url: &str, extra: &[&str]| {
         let out = std::process::Command::new(collector_bin())
-            .args(["--listen", "127.0.0.1:0", "--db", &url])
+            .args(["--listen", "127.0.0.1:0", "--db", url])
             .args(extra)
             .env("NO_COLOR", "1")
             .output()
@@ -366,35 +334,23 @@ fn the_collector_reaches_a_tls_only_database_with_the_right_ca_only() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     // Plaintext: the server's pg_hba.conf has no entry for it.
-    let err = refused(&[]);
+    let err = refused(&url, &[]);
     assert!(
         err.contains("cannot connect") && err.contains("no encryption"),
         "{err}"
     );
-    let err = refused(&["--db-ca", &certs.path("rogue-ca.pem")]);
+    let err = refused(&url, &["--db-ca", &certs.path("rogue-ca.pem")]);
     assert!(err.contains("cannot connect"), "{err}");
-    let tls_url = format!("{url}?sslmode=require");
-    let out = std::process::Command::new(collector_bin())
-        .args(["--listen", "127.0.0.1:0", "--db", &tls_url])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--db-ca"), "{err}");
+    let err = refused(&format!("{url}?sslmode=require"), &[]);
+    assert!(err.contains("--db-ca"), "{err}");
 
     // The right CA: the collector starts, and the query commands reach the database too.
     let ca = certs.path("ca.pem");
     let mut collector = Collector::start(Path::new(&url), "127.0.0.1:0", &["--db-ca", &ca]);
     // It connected (TLS is the only way in) and created the schema.
     assert_eq!(pg.psql("SELECT max(version) FROM schema_migrations"), "1");
-    let out = std::process::Command::new(collector_bin())
-        .args(["agents", "--json", "--db", &url, "--db-ca", &ca])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `query` asserts the command succeeded.
+    query("agents", Path::new(&url), &["--json", "--db-ca", &ca]);
     collector.stop();
 }
 

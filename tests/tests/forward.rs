@@ -4,48 +4,18 @@
 //! stopped while alerts keep coming and started again: it receives every alert once.
 
 use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use sensor_e2e::{
     Agent, Scratch,
-    collector::{Collector, TmpProgram, agent_args, b17_of, free_port, query},
-    rsyslog::{Rsyslog, received},
+    collector::{Collector, TmpProgram, agent_args, b17_of, free_port},
+    rsyslog::{Rsyslog, stored_ids, wait_forwarded},
 };
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The ids of the B17 alerts of `exe` the collector stored.
-fn stored_ids(db: &Path, exe: &str) -> Vec<String> {
-    query("alerts", db, &[])
-        .iter()
-        .filter(|l| b17_of(l, exe))
-        .map(|l| l["alert"]["id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// Waits until rsyslog wrote every alert the collector stored (for `exe`), then returns
-/// what it received.
-fn wait_forwarded(db: &Path, exe: &str, out: &Path, n: usize) -> BTreeMap<String, usize> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let ids = stored_ids(db, exe);
-        let got = received(out);
-        if ids.len() >= n && ids.iter().all(|id| got.contains_key(id)) {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "rsyslog has {} of the {} stored alerts: {got:?}",
-            ids.iter().filter(|id| got.contains_key(*id)).count(),
-            ids.len()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
@@ -70,7 +40,7 @@ fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
         prog.run();
     }
     collector.wait_alerts(3, TIMEOUT, |l| b17_of(l, prog.exe()));
-    wait_forwarded(&db, prog.exe(), &out, 3);
+    wait_forwarded(&db, prog.exe(), &out, 3, TIMEOUT);
     // rsyslog may write a batch before the forwarder has seen it still open and moved
     // its cursor: a receiver gone in that window gets the batch again (at least once,
     // docs/delivery.md). The outage here starts once the cursor moved.
@@ -104,7 +74,7 @@ fn rsyslog_receives_every_stored_alert_once_across_its_restart() {
     // Back: what it missed arrives, then what comes next.
     let _rsyslog = Rsyslog::start(&scratch, port, &out);
     prog.run();
-    let got = wait_forwarded(&db, prog.exe(), &out, 7);
+    let got = wait_forwarded(&db, prog.exe(), &out, 7, TIMEOUT);
     let ids = stored_ids(&db, prog.exe());
     assert_eq!(ids.len(), 7, "{ids:?}");
     for id in &ids {

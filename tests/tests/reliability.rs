@@ -15,10 +15,11 @@ use std::{
 
 use sensor_e2e::{
     Agent, Scratch, agent_bin, alert_of,
-    collector::{Collector, TmpProgram, alert_pid, b17_of, free_port, query},
+    collector::{
+        Collector, TmpProgram, alert_pid, b17_of, free_port, query, stored_pids, wait_agent_row,
+    },
     num,
 };
-use serde_json::Value;
 
 const STORE_TIMEOUT: Duration = Duration::from_secs(45);
 
@@ -46,35 +47,6 @@ fn agent_args<'a>(url: &'a str, spool: &'a str, id: &'a str) -> Vec<&'a str> {
         "--heartbeat",
         "1",
     ]
-}
-
-/// Polls `sensor-collector agents` until `pred` holds for `agent`'s row.
-fn wait_agent_row(db: &Path, agent: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + STORE_TIMEOUT;
-    loop {
-        let rows = query("agents", db, &["--json"]);
-        let row = rows.into_iter().find(|r| r["agentId"] == agent);
-        if let Some(row) = &row
-            && pred(row)
-        {
-            return row.clone();
-        }
-        assert!(Instant::now() < deadline, "{what}: agent row now {row:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// The pids of the stored B17 alerts of `exe`, asserting none is stored twice.
-fn stored_pids(db: &Path, agent: &str, exe: &str) -> BTreeSet<u64> {
-    let alerts = query("alerts", db, &["--agent", agent, "--rule", "EPMM-B17"]);
-    let mine: Vec<&Value> = alerts.iter().filter(|l| b17_of(l, exe)).collect();
-    let pids: BTreeSet<u64> = mine.iter().map(|l| alert_pid(l)).collect();
-    assert_eq!(
-        pids.len(),
-        mine.len(),
-        "an alert was stored twice: {mine:#?}"
-    );
-    pids
 }
 
 /// A tmpfs of `size` mounted by the test, unmounted when dropped.
@@ -153,6 +125,7 @@ fn a_full_spool_disk_declares_what_it_could_not_keep_and_delivery_resumes() {
         &db,
         "e2e-diskfull",
         "losses declared, nothing outstanding",
+        STORE_TIMEOUT,
         |r| r["outstanding"] == 0 && num(&r["shed"]) >= lost_pids.len() as u64,
     );
     let stored = stored_pids(&db, "e2e-diskfull", prog.exe());
@@ -250,7 +223,7 @@ fn a_damaged_spool_keeps_every_good_record_and_never_reuses_a_number() {
             b17_of(l, prog.exe()) && alert_pid(l) == *pid
         });
     }
-    let row = wait_agent_row(&db, id, "everything accounted for", |r| {
+    let row = wait_agent_row(&db, id, "everything accounted for", STORE_TIMEOUT, |r| {
         r["outstanding"] == 0 && num(&r["alerts"]) >= 34
     });
     let stored = stored_pids(&db, id, prog.exe());
