@@ -270,14 +270,9 @@ async fn forward(
     let Some(mut source) = db.forward_source(&target.name, stop).await? else {
         return Ok(());
     };
-    let lag = metrics
-        .forward_lag
-        .get_or_create(&metrics.target(&target.name))
-        .clone();
-    let forwarded = metrics
-        .forwarded
-        .get_or_create(&metrics.target(&target.name))
-        .clone();
+    let label = metrics.target(&target.name);
+    let lag = metrics.forward_lag.get_or_create(&label).clone();
+    let forwarded = metrics.forwarded.get_or_create(&label).clone();
     let mut after = source.cursor(&target.name).await?;
     lag.set(source.lag(after).await?);
     let mut stream = Conn::open(target, tls).await?;
