@@ -28,6 +28,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // An exec is the largest kind by far: boxed, every other event is a third its size
         // (events are moved, cloned into evidence and kept in sequence partials).
         .boxed(".sensor.v1.Event.kind.exec")
+        // Set on some execs only (identity where the agent reads it, a verdict where a
+        // policy is enforced): boxed, an exec without them stays small.
+        .boxed(".sensor.v1.ExecEvent.exe_identity")
+        .boxed(".sensor.v1.ExecEvent.enforcement")
+        .boxed(".sensor.v1.ExecFailedEvent.enforcement")
         .compile_fds(fds)?;
 
     pbjson_build::Builder::new()

@@ -349,6 +349,16 @@ fn main() {
         .unwrap_or(200_000);
     println!("| rules | Sigma rules | events | time | events/s (one core) | alerts |");
     println!("| --- | --- | --- | --- | --- | --- |");
+    // One mix alone (`BENCH_ONLY=service` or `curl`), to compare builds side by side.
+    if let Ok(mix) = std::env::var("BENCH_ONLY") {
+        let downloader = mix == "curl";
+        run(
+            &format!("default pack, {mix} mix"),
+            SigmaSet::default(),
+            &cycles(n, downloader),
+        );
+        return;
+    }
     // One set of records in memory at a time, as before the JVM mix was added: a second
     // million records held during a run made its allocations fault in fresh pages.
     run(

@@ -115,8 +115,21 @@ fn take<'a>(rest: &mut &'a [u8], len: usize, what: &'static str) -> Result<&'a [
     Ok(head)
 }
 
+/// Kernel bytes as text; invalid UTF-8 becomes U+FFFD. Valid text (nearly all of it)
+/// takes the standard library's fast validation and one copy.
 fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// Appends kernel bytes as text to `out` (see `lossy`).
+fn push_lossy(out: &mut String, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => out.push_str(text),
+        Err(_) => out.push_str(&String::from_utf8_lossy(bytes)),
+    }
 }
 
 /// A fixed-size C string (comm): up to the first NUL.
@@ -144,7 +157,7 @@ fn join_components(bytes: &[u8]) -> String {
         return "/".to_owned();
     }
     parts.reverse();
-    let mut path = String::new();
+    let mut path = String::with_capacity(bytes.len() + 1);
     for part in parts {
         // A memfd's dentry is "memfd:NAME" with no parent; a root component "/" (the
         // dentry of a pseudo filesystem's root) adds nothing.
@@ -152,7 +165,7 @@ fn join_components(bytes: &[u8]) -> String {
             continue;
         }
         path.push('/');
-        path.push_str(&String::from_utf8_lossy(part));
+        push_lossy(&mut path, part);
     }
     if path.is_empty() {
         "/".to_owned()
@@ -586,7 +599,7 @@ fn decode_exec(bytes: &[u8], clock: &BootClock) -> Result<ExecEvent, DecodeError
             .map(|(fd, info)| fd_info(fd as u32, info))
             .collect(),
         execveat: flags & exec_flags::EXECVEAT != 0,
-        enforcement: enforcement(r.enforce),
+        enforcement: enforcement(r.enforce).map(Box::new),
     })
 }
 
@@ -630,7 +643,7 @@ fn decode_exec_failed(bytes: &[u8]) -> Result<ExecFailedEvent, DecodeError> {
         error: errno_name(r.errno),
         execveat: r.exec_flags & exec_flags::EXECVEAT != 0,
         dirfd: r.dirfd,
-        enforcement: enforcement(u32::from(r.enforce)),
+        enforcement: enforcement(u32::from(r.enforce)).map(Box::new),
     })
 }
 
@@ -655,10 +668,7 @@ pub fn fd_info(fd: u32, wire: &WireFd) -> FdInfo {
 
 pub fn socket_info(wire: &WireFd) -> SocketInfo {
     let (local_addr, remote_addr) = match i32::from(wire.family) {
-        libc::AF_INET => (
-            ip4(&wire.local_addr).to_string(),
-            ip4(&wire.remote_addr).to_string(),
-        ),
+        libc::AF_INET => (ip4(&wire.local_addr), ip4(&wire.remote_addr)),
         libc::AF_INET6 => (
             IpAddr::from(wire.local_addr).to_string(),
             IpAddr::from(wire.remote_addr).to_string(),
@@ -675,8 +685,23 @@ pub fn socket_info(wire: &WireFd) -> SocketInfo {
     }
 }
 
-fn ip4(bytes: &[u8; 16]) -> IpAddr {
-    IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+/// The dotted quad of the first four bytes, as `Ipv4Addr`'s `Display` writes it, without
+/// the formatting machinery (every connect, accept, bind and listen formats two).
+fn ip4(bytes: &[u8; 16]) -> String {
+    let mut out = String::with_capacity(15);
+    for (i, &octet) in bytes[..4].iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+    out
 }
 
 pub fn family_name(family: u16) -> String {
@@ -712,6 +737,25 @@ pub fn errno_name(errno: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_and_text_read_as_the_standard_library_writes_them() {
+        for octets in [
+            [0, 0, 0, 0],
+            [127, 0, 0, 1],
+            [10, 1, 2, 3],
+            [255, 255, 255, 255],
+            [9, 99, 100, 250],
+        ] {
+            let mut wire = [0u8; 16];
+            wire[..4].copy_from_slice(&octets);
+            assert_eq!(ip4(&wire), std::net::Ipv4Addr::from(octets).to_string());
+        }
+        for bytes in [&b"plain"[..], b"caf\xc3\xa9", b"bad \xff\xfe byte", b""] {
+            assert_eq!(lossy(bytes), String::from_utf8_lossy(bytes));
+        }
+        assert_eq!(join_components(b"x\xff\0tmp\0"), "/tmp/x\u{fffd}");
+    }
 
     fn decode_one(bytes: &[u8]) -> Result<Event, DecodeError> {
         decode(bytes, &DecodeContext::default()).map(|e| e.expect("an event, not a skipped record"))

@@ -282,7 +282,7 @@ impl Executables {
             && exec.exe_identity.is_none()
         {
             let identity = self.identify(pid, exec);
-            exec.exe_identity = Some((*identity).clone());
+            exec.exe_identity = Some(Box::new((*identity).clone()));
         }
     }
 

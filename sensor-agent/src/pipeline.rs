@@ -153,6 +153,8 @@ impl<S: Sink> Pipeline<S> {
 
     /// One decoded event: record it, update the table, detect, then hand both on.
     pub fn handle_event(&mut self, event: Event) {
+        // Shared by the rules that keep it as evidence (partial sequences, thresholds).
+        let event = std::sync::Arc::new(event);
         self.stats.events += 1;
         if let Some(recorder) = self.recorder.as_mut() {
             let (table, engine, decode) = (&self.table, &self.engine, &self.decode);

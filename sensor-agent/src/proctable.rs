@@ -353,7 +353,7 @@ impl ProcessTable {
                     cgroup_id: ev.cgroup_id,
                     exe_memfd: exec.exe_memfd,
                     exe_deleted: exec.exe_deleted,
-                    exe_identity: exec.exe_identity.clone().map(Arc::new),
+                    exe_identity: exec.exe_identity.as_deref().cloned().map(Arc::new),
                     exec_boot_ns: ev.boot_ns,
                     exited: None,
                     source: Source::Exec,

@@ -192,8 +192,8 @@ pub fn action_name(action: i32) -> &'static str {
 /// What enforcement decided for the exec `event` reports, if anything.
 pub fn enforcement_of(event: &Event) -> Option<&pb::Enforcement> {
     match event.kind.as_ref()? {
-        pb::event::Kind::Exec(e) => e.enforcement.as_ref(),
-        pb::event::Kind::ExecFailed(e) => e.enforcement.as_ref(),
+        pb::event::Kind::Exec(e) => e.enforcement.as_deref(),
+        pb::event::Kind::ExecFailed(e) => e.enforcement.as_deref(),
         _ => None,
     }
     .filter(|e| e.action != pb::Action::None as i32)

@@ -278,8 +278,12 @@ pub const INDEX_AT: usize = 6;
 #[derive(Debug, Default)]
 pub struct StrIndex {
     exact: std::sync::OnceLock<rustc_hash::FxHashSet<String>>,
-    /// Anchored: a match is a pattern that starts the value.
-    prefixes: std::sync::OnceLock<Option<aho_corasick::AhoCorasick>>,
+    /// For `startswith`: the items no other item starts (a longer item adds nothing),
+    /// sorted, as positions in the list. A value starts with an item exactly when it
+    /// starts with the greatest of these that is not greater than it: everything sorted
+    /// between an item and a value it starts also starts with that item. So a test is a
+    /// binary search and one comparison, with no automaton to walk through memory.
+    prefixes: std::sync::OnceLock<Box<[u32]>>,
     /// Unanchored, overlapping: for `contains` any match, for `endswith` one that ends
     /// where the value does.
     anywhere: std::sync::OnceLock<Option<aho_corasick::AhoCorasick>>,
@@ -290,15 +294,25 @@ impl StrIndex {
         self.exact.get_or_init(|| items.iter().cloned().collect())
     }
 
-    fn prefixes(&self, items: &[String]) -> Option<&aho_corasick::AhoCorasick> {
-        self.prefixes
-            .get_or_init(|| {
-                aho_corasick::AhoCorasick::builder()
-                    .start_kind(aho_corasick::StartKind::Anchored)
-                    .build(items)
-                    .ok()
-            })
-            .as_ref()
+    fn prefixes(&self, items: &[String]) -> &[u32] {
+        self.prefixes.get_or_init(|| {
+            let mut sorted: Vec<u32> = (0..items.len() as u32).collect();
+            sorted.sort_unstable_by(|&a, &b| items[a as usize].cmp(&items[b as usize]));
+            sorted.dedup_by(|b, a| items[*b as usize] == items[*a as usize]);
+            // Sorted, an item that starts with another comes after it (and after
+            // everything between them, which starts with it too): keep the first of each run.
+            let mut kept: Vec<u32> = Vec::with_capacity(sorted.len());
+            for i in sorted {
+                let item = &items[i as usize];
+                if kept
+                    .last()
+                    .is_none_or(|&k| !item.starts_with(items[k as usize].as_str()))
+                {
+                    kept.push(i);
+                }
+            }
+            kept.into_boxed_slice()
+        })
     }
 
     fn anywhere(&self, items: &[String]) -> Option<&aho_corasick::AhoCorasick> {
@@ -309,14 +323,14 @@ impl StrIndex {
 
     /// Whether `s` compares true with `op` against any item (`Ne`: against none).
     fn test(&self, items: &[String], s: &str, op: Op) -> bool {
-        use aho_corasick::{Anchored, Input};
         match op {
             Op::Eq => self.exact(items).contains(s),
             Op::Ne => !self.exact(items).contains(s),
-            Op::StartsWith => match self.prefixes(items) {
-                Some(ac) => ac.find(Input::new(s).anchored(Anchored::Yes)).is_some(),
-                None => items.iter().any(|r| s.starts_with(r.as_str())),
-            },
+            Op::StartsWith => {
+                let prefixes = self.prefixes(items);
+                let after = prefixes.partition_point(|&i| items[i as usize].as_str() <= s);
+                after > 0 && s.starts_with(items[prefixes[after - 1] as usize].as_str())
+            }
             Op::EndsWith => match self.anywhere(items) {
                 Some(ac) => ac.find_overlapping_iter(s).any(|m| m.end() == s.len()),
                 None => items.iter().any(|r| s.ends_with(r.as_str())),
@@ -1040,48 +1054,89 @@ mod tests {
 
     #[test]
     fn an_indexed_list_compares_like_the_plain_one() {
-        let items: Arc<[String]> = [
-            "/etc/cron",
-            "/etc/rc.d/",
-            "/var/spool/cron/",
-            ".bashrc",
-            "authorized_keys",
-            "/",
-            "ab",
-            "a",
-            "",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        let index = StrIndex::default();
+        let lists: [&[&str]; 3] = [
+            &[
+                "/etc/cron",
+                "/etc/rc.d/",
+                "/var/spool/cron/",
+                ".bashrc",
+                "authorized_keys",
+                "/",
+                "ab",
+                "a",
+                "",
+            ],
+            // Items that start others, siblings that sort between them, duplicates.
+            &[
+                "/a",
+                "/a/b/z",
+                "/a/b",
+                "/a-",
+                "/ab",
+                "/etc/cron",
+                "/etc/cron.d/",
+                "/etc/crontab",
+                "/etc/rc.d/",
+                "/etc/rc.d/",
+                "/var/spool/cron/",
+                "/é/x",
+            ],
+            &["b", "ba", "bb", "c", "cab", "d", "zz"],
+        ];
         let values = [
             "",
             "/",
             "a",
             "ab",
             "abc",
+            "/a",
+            "/a/",
+            "/a/c",
+            "/a/b/z/q",
+            "/a-b",
+            "/a.",
+            "/ab",
+            "/aa",
             "/etc/crontab",
+            "/etc/cron.daily/x",
+            "/etc/cro",
             "/etc/rc.d/rc.local",
+            "/etc/rc.d",
             "/root/.bashrc",
             "/home/u/.ssh/authorized_keys",
             "/home/u/.ssh/authorized_keys2",
             "x/etc/cron",
             "/var/spool/cron",
+            "/var/spool/cron/root",
             "é/ab",
+            "/é/x/y",
+            "/é",
+            "b",
+            "bab",
+            "bc",
+            "ca",
+            "cb",
+            "zz",
+            "zzz",
+            "z",
         ];
-        for op in [Op::Eq, Op::Ne, Op::StartsWith, Op::EndsWith, Op::Contains] {
-            for v in values {
-                let plain = match op {
-                    Op::Eq => items.iter().any(|r| v == r),
-                    Op::Ne => items.iter().all(|r| v != r),
-                    Op::StartsWith => items.iter().any(|r| v.starts_with(r.as_str())),
-                    Op::EndsWith => items.iter().any(|r| v.ends_with(r.as_str())),
-                    _ => items.iter().any(|r| v.contains(r.as_str())),
-                };
-                assert_eq!(index.test(&items, v, op), plain, "{op:?} {v:?}");
+        for list in lists {
+            let items: Arc<[String]> = list.iter().map(|s| (*s).to_owned()).collect();
+            let index = StrIndex::default();
+            for op in [Op::Eq, Op::Ne, Op::StartsWith, Op::EndsWith, Op::Contains] {
+                for v in values {
+                    let plain = match op {
+                        Op::Eq => items.iter().any(|r| v == r),
+                        Op::Ne => items.iter().all(|r| v != r),
+                        Op::StartsWith => items.iter().any(|r| v.starts_with(r.as_str())),
+                        Op::EndsWith => items.iter().any(|r| v.ends_with(r.as_str())),
+                        _ => items.iter().any(|r| v.contains(r.as_str())),
+                    };
+                    assert_eq!(index.test(&items, v, op), plain, "{op:?} {v:?} in {list:?}");
+                }
             }
         }
+        let items: Arc<[String]> = lists[0].iter().map(|s| (*s).to_owned()).collect();
         // Conditions naming one long list share one index.
         let (a, b) = (
             strs_rhs(Arc::clone(&items), Op::Eq),

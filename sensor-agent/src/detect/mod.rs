@@ -234,7 +234,7 @@ impl Engine {
     }
 
     /// One event, after the process table has applied it. Returns the alerts to emit.
-    pub fn on_event(&mut self, event: &Event, table: &mut ProcessTable) -> Vec<Alert> {
+    pub fn on_event(&mut self, event: &Arc<Event>, table: &mut ProcessTable) -> Vec<Alert> {
         let kind = EventKind::of(event);
         if kind == Some(EventKind::Exec)
             && let Some(p) = table.get(event.pid)
@@ -247,7 +247,7 @@ impl Engine {
             table.set_lineage(event.pid, Some(label));
         }
         let table: &ProcessTable = table;
-        let mut matched: Vec<(usize, Vec<Event>)> = Vec::new();
+        let mut matched: Vec<(usize, Vec<Arc<Event>>)> = Vec::new();
         let ctx = Ctx::new(event, table, &self.users, self.agent_pid, &[]);
         if let Some(singles) = kind.map(|k| &self.singles[k.index()]) {
             // Most processes of a host are not of the web tier: the rules that can only
@@ -267,7 +267,7 @@ impl Engine {
                     continue;
                 }
                 match threshold {
-                    None => matched.push((i, vec![event.clone()])),
+                    None => matched.push((i, vec![Arc::clone(event)])),
                     Some(t) => {
                         if let Some(evidence) =
                             self.counters.entry(i).or_default().feed(t, event, &ctx)
@@ -308,7 +308,7 @@ impl Engine {
             }
             built.push(alert::build(AlertInput {
                 rule,
-                evidence,
+                evidence: evidence.into_iter().map(Arc::unwrap_or_clone).collect(),
                 table,
                 users: &self.users,
                 clock: &self.clock,
@@ -319,7 +319,7 @@ impl Engine {
         for m in sigma.matching(event, &ctx) {
             let mut alert = alert::build(AlertInput {
                 rule: m.rule,
-                evidence: vec![event.clone()],
+                evidence: vec![Event::clone(event)],
                 table,
                 users: &self.users,
                 clock: &self.clock,

@@ -3,7 +3,7 @@
 //! per rule, indexed by (step awaited, key) so an event only looks at the partial matches
 //! it can continue, bounded in number and expired by event time.
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use rustc_hash::FxHashMap;
 
@@ -31,7 +31,8 @@ pub struct Env<'a> {
 struct Partial {
     started_ns: u64,
     vars: Vec<(String, String)>,
-    evidence: Vec<Event>,
+    /// Shared with the pipeline and other rules: a partial match costs no copy of its events.
+    evidence: Vec<Arc<Event>>,
 }
 
 /// The partial matches of one sequence rule.
@@ -90,10 +91,10 @@ impl Tracker {
         steps: &[Step],
         within_ns: u64,
         kind: EventKind,
-        event: &Event,
+        event: &Arc<Event>,
         env: &Env<'_>,
         plain: &Ctx<'_>,
-    ) -> Vec<Vec<Event>> {
+    ) -> Vec<Vec<Arc<Event>>> {
         let now = event.boot_ns;
         self.expire(now, within_ns);
         let mut done = Vec::new();
@@ -129,7 +130,7 @@ impl Tracker {
                 self.per_step[index] -= 1;
                 let snapshot = p.vars.clone();
                 capture(step, &make_ctx(event, env, &snapshot), &mut p.vars);
-                p.evidence.push(event.clone());
+                p.evidence.push(Arc::clone(event));
                 if index + 1 == steps.len() {
                     done.push(p.evidence);
                 } else {
@@ -159,7 +160,7 @@ impl Tracker {
                 Partial {
                     started_ns: now,
                     vars,
-                    evidence: vec![event.clone()],
+                    evidence: vec![Arc::clone(event)],
                 },
             ));
         }

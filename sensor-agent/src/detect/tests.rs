@@ -113,7 +113,8 @@ impl World {
         self.now += 1_000_000;
         ev.boot_ns = self.now;
         self.table.apply(&ev);
-        self.engine.on_event(&ev, &mut self.table)
+        self.engine
+            .on_event(&std::sync::Arc::new(ev), &mut self.table)
     }
 
     fn exec_at(&mut self, pid: u32, ppid: u32, exe: &str, argv: &[&str], uid: u32) -> Vec<Alert> {
@@ -165,9 +166,9 @@ impl World {
                 argv: argv.iter().map(|a| (*a).to_owned()).collect(),
                 start_boot_ns: now,
                 stdio,
-                exe_identity,
+                exe_identity: exe_identity.map(Box::new),
                 parent_connections,
-                enforcement,
+                enforcement: enforcement.map(Box::new),
                 ..Default::default()
             }))),
             ..Default::default()
@@ -1002,6 +1003,15 @@ fn b17_exec_from_tmp() {
     assert!(!has(&alerts, "EPMM-B17"), "the hotfix's own directory");
     let (_, alerts) = w.spawn(ADMIN_SHELL, "/usr/bin/ls", &["ls"]);
     assert!(!has(&alerts, "EPMM-B17"));
+    // Hidden anywhere under /mi (the appliance's own tree), not its ordinary programs.
+    let alerts = fresh_spawn(ADMIN_SHELL, "/mi/files/.cache/x", &["x"]);
+    assert!(has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
+    let alerts = fresh_spawn(ADMIN_SHELL, "/mi/.x", &["x"]);
+    assert!(has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
+    let alerts = fresh_spawn(ADMIN_SHELL, "/tmp/x", &["x"]);
+    assert!(has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
+    let (_, alerts) = w.spawn(ADMIN_SHELL, "/mi/bin/mi-monitor", &["mi-monitor"]);
+    assert!(!has(&alerts, "EPMM-B17"), "{:?}", ids(&alerts));
 }
 
 #[test]
@@ -1498,7 +1508,7 @@ fn enforcement_verdicts_raise_their_rule_and_mark_every_alert_of_the_exec() {
             filename: "/usr/bin/id".into(),
             errno: 1,
             error: "EPERM".into(),
-            enforcement: Some(verdict(Action::Denied, "not_allowed", helper)),
+            enforcement: Some(Box::new(verdict(Action::Denied, "not_allowed", helper))),
             ..Default::default()
         })),
         ..Default::default()

@@ -10,6 +10,7 @@
 use std::{
     collections::VecDeque,
     hash::{Hash, Hasher},
+    sync::Arc,
 };
 
 use rustc_hash::{FxHashMap, FxHasher};
@@ -36,7 +37,7 @@ struct Window {
     seen: FxHashMap<u64, u64>,
     /// (time, hash) in arrival order, for expiry; stale pairs are skipped.
     order: VecDeque<(u64, u64)>,
-    evidence: Vec<Event>,
+    evidence: Vec<Arc<Event>>,
     last_ns: u64,
 }
 
@@ -79,7 +80,12 @@ fn value_hash(t: &Threshold, ctx: &Ctx<'_>) -> Option<u64> {
 impl Counter {
     /// Feeds an event the rule's condition matched. Returns the evidence when this event
     /// brings its key to `count` distinct values; the window then starts again.
-    pub fn feed(&mut self, t: &Threshold, event: &Event, ctx: &Ctx<'_>) -> Option<Vec<Event>> {
+    pub fn feed(
+        &mut self,
+        t: &Threshold,
+        event: &Arc<Event>,
+        ctx: &Ctx<'_>,
+    ) -> Option<Vec<Arc<Event>>> {
         let key = key_of(t.key, ctx)?;
         let value = value_hash(t, ctx)?;
         let now = event.boot_ns;
@@ -95,13 +101,13 @@ impl Counter {
             return None;
         }
         if window.evidence.len() + 1 < MAX_EVIDENCE {
-            window.evidence.push(event.clone());
+            window.evidence.push(Arc::clone(event));
         }
         if window.seen.len() < t.count as usize {
             return None;
         }
         let mut evidence = std::mem::take(&mut window.evidence);
-        evidence.push(event.clone());
+        evidence.push(Arc::clone(event));
         self.windows.remove(&key);
         Some(evidence)
     }
