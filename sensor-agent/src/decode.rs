@@ -69,6 +69,17 @@ impl BootClock {
     }
 
     pub fn wall(&self, boot_ns: u64) -> Timestamp {
+        // In 64 bits (every time until 2262) the divisions by a constant are multiplies;
+        // in 128 they are library calls, and this runs for every event.
+        if let Ok(epoch) = i64::try_from(self.boot_epoch_ns)
+            && let Ok(boot) = i64::try_from(boot_ns)
+            && let Some(ns) = epoch.checked_add(boot)
+        {
+            return Timestamp {
+                seconds: ns.div_euclid(1_000_000_000),
+                nanos: ns.rem_euclid(1_000_000_000) as i32,
+            };
+        }
         let ns = self.boot_epoch_ns + i128::from(boot_ns);
         Timestamp {
             seconds: ns.div_euclid(1_000_000_000) as i64,
@@ -910,6 +921,24 @@ mod tests {
         };
         let t = clock.wall(1_500_000_000);
         assert_eq!((t.seconds, t.nanos), (1_700_000_001, 500_000_000));
+        // The 64-bit path and the 128-bit one agree, before 1970 and past 2262 too.
+        for (epoch, boot) in [
+            (-1_500_000_001, 1),
+            (-3_000_000_000_000_000_000, 7),
+            (9_000_000_000_000_000_000, u64::MAX),
+            (i128::from(i64::MAX), 1),
+        ] {
+            let t = BootClock {
+                boot_epoch_ns: epoch,
+            }
+            .wall(boot);
+            let ns = epoch + i128::from(boot);
+            assert_eq!(
+                (i128::from(t.seconds), i128::from(t.nanos)),
+                (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000)),
+                "{epoch} + {boot}"
+            );
+        }
     }
 }
 
