@@ -184,7 +184,11 @@ impl<S: Sink> Pipeline<S> {
         self.table.apply(&event);
         // Rule evaluation is timed on one event in DETECT_TIMED_EVERY and scaled: two clock
         // reads per event cost as much as several rules.
-        let started = (self.stats.events % DETECT_TIMED_EVERY == 0).then(Instant::now);
+        let started = self
+            .stats
+            .events
+            .is_multiple_of(DETECT_TIMED_EVERY)
+            .then(Instant::now);
         let mut alerts = self.engine.on_event(&event, &mut self.table);
         if let Some(started) = started {
             self.stats.detect_ns += started.elapsed().as_nanos() as u64 * DETECT_TIMED_EVERY;
