@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// build's ratio beside the current one's).
     #[arg(long, value_name = "PATH")]
     agent: Option<std::path::PathBuf>,
+    /// `detect` only: run the detection benchmark of this revision (built in a worktree
+    /// under target/bench-against) beside this tree's, alternating, and give the ratios.
+    #[arg(long, value_name = "REV")]
+    against: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -53,6 +57,10 @@ enum Workload {
     /// all to collectors on SQLite, PostgreSQL, and PostgreSQL with two collectors: stored
     /// alerts per second and stream-to-commit latency.
     Fleet,
+    /// The detection benchmark (`cargo bench -p sensor-agent --bench detection`: decode,
+    /// process table and rules, no probes), `--rounds` times; with `--against REV`, beside
+    /// that revision's, as ratios. `BENCH_CYCLES` and `SENSOR_SIGMA_DIR` are passed on.
+    Detect,
 }
 
 /// What one run with the agent cost and delivered.
@@ -64,6 +72,9 @@ struct AgentRun {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Workload::Detect = args.workload {
+        return crate::detect_bench::run(args.against.as_deref(), args.rounds);
+    }
     if !crate::is_root() {
         bail!("the benchmark loads the probes and must run as root");
     }
@@ -212,7 +223,9 @@ fn workload(kind: Workload, iterations: u32) -> Result<Duration> {
         Workload::Connect => connect_storm(iterations),
         Workload::Open => open_storm(iterations, false),
         Workload::OpenWrite => open_storm(iterations, true),
-        Workload::Delivery | Workload::Fleet => bail!("this benchmark has its own runner"),
+        Workload::Delivery | Workload::Fleet | Workload::Detect => {
+            bail!("this benchmark has its own runner")
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! commands: each installs what is missing on a fresh machine, builds, and runs.
 
 mod bench;
+mod detect_bench;
 mod kmatrix;
 mod package;
 mod setup;
