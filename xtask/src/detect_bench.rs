@@ -33,22 +33,31 @@ fn build(root: &Path, target_dir: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = target_dir {
         cmd.env("CARGO_TARGET_DIR", dir);
     }
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run cargo in {}", root.display()))?;
-    if !out.status.success() {
-        bail!(
-            "building the detection benchmark in {} failed:\n{}",
-            root.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
+    let stdout = output(
+        cmd,
+        &format!("building the detection benchmark in {}", root.display()),
+    )?;
+    String::from_utf8_lossy(&stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|m| m["target"]["name"] == "detection")
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .with_context(|| format!("cargo built no detection benchmark in {}", root.display()))
+}
+
+/// Runs `cmd` (`what` it does, for errors) and returns its standard output.
+fn output(mut cmd: Command, what: &str) -> Result<Vec<u8>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
 }
 
 /// A worktree of `rev` under target/bench-against, made once and reused.
@@ -90,18 +99,19 @@ fn run_once(exe: &Path, root: &Path) -> Result<Vec<(String, f64)>> {
         let dir = std::env::current_dir()?.join(dir);
         cmd.env("SENSOR_SIGMA_DIR", dir);
     }
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run {}", exe.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            exe.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let stdout = output(cmd, &exe.display().to_string())?;
+    let rows = rows(&String::from_utf8_lossy(&stdout));
+    if rows.is_empty() {
+        bail!("{} printed no result rows", exe.display());
     }
+    Ok(rows)
+}
+
+/// The result rows of the benchmark's Markdown table: (label, events/s); a label seen
+/// again is numbered (" #2"...), header and separator lines are skipped.
+fn rows(stdout: &str) -> Vec<(String, f64)> {
     let mut rows: Vec<(String, f64)> = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in stdout.lines() {
         let cols: Vec<&str> = line.split('|').map(str::trim).collect();
         // | label | Sigma rules | events | time | events/s | alerts | ...
         let (Some(label), Some(rate)) = (cols.get(1), cols.get(5)) else {
@@ -121,10 +131,7 @@ fn run_once(exe: &Path, root: &Path) -> Result<Vec<(String, f64)>> {
         };
         rows.push((label, rate));
     }
-    if rows.is_empty() {
-        bail!("{} printed no result rows", exe.display());
-    }
-    Ok(rows)
+    rows
 }
 
 /// One row's events/s in one round: this tree's, the other revision's (None where a run
@@ -233,4 +240,35 @@ pub fn run(against: Option<&str>, rounds: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_read_from_the_table_and_repeated_labels_numbered() {
+        let out = "| rules | Sigma rules | events | time | events/s (one core) | alerts |\n\
+                   | --- | --- | --- | --- | --- | --- |\n\
+                   | default pack, service mix | 0 | 1000000 | 1.0 s | 1000000 | 0 |\n\
+                   | default pack + recording (zstd) | 0 | 10 | 1 s | 500 | 0 | trace 1 MiB |\n\
+                   | default pack + recording (zstd) | 0 | 10 | 1 s | 250 | 0 |\n\
+                   \n\
+                   JVM mix with SigmaHQ: pipeline 1.00x\n";
+        assert_eq!(
+            rows(out),
+            vec![
+                ("default pack, service mix".to_owned(), 1_000_000.0),
+                ("default pack + recording (zstd)".to_owned(), 500.0),
+                ("default pack + recording (zstd) #2".to_owned(), 250.0),
+            ]
+        );
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
 }
