@@ -2,7 +2,9 @@
 //! default rule pack (and, when `SENSOR_SIGMA_DIR` names a SigmaHQ rules directory, every
 //! loadable Sigma rule), into a sink that discards. Reports events per second on one core.
 //!
-//! `cargo bench -p sensor-agent --bench detection` (or `cargo xtask bench detect`).
+//! `cargo bench -p sensor-agent --bench detection`; `BENCH_ONLY=service` (or `curl`) runs
+//! one mix alone, `BENCH_CYCLES` sets its size. `cargo xtask bench detect --against REV`
+//! runs it beside an older revision's, alternating, and gives the ratios.
 
 use std::{sync::Arc, time::Instant};
 
