@@ -358,7 +358,14 @@ fn main() {
     println!("| --- | --- | --- | --- | --- | --- |");
     // One mix alone (`BENCH_ONLY=service` or `curl`), to compare builds side by side.
     if let Ok(mix) = std::env::var("BENCH_ONLY") {
-        let downloader = mix == "curl";
+        let downloader = match mix.as_str() {
+            "service" => false,
+            "curl" => true,
+            other => {
+                eprintln!("BENCH_ONLY={other:?}: the mixes are `service` and `curl`");
+                std::process::exit(2);
+            }
+        };
         run(
             &format!("default pack, {mix} mix"),
             SigmaSet::default(),

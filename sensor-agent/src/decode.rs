@@ -129,10 +129,9 @@ fn take<'a>(rest: &mut &'a [u8], len: usize, what: &'static str) -> Result<&'a [
 /// Kernel bytes as text; invalid UTF-8 becomes U+FFFD. Valid text (nearly all of it)
 /// takes the standard library's fast validation and one copy.
 fn lossy(bytes: &[u8]) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
-    }
+    let mut text = String::with_capacity(bytes.len());
+    push_lossy(&mut text, bytes);
+    text
 }
 
 /// Appends kernel bytes as text to `out` (see `lossy`).

@@ -182,8 +182,8 @@ impl<S: Sink> Pipeline<S> {
                 .or_default() += 1;
         }
         self.table.apply(&event);
-        // Rule evaluation is timed on one event in DETECT_TIMED_EVERY and scaled: two clock
-        // reads per event cost as much as several rules.
+        // Two clock reads per event cost as much as several rules: one event in
+        // DETECT_TIMED_EVERY is timed, and its time scaled.
         let started = self
             .stats
             .events
