@@ -1,10 +1,21 @@
 //! Code injection signals: memfd_create (fileless payloads), ptrace requests that write
 //! or take control, and process_vm_writev into another process.
+//!
+//! The target of a ptrace attach is the task the kernel resolved where fentry exists
+//! (`security_ptrace_access_check`): its process id as the host sees it, where the
+//! syscall's argument is a thread id in the caller's pid namespace.
 
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{fexit, map},
+    maps::LruHashMap,
+    programs::FExitContext,
+};
 use sensor_common::{MemfdRecord, PtraceRecord, VmWriteRecord, kind, slot};
 
 use crate::{
-    kernel::{KPtr, read_user_str},
+    kernel::{KPtr, get, get_ptr, off, read_user_str},
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
     syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
@@ -18,6 +29,28 @@ fexit_syscalls!(on_inject;
     fx_ptrace "__x64_sys_ptrace" slot::PTRACE,
     fx_process_vm_writev "__x64_sys_process_vm_writev" slot::PROCESS_VM_WRITEV,
 );
+
+/// Thread (pid_tgid) -> the host process id of the task its last ptrace access check was
+/// about.
+#[map]
+static PTRACE_CHECKED: LruHashMap<u64, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// `PTRACE_MODE_ATTACH`: the access an attach asks for (reads of /proc ask for less).
+const PTRACE_MODE_ATTACH: u64 = 2;
+
+/// `security_ptrace_access_check(struct task_struct *child, unsigned int mode)`.
+#[fexit(function = "security_ptrace_access_check")]
+pub fn fx_ptrace_check(ctx: FExitContext) -> i32 {
+    if crate::syscalls::watching() {
+        let args = ctx.as_ptr() as KPtr;
+        let child = get_ptr(args, 0);
+        if get::<u64>(args, 8) & PTRACE_MODE_ATTACH != 0 && !child.is_null() {
+            let tgid = get::<u32>(child, off!(task_tgid));
+            let _ = PTRACE_CHECKED.insert(&bpf_get_current_pid_tgid(), &tgid, 0);
+        }
+    }
+    0
+}
 
 #[inline(always)]
 fn on_inject(sc: &Syscall) {
@@ -86,6 +119,17 @@ fn ptrace(sc: &Syscall) {
     );
     r.request = request as i64;
     r.target = sc.arg(1) as i32;
+    // A successful attach went through the access check last: the kernel's own target.
+    if matches!(request, PTRACE_ATTACH | PTRACE_SEIZE) {
+        let key = bpf_get_current_pid_tgid();
+        // SAFETY: the value is copied before the entry is removed.
+        if let Some(&tgid) = unsafe { PTRACE_CHECKED.get(&key) } {
+            if sc.ret == 0 {
+                r.target = tgid as i32;
+            }
+            let _ = PTRACE_CHECKED.remove(&key);
+        }
+    }
     r.addr = sc.arg(2);
     r.result = sc.ret as i32;
     entry.submit(wakeup_flags());

@@ -1,11 +1,25 @@
 //! Network syscalls: connect (with its result, EINPROGRESS included), accept/accept4,
 //! bind, listen and socket creation, each with the socket's family, type and endpoints.
+//!
+//! The address a connect or bind asked for is the kernel's own copy where fentry exists:
+//! `security_socket_connect`/`security_socket_bind` see it after the kernel copied it from
+//! the caller, and leave it for the syscall's exit (`SOCKADDR_COPY`). Reading the caller's
+//! buffer again at the exit would report whatever another thread wrote there while the
+//! syscall waited (a blocking connect), not the address the kernel used.
 
-use aya_ebpf::helpers::generated::bpf_get_current_task;
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_task},
+    macros::{fexit, map},
+    maps::LruHashMap,
+    programs::FExitContext,
+};
 use sensor_common::{FdInfo, NetRecord, SocketRecord, kind, slot};
 
 use crate::{
-    kernel::{KPtr, bounded, describe_file, read_user, task_fd_file},
+    kernel::{
+        KPtr, bounded, copy_kernel, describe_file, get, get_ptr, off, read_user, task_fd_file,
+    },
     maps::{EVENTS, SCRATCH, count_lost, submit_scratch, wakeup_flags},
     syscalls::{Syscall, fexit_syscalls, fill_header, handler},
 };
@@ -18,20 +32,117 @@ const SOCKADDR_UN: usize = 110;
 /// `sizeof(struct sockaddr_in6)`, the largest inet address.
 const SOCKADDR_IN6: usize = 28;
 
+/// Bytes of a kernel address copy kept: a `sockaddr_un` fits.
+const COPY_BYTES: usize = 128;
+
+/// A connect's or bind's address as the kernel copied it, for the syscall's exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockAddrCopy {
+    /// The `struct socket` it was for (a later syscall on another socket ignores it).
+    sock: u64,
+    /// `kind::CONNECT` or `kind::BIND`.
+    op: u32,
+    len: u32,
+    addr: [u8; COPY_BYTES],
+}
+
+/// Thread (pid_tgid) -> the address its connect or bind in progress asked for.
+#[map]
+static SOCKADDR_COPY: LruHashMap<u64, SockAddrCopy> = LruHashMap::with_max_entries(4096, 0);
+
+/// `security_socket_connect(struct socket *, struct sockaddr *, int)`: the address is in
+/// kernel memory here. Raw context words, as for the syscall wrappers (`syscalls.rs`).
+#[fexit(function = "security_socket_connect")]
+pub fn fx_sock_connect(ctx: FExitContext) -> i32 {
+    keep_sockaddr(&ctx, kind::CONNECT);
+    0
+}
+
+/// `security_socket_bind(struct socket *, struct sockaddr *, int)`.
+#[fexit(function = "security_socket_bind")]
+pub fn fx_sock_bind(ctx: FExitContext) -> i32 {
+    keep_sockaddr(&ctx, kind::BIND);
+    0
+}
+
+#[inline(always)]
+fn keep_sockaddr(ctx: &FExitContext, op: u16) {
+    if !crate::syscalls::watching() {
+        return;
+    }
+    let args = ctx.as_ptr() as KPtr;
+    let sock = get::<u64>(args, 0);
+    let addr = get::<u64>(args, 8);
+    let len = get::<u64>(args, 16) as u32 as usize;
+    let mut copy = SockAddrCopy {
+        sock,
+        op: u32::from(op),
+        len: 0,
+        addr: [0; COPY_BYTES],
+    };
+    let n = if len > COPY_BYTES { COPY_BYTES } else { len };
+    if addr != 0
+        && n > 0
+        && copy_kernel(
+            copy.addr.as_mut_ptr(),
+            bounded(n, COPY_BYTES - 1),
+            addr as KPtr,
+        )
+    {
+        copy.len = bounded(n, COPY_BYTES - 1);
+        let _ = SOCKADDR_COPY.insert(&bpf_get_current_pid_tgid(), &copy, 0);
+    }
+}
+
+/// Where the reported address of a connect or bind on `file` comes from: the kernel's
+/// copy when the LSM hook kept one for this socket, else the caller's buffer.
+#[inline(always)]
+fn sockaddr_source(op: u16, file: KPtr, user_addr: u64, user_len: u64) -> (u64, u64, bool) {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: a copy of the value is taken before the entry is removed.
+    let Some(copy) = (unsafe { SOCKADDR_COPY.get(&key) }) else {
+        return (user_addr, user_len, false);
+    };
+    let (sock, kept_op, len) = (copy.sock, copy.op, copy.len);
+    let at = copy.addr.as_ptr() as u64;
+    let ours = kept_op == u32::from(op) && sock == get_ptr(file, off!(file_private_data)) as u64;
+    if ours {
+        return (at, u64::from(len), true);
+    }
+    let _ = SOCKADDR_COPY.remove(&key);
+    (user_addr, user_len, false)
+}
+
 #[inline(always)]
 fn current_task() -> KPtr {
     // SAFETY: helper without arguments.
     unsafe { bpf_get_current_task() as KPtr }
 }
 
-/// Reads a user `struct sockaddr` of `len` bytes: the family and, for inet, port and
-/// address into `out` (as the remote or local end); for unix, the path into `path`.
-/// Returns the unix path length.
+/// Copies `len` bytes at `src`, kernel or user memory.
 #[inline(always)]
-fn read_sockaddr(addr: u64, len: u64, out: &mut FdInfo, remote: bool, path: *mut u8) -> u16 {
+fn copy_from(kernel: bool, dst: *mut u8, len: u32, src: u64) -> bool {
+    if kernel {
+        copy_kernel(dst, len, src as KPtr)
+    } else {
+        read_user(dst, len, src as KPtr).is_ok()
+    }
+}
+
+/// Reads a `struct sockaddr` of `len` bytes (the kernel's copy, or the caller's buffer):
+/// the family and, for inet, port and address into `out` (as the remote or local end); for
+/// unix, the path into `path`. Returns the unix path length.
+#[inline(always)]
+fn read_sockaddr(
+    (addr, len, kernel): (u64, u64, bool),
+    out: &mut FdInfo,
+    remote: bool,
+    path: *mut u8,
+) -> u16 {
     // Family (2 bytes) and, for inet, the port in network order.
     let mut head = [0u8; 4];
-    if addr == 0 || len < 4 || read_user(head.as_mut_ptr(), 4, addr as KPtr).is_err() {
+    if addr == 0 || len < 4 || !copy_from(kernel, head.as_mut_ptr(), 4, addr) {
         return 0;
     }
     let family = u16::from_ne_bytes([head[0], head[1]]);
@@ -52,9 +163,9 @@ fn read_sockaddr(addr: u64, len: u64, out: &mut FdInfo, remote: bool, path: *mut
             words.add(1).write_volatile(0);
         }
         if family == AF_INET && len >= 8 {
-            let _ = read_user(dst.as_mut_ptr(), 4, (addr + 4) as KPtr);
+            copy_from(kernel, dst.as_mut_ptr(), 4, addr + 4);
         } else if family == AF_INET6 && len >= SOCKADDR_IN6 as u64 - 4 {
-            let _ = read_user(dst.as_mut_ptr(), 16, (addr + 8) as KPtr);
+            copy_from(kernel, dst.as_mut_ptr(), 16, addr + 8);
         }
         return 0;
     }
@@ -64,7 +175,7 @@ fn read_sockaddr(addr: u64, len: u64, out: &mut FdInfo, remote: bool, path: *mut
         } else {
             len
         } - 2;
-        if read_user(path, bounded(n as usize, 127), (addr + 2) as KPtr).is_ok() {
+        if copy_from(kernel, path, bounded(n as usize, 127), addr + 2) {
             return n as u16;
         }
     }
@@ -94,7 +205,11 @@ fn submit_net(kind: u16, fd: i32, result: i32, backlog: i32, sockaddr: Option<(u
     describe_file(file, &mut r.sock);
     r.unix_path_len = 0;
     if let Some((addr, len, remote)) = sockaddr {
-        r.unix_path_len = read_sockaddr(addr, len, &mut r.sock, remote, data);
+        let source = sockaddr_source(kind, file, addr, len);
+        r.unix_path_len = read_sockaddr(source, &mut r.sock, remote, data);
+        if source.2 {
+            let _ = SOCKADDR_COPY.remove(&bpf_get_current_pid_tgid());
+        }
     }
     let size = core::mem::size_of::<NetRecord>() + r.unix_path_len as usize;
     r.hdr.size = size as u32;

@@ -88,8 +88,23 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn a_full_spool_disk_declares_what_it_could_not_keep_and_delivery_resumes() {
+    full_disk(false);
+}
+
+/// The same with the agent restarted while the disk is still full: the count of what it
+/// could not write survives in the spool's ledger and is declared all the same.
+#[test]
+fn losses_on_a_full_disk_are_declared_after_a_restart_too() {
+    full_disk(true);
+}
+
+fn full_disk(restart: bool) {
     let _serial = serial();
-    let scratch = Scratch::new("rel-diskfull");
+    let scratch = Scratch::new(if restart {
+        "rel-diskfull-restart"
+    } else {
+        "rel-diskfull"
+    });
     let db = scratch.path("c.db");
     let disk = Tmpfs::mount(scratch.path("spool"), "1m");
     let spool = disk.0.to_str().unwrap().to_owned();
@@ -116,6 +131,13 @@ fn a_full_spool_disk_declares_what_it_could_not_keep_and_delivery_resumes() {
         agent.wait_for("a B17 alert on a full disk", |l| {
             b17_of(l, prog.exe()) && alert_pid(l) == *pid
         });
+    }
+
+    let mut printed = Vec::new();
+    if restart {
+        printed = agent.collect(Duration::from_millis(500), |l| l.get("alert").is_some());
+        agent.stop();
+        agent = Agent::start_with(&args);
     }
 
     // The collector comes: what is on disk is delivered, acknowledged segments free the
@@ -159,7 +181,7 @@ fn a_full_spool_disk_declares_what_it_could_not_keep_and_delivery_resumes() {
         std::thread::sleep(Duration::from_millis(250));
     }
     // Every alert the agent printed is stored or within the declared loss.
-    let printed = agent.collect(Duration::from_millis(500), |l| l.get("alert").is_some());
+    printed.extend(agent.collect(Duration::from_millis(500), |l| l.get("alert").is_some()));
     let stored_all = query("alerts", &db, &["--agent", "e2e-diskfull"]);
     assert!(
         stored_all.len() as u64 + num(&row["shed"]) >= printed.len() as u64,

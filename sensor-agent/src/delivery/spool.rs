@@ -18,7 +18,10 @@
 //! Faults degrade it, never stop it (docs/delivery.md states the guarantees):
 //! - a record that cannot be written (disk full, I/O error) is rolled back, takes no
 //!   sequence number, and is counted; once a write succeeds again, a `Shed` record numbers
-//!   and declares the loss, and the agent raises SELF-SHED;
+//!   and declares the loss, and the agent raises SELF-SHED. The count is kept on disk too,
+//!   in `DIR/unwritten`, a block allocated when the spool opens and rewritten in place (a
+//!   full disk still takes it), so an agent restarted before the disk recovers declares
+//!   the losses of the run before;
 //! - numbers are never reused: the state reserves them ahead ([`RESERVE`]) and a restart
 //!   continues after the reservation, declaring what was reserved and not used;
 //! - a damaged record is skipped (each record carries a magic and a checksum, so reading
@@ -109,6 +112,57 @@ const RECORD_MAGIC: &[u8; 4] = b"SREC";
 /// Largest record accepted when reading (the collector's message limit).
 const MAX_RECORD: usize = 4 * 1024 * 1024;
 
+/// The ledger of records not written and not declared yet (`DIR/unwritten`).
+const LEDGER: &str = "unwritten";
+const LEDGER_MAGIC: &[u8; 16] = b"SENSOR-UNWRIT-1\n";
+/// Allocated whole when the spool opens, so that rewriting it needs no new block.
+const LEDGER_LEN: usize = 4096;
+/// The reason kept with the counts.
+const LEDGER_REASON: usize = 512;
+
+/// Encodes the ledger: magic, events, alerts, reason length, reason, CRC32 of all before.
+fn encode_ledger(u: &Unwritten) -> Vec<u8> {
+    let mut reason = u.error.as_bytes();
+    if reason.len() > LEDGER_REASON {
+        let mut end = LEDGER_REASON;
+        while !u.error.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason = &reason[..end];
+    }
+    let mut out = Vec::with_capacity(LEDGER_LEN);
+    out.extend_from_slice(LEDGER_MAGIC);
+    out.extend_from_slice(&u.events.to_le_bytes());
+    out.extend_from_slice(&u.alerts.to_le_bytes());
+    out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    out.extend_from_slice(reason);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.resize(LEDGER_LEN, 0);
+    out
+}
+
+/// The counts a ledger holds, or None when it holds none or is not one.
+fn decode_ledger(data: &[u8]) -> Option<Unwritten> {
+    let head = data.get(..34)?;
+    if &head[..16] != LEDGER_MAGIC {
+        return None;
+    }
+    let word = |at: usize| u64::from_le_bytes(head[at..at + 8].try_into().unwrap_or_default());
+    let (events, alerts) = (word(16), word(24));
+    let len = usize::from(u16::from_le_bytes([head[32], head[33]]));
+    let reason = data.get(34..34 + len)?;
+    let crc = data.get(34 + len..38 + len)?;
+    if crc32fast::hash(&data[..34 + len]).to_le_bytes() != crc {
+        return None;
+    }
+    Some(Unwritten {
+        events,
+        alerts,
+        error: String::from_utf8_lossy(reason).into_owned(),
+    })
+}
+
 /// Records that could not be written, waiting to be numbered and declared.
 #[derive(Clone, Debug, Default)]
 struct Unwritten {
@@ -141,9 +195,18 @@ pub struct Spool {
     durable: u64,
     /// See [`Spool::take_rewind`].
     rewind: Option<u64>,
+    /// The declaration of what recovery at open lost or left unused, when the disk did not
+    /// take it then: (its number, the encoded record, records declared lost).
+    recovery: Option<(u64, Vec<u8>, u64)>,
     unwritten: Unwritten,
     /// A declaration of unwritten records is being written.
     declaring: bool,
+    /// `DIR/unwritten`, when it could be allocated.
+    ledger: Option<File>,
+    /// The ledger was rewritten since the last sync.
+    ledger_dirty: bool,
+    /// The ledger is cleared at the next sync, once the declaration is on disk.
+    ledger_clear: bool,
     pub stats: SpoolStats,
 }
 
@@ -333,8 +396,12 @@ impl Spool {
             unsynced_alert: false,
             durable: 0,
             rewind: None,
+            recovery: None,
             unwritten: Unwritten::default(),
             declaring: false,
+            ledger: None,
+            ledger_dirty: false,
+            ledger_clear: false,
             stats: SpoolStats::default(),
         };
         let scans = spool.read_segments()?;
@@ -436,7 +503,64 @@ impl Spool {
         if let Err(e) = spool.reserve(spool.next_seq) {
             warn!(error = %e, "cannot write the spool state; records wait until it can be written");
         }
+        spool.open_ledger();
         Ok(spool)
+    }
+
+    /// Takes over the counts a previous run could not declare, and makes sure the ledger
+    /// is allocated for this one.
+    fn open_ledger(&mut self) {
+        use std::os::unix::fs::FileExt;
+        let path = self.opts.dir.join(LEDGER);
+        let old = fs::read(&path).ok();
+        if let Some(before) = old.as_deref().and_then(decode_ledger)
+            && before.events + before.alerts > 0
+        {
+            warn!(
+                events = before.events,
+                alerts = before.alerts,
+                "records the previous run could not write are declared lost at the next write"
+            );
+            self.unwritten.events += before.events;
+            self.unwritten.alerts += before.alerts;
+            self.unwritten.error = before.error;
+        }
+        let allocated = old.as_ref().is_some_and(|d| d.len() == LEDGER_LEN);
+        let opened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| {
+                f.write_all_at(&encode_ledger(&self.unwritten), 0)?;
+                if !allocated {
+                    f.sync_all()?;
+                    File::open(&self.opts.dir)?.sync_all()?;
+                }
+                Ok(f)
+            });
+        match opened {
+            Ok(f) => self.ledger = Some(f),
+            Err(e) => warn!(
+                ledger = %path.display(),
+                error = %e,
+                "cannot allocate the spool's ledger of unwritten records: a restart while the disk refuses writes forgets their count"
+            ),
+        }
+    }
+
+    /// Rewrites the ledger in place with the current count.
+    fn write_ledger(&mut self) {
+        use std::os::unix::fs::FileExt;
+        if let Some(f) = &self.ledger {
+            if let Err(e) = f.write_all_at(&encode_ledger(&self.unwritten), 0) {
+                warn!(error = %e, "cannot update the spool's ledger of unwritten records: counting in memory only");
+                self.ledger = None;
+                return;
+            }
+            self.ledger_dirty = true;
+        }
     }
 
     /// Reads every file named like a segment: ours (both formats) are returned with what
@@ -526,10 +650,12 @@ impl Spool {
                 unused,
             })),
         };
-        match self.append(Class::Shed, env.encode_to_vec(), Some(seq)) {
+        let bytes = env.encode_to_vec();
+        match self.append(Class::Shed, bytes.clone(), Some(seq)) {
             Ok(_) => self.stats.shed_events += count,
             Err(e) => {
-                warn!(error = %e, "cannot write the record declaring what the spool's recovery lost")
+                warn!(error = %e, "cannot write the record declaring what the spool's recovery lost: written at the first write the disk takes");
+                self.recovery = Some((seq, bytes, count));
             }
         }
     }
@@ -606,6 +732,8 @@ impl Spool {
                     _ => self.unwritten.events += 1,
                 }
                 self.unwritten.error = e.to_string();
+                self.ledger_clear = false;
+                self.write_ledger();
                 Err(e)
             }
         }
@@ -625,6 +753,15 @@ impl Spool {
     }
 
     fn write_unwritten(&mut self) -> Result<(), SpoolError> {
+        if let Some((seq, bytes, count)) = self.recovery.take() {
+            if let Err(e) = self.append(Class::Shed, bytes.clone(), Some(seq)) {
+                self.recovery = Some((seq, bytes, count));
+                return Err(e);
+            }
+            self.stats.shed_events += count;
+            // Below numbers the sender may have passed.
+            self.rewind = Some(self.rewind.map_or(seq, |r| r.min(seq)));
+        }
         let Unwritten {
             events,
             alerts,
@@ -659,6 +796,8 @@ impl Spool {
             alerts, "the spool can write again: records it could not write are declared lost"
         );
         self.unwritten = Unwritten::default();
+        // Cleared once the declaration is synced (a crash before leaves both counts).
+        self.ledger_clear = true;
         Ok(())
     }
 
@@ -844,6 +983,18 @@ impl Spool {
             }
             self.unsynced = false;
             self.unsynced_alert = false;
+        }
+        if self.ledger_clear {
+            self.ledger_clear = false;
+            self.write_ledger();
+        }
+        if self.ledger_dirty
+            && let Some(f) = &self.ledger
+        {
+            self.ledger_dirty = false;
+            if let Err(e) = f.sync_data() {
+                warn!(error = %e, "cannot sync the spool's ledger of unwritten records");
+            }
         }
         self.durable = self.last_seq();
         Ok(())
@@ -1093,6 +1244,76 @@ mod tests {
             spool.last_seq() > restart,
             "the counter survives even with nothing pending"
         );
+    }
+
+    /// The declarations of unwritten records pending: (events, alerts, reason).
+    fn unwritten_declared(spool: &Spool) -> Vec<(u64, u64, String)> {
+        spool
+            .pending
+            .values()
+            .filter_map(|p| match decode(&p.bytes).body {
+                Some(envelope::Body::Shed(s)) if s.reason.contains("could not be written") => {
+                    Some((s.events, s.alerts, s.reason))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn losses_counted_on_a_refusing_disk_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = SpoolOptions::new(dir.path().to_path_buf());
+        let mut spool = Spool::open(opts.clone()).unwrap();
+        spool.push(alert(0)).unwrap();
+        spool.sync().unwrap();
+        // The disk refuses writes: the segment's descriptor can no longer write (a failed
+        // write gives the segment up, so each push gets a refusing one).
+        let refuse = |spool: &mut Spool| {
+            if spool.current.is_none() {
+                spool.open_segment().unwrap();
+            }
+            let (id, _, size) = spool.current.take().unwrap();
+            let read_only = File::open(dir.path().join(format!("segment-{id:010}"))).unwrap();
+            spool.current = Some((id, read_only, size));
+        };
+        for n in 1..=3 {
+            refuse(&mut spool);
+            assert!(spool.push(alert(n)).is_err());
+        }
+        refuse(&mut spool);
+        assert!(spool.push(event(4)).is_err());
+        assert!(unwritten_declared(&spool).is_empty());
+        // Stopped before the disk took a write again.
+        drop(spool);
+
+        // Restarted; the disk takes writes again: the previous run's losses are declared.
+        let mut spool = Spool::open(opts.clone()).unwrap();
+        spool.push(alert(5)).unwrap();
+        let declared = unwritten_declared(&spool);
+        assert_eq!(declared.len(), 1, "{declared:?}");
+        assert_eq!((declared[0].0, declared[0].1), (1, 3));
+        assert!(declared[0].2.contains("segment-"), "{declared:?}");
+        spool.sync().unwrap();
+        drop(spool);
+
+        // Declared once: the next restart does not declare them again.
+        let mut spool = Spool::open(opts.clone()).unwrap();
+        spool.push(alert(6)).unwrap();
+        assert_eq!(unwritten_declared(&spool).len(), 1);
+
+        // A damaged ledger is no count at all.
+        assert!(decode_ledger(&[0u8; LEDGER_LEN]).is_none());
+        let mut bytes = encode_ledger(&Unwritten {
+            events: 7,
+            alerts: 8,
+            error: "é".repeat(400),
+        });
+        let back = decode_ledger(&bytes).unwrap();
+        assert_eq!((back.events, back.alerts), (7, 8));
+        assert_eq!(back.error, "é".repeat(256), "cut at a character boundary");
+        bytes[20] ^= 1;
+        assert!(decode_ledger(&bytes).is_none());
     }
 
     #[test]

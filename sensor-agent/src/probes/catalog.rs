@@ -4,7 +4,9 @@
 //! A concern is attached in the best mode the kernel offers: the process lifecycle and
 //! signals on BTF tracepoints; syscalls by `fexit` on their own functions where the kernel
 //! has fentry, else through the `sys_exit` dispatcher; opens by `fexit` on
-//! `security_file_open` (the file the kernel actually opened) where it can. Programs that
+//! `security_file_open` (the file the kernel actually opened) where it can, and connect,
+//! bind and ptrace attach take the kernel's copy of their address and the task it resolved
+//! from `security_socket_connect`/`_bind` and `security_ptrace_access_check`. Programs that
 //! walk paths come in two flavours (`bpf_loop`, or a bounded loop for kernels without it).
 
 use sensor_common::slot;
@@ -122,6 +124,17 @@ const fn fx2(program: &'static str, bounded: &'static str, function: &'static st
     }
 }
 
+/// An `fexit` program on a security hook that gives a concern the kernel's own view of
+/// what the syscall asked for (the address a connect used, the task an attach reached);
+/// without it (no such hook in this kernel) the concern reads what the caller passed.
+const fn fx_lsm(program: &'static str, function: &'static str) -> Fexit {
+    Fexit {
+        program: one(program),
+        function,
+        optional: true,
+    }
+}
+
 /// A syscall concern: its `fexit` programs, and its handler for the `sys_exit` dispatcher
 /// with the slots that handler serves.
 #[derive(Debug)]
@@ -151,6 +164,8 @@ pub const SYSCALL_CONCERNS: &[SyscallConcern] = &[
             fx("fx_bind", "__x64_sys_bind"),
             fx("fx_listen", "__x64_sys_listen"),
             fx("fx_socket", "__x64_sys_socket"),
+            fx_lsm("fx_sock_connect", "security_socket_connect"),
+            fx_lsm("fx_sock_bind", "security_socket_bind"),
         ],
         handler: one("net"),
         slots: &[
@@ -179,6 +194,7 @@ pub const SYSCALL_CONCERNS: &[SyscallConcern] = &[
             fx("fx_memfd_create", "__x64_sys_memfd_create"),
             fx("fx_ptrace", "__x64_sys_ptrace"),
             fx("fx_process_vm_writev", "__x64_sys_process_vm_writev"),
+            fx_lsm("fx_ptrace_check", "security_ptrace_access_check"),
         ],
         handler: one("inject"),
         slots: &[slot::MEMFD_CREATE, slot::PTRACE, slot::PROCESS_VM_WRITEV],

@@ -280,7 +280,7 @@ fn drive(hooks: &str) -> Value {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let mut checks = check(&lines, &expect);
+    let mut checks = check(&lines, &expect, &KernelView::of(&probes));
     if enforce {
         check_enforcement(&lines, &expect, &mut checks);
     }
@@ -351,6 +351,10 @@ struct Expect {
     dup_pid: u32,
     memfd_pid: u32,
     ptrace_target: u32,
+    /// The tracer inside a new pid namespace (its host pid), and the ptrace argument it
+    /// used (its target's pid in that namespace).
+    ns_tracer: u32,
+    ns_target_arg: u32,
     cron_file: String,
     /// Enforcement smoke: the helper's pid and what its two programs exited with.
     helper_pid: u32,
@@ -488,6 +492,9 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     }
     wait(target);
 
+    connect_rewritten(e);
+    ptrace_in_namespace(e);
+
     // A write in a watched directory (the default list watches /etc/cron*).
     e.cron_file = format!("/etc/cron.d/{MARK}");
     let r = fs::create_dir_all("/etc/cron.d")
@@ -512,6 +519,148 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     // A signal to the agent (one that does nothing to it).
     // SAFETY: SIGCONT to the agent we started.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+}
+
+/// The socket a connect really reaches, and the name another thread leaves in the
+/// caller's buffer while the connect waits.
+const UNIX_REAL: &str = "/tmp/kmx-real.sock";
+const UNIX_FAKE: &str = "/tmp/kmx-fake.sock";
+
+/// A blocking connect whose address another thread rewrites while the kernel makes it
+/// wait (a unix listener with a full backlog): the kernel connects to `UNIX_REAL`, the
+/// caller's buffer says `UNIX_FAKE` by the time the syscall returns.
+fn connect_rewritten(e: &mut Expect) {
+    let r = (|| -> std::io::Result<()> {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let _ = fs::remove_file(UNIX_REAL);
+        let _ = fs::remove_file("/tmp/kmx-first.sock");
+        let listener = UnixListener::bind(UNIX_REAL)?;
+        // Backlog 0: one connection waits in the queue, the next connect blocks.
+        // SAFETY: listen(2) on a socket we own.
+        if unsafe { libc::listen(listener.as_raw_fd(), 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The first connection through another name of the same socket, so that only the
+        // second connect names UNIX_REAL.
+        fs::hard_link(UNIX_REAL, "/tmp/kmx-first.sock")?;
+        let _first = UnixStream::connect("/tmp/kmx-first.sock")?;
+        // SAFETY: a zeroed sockaddr_un is valid; the path fits.
+        let mut addr: Box<libc::sockaddr_un> = Box::new(unsafe { std::mem::zeroed() });
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (dst, src) in addr.sun_path.iter_mut().zip(UNIX_REAL.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let at = &mut *addr as *mut libc::sockaddr_un as usize;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            // SAFETY: a new socket, connected with the buffer the main thread keeps alive
+            // until this thread is joined.
+            unsafe {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let _ = tx.send(libc::gettid());
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                let rc = libc::connect(fd, at as *const libc::sockaddr, len);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if rc == 0 { Ok(()) } else { Err(err) }
+            }
+        });
+        let tid = rx.recv().map_err(std::io::Error::other)?;
+        // Blocked in connect (syscall 42) once /proc says so; bounded.
+        let blocked = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            fs::read_to_string(format!("/proc/self/task/{tid}/syscall"))
+                .is_ok_and(|s| s.split_whitespace().next() == Some("42"))
+        });
+        for (dst, src) in addr.sun_path.iter_mut().zip(UNIX_FAKE.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        let _accepted = listener.accept()?;
+        let done = waiter
+            .join()
+            .map_err(|_| std::io::Error::other("connect thread"))?;
+        drop(addr);
+        if !blocked {
+            return Err(std::io::Error::other("the connect never waited"));
+        }
+        done
+    })();
+    if let Err(err) = r {
+        e.errors.push(format!("rewritten connect: {err}"));
+    }
+}
+
+/// A tracer inside a new pid namespace attaches to its child by the namespace's pid (2);
+/// the driver learns the tracer's host pid through a pipe.
+fn ptrace_in_namespace(e: &mut Expect) {
+    let mut fds = [0; 2];
+    // SAFETY: a pipe for the child's one message.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        e.errors
+            .push(format!("pipe: {}", std::io::Error::last_os_error()));
+        return;
+    }
+    // SAFETY: the children below only make syscalls before they exit.
+    let outer = unsafe { libc::fork() };
+    if outer == 0 {
+        // SAFETY: a forked child of a single-threaded moment: syscalls only, then _exit.
+        unsafe {
+            libc::close(fds[0]);
+            if libc::unshare(libc::CLONE_NEWPID) != 0 {
+                libc::_exit(2);
+            }
+            let tracer = libc::fork();
+            if tracer == 0 {
+                // Pid 1 of the new namespace; its child is pid 2 there.
+                let target = libc::fork();
+                if target == 0 {
+                    loop {
+                        libc::pause();
+                    }
+                }
+                let mut status = 0;
+                let ok = libc::ptrace(libc::PTRACE_ATTACH, target, 0, 0) == 0;
+                if ok {
+                    libc::waitpid(target, &mut status, 0);
+                    libc::ptrace(libc::PTRACE_DETACH, target, 0, 0);
+                }
+                libc::kill(target, libc::SIGKILL);
+                libc::waitpid(target, &mut status, 0);
+                libc::_exit(if ok && target == 2 { 0 } else { 3 });
+            }
+            let host_pid = (tracer as u32).to_ne_bytes();
+            libc::write(fds[1], host_pid.as_ptr().cast(), 4);
+            let mut status = 0;
+            libc::waitpid(tracer, &mut status, 0);
+            libc::_exit(if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                4
+            });
+        }
+    }
+    // SAFETY: our end of the pipe; the child writes four bytes.
+    unsafe { libc::close(fds[1]) };
+    let mut buf = [0u8; 4];
+    // SAFETY: reads into a local buffer.
+    let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), 4) };
+    // SAFETY: our end of the pipe, closed once.
+    unsafe { libc::close(fds[0]) };
+    let mut status = 0;
+    // SAFETY: reaps our own child.
+    unsafe { libc::waitpid(outer, &mut status, 0) };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    if n != 4 || code != 0 {
+        e.errors
+            .push(format!("ptrace in a pid namespace: exit {code}, {n} bytes"));
+        return;
+    }
+    e.ns_tracer = u32::from_ne_bytes(buf);
+    e.ns_target_arg = 2;
 }
 
 /// A RewriteMap-helper look-alike, started once the agent enforces: it waits for a line,
@@ -625,7 +774,30 @@ fn wait(pid: i32) {
     unsafe { libc::waitpid(pid, &mut status, 0) };
 }
 
-fn check(lines: &[Value], e: &Expect) -> Checks {
+/// Which concerns run on the security hooks' view (fexit), from `sensor_probes`.
+struct KernelView {
+    net: bool,
+    inject: bool,
+}
+
+impl KernelView {
+    fn of(probes: &[Value]) -> KernelView {
+        let fexit = |probe: &str| {
+            probes.iter().any(|p| {
+                p.get("probe").and_then(Value::as_str) == Some(probe)
+                    && p.get("mode")
+                        .and_then(Value::as_str)
+                        .is_some_and(|m| m.starts_with("fexit"))
+            })
+        };
+        KernelView {
+            net: fexit("net"),
+            inject: fexit("inject"),
+        }
+    }
+}
+
+fn check(lines: &[Value], e: &Expect, kernel_view: &KernelView) -> Checks {
     let mut c = Checks { items: Vec::new() };
     for err in &e.errors {
         c.add("re-enactment", false, err.clone());
@@ -727,6 +899,50 @@ fn check(lines: &[Value], e: &Expect) -> Checks {
         "ptrace",
         ptrace.is_some(),
         ptrace.map_or("none".into(), |ev| s(ev, "/ptrace/request")),
+    );
+    // Where the kernel's copy is used (fexit on the security hooks), the event names what
+    // the kernel did; on the dispatcher, what the caller's memory said afterwards, which
+    // proves the re-enactment raced as meant.
+    let unix = |path: &str| {
+        find("connect", &|ev, b| {
+            pid_of(ev) == e.driver && s(b, "/unixPath") == path
+        })
+        .is_some()
+    };
+    let (want, other) = if kernel_view.net {
+        (UNIX_REAL, UNIX_FAKE)
+    } else {
+        (UNIX_FAKE, UNIX_REAL)
+    };
+    c.add(
+        if kernel_view.net {
+            "connect_kernel_copy"
+        } else {
+            "connect_caller_buffer"
+        },
+        unix(want) && !unix(other),
+        format!("rewritten connect reported as {want}"),
+    );
+    let ns_target = find("fork", &|_, b| {
+        n(b, "/parentPid") as u32 == e.ns_tracer && e.ns_tracer != 0
+    })
+    .map_or(0, &pid_of);
+    let want = if kernel_view.inject {
+        ns_target
+    } else {
+        e.ns_target_arg
+    };
+    let got = find("ptrace", &|ev, _| {
+        pid_of(ev) == e.ns_tracer && e.ns_tracer != 0
+    })
+    .map_or(0, |ev| n(ev, "/ptrace/targetPid") as u32);
+    c.add(
+        if kernel_view.inject { "ptrace_kernel_target" } else { "ptrace_caller_pid" },
+        want != 0 && got == want,
+        format!(
+            "attach from pid {} to its namespace's pid 2 (host pid {ns_target}): reported {got}, want {want}",
+            e.ns_tracer
+        ),
     );
     let file = find("file", &|_, b| s(b, "/path") == e.cron_file);
     c.add(
