@@ -277,7 +277,9 @@ pub const INDEX_AT: usize = 6;
 /// The index of a list, each part built the first time an operator needs it.
 #[derive(Debug, Default)]
 pub struct StrIndex {
-    exact: std::sync::OnceLock<rustc_hash::FxHashSet<String>>,
+    /// For `=` and `!=`: positions in the list, found by the item's hash (the strings are
+    /// the list's own, not a second copy).
+    exact: std::sync::OnceLock<hashbrown::HashTable<u32>>,
     /// For `startswith`: the items no other item starts (a longer item adds nothing),
     /// sorted, as positions in the list. A value starts with an item exactly when it
     /// starts with the greatest of these that is not greater than it: everything sorted
@@ -290,8 +292,23 @@ pub struct StrIndex {
 }
 
 impl StrIndex {
-    fn exact(&self, items: &[String]) -> &rustc_hash::FxHashSet<String> {
-        self.exact.get_or_init(|| items.iter().cloned().collect())
+    fn exact(&self, items: &[String]) -> &hashbrown::HashTable<u32> {
+        self.exact.get_or_init(|| {
+            let mut table = hashbrown::HashTable::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let hash = hash_str(item);
+                if table.find(hash, |&j| items[j as usize] == *item).is_none() {
+                    table.insert_unique(hash, i as u32, |&j| hash_str(&items[j as usize]));
+                }
+            }
+            table
+        })
+    }
+
+    fn has_exact(&self, items: &[String], s: &str) -> bool {
+        self.exact(items)
+            .find(hash_str(s), |&j| items[j as usize] == s)
+            .is_some()
     }
 
     fn prefixes(&self, items: &[String]) -> &[u32] {
@@ -324,8 +341,8 @@ impl StrIndex {
     /// Whether `s` compares true with `op` against any item (`Ne`: against none).
     fn test(&self, items: &[String], s: &str, op: Op) -> bool {
         match op {
-            Op::Eq => self.exact(items).contains(s),
-            Op::Ne => !self.exact(items).contains(s),
+            Op::Eq => self.has_exact(items, s),
+            Op::Ne => !self.has_exact(items, s),
             Op::StartsWith => {
                 let prefixes = self.prefixes(items);
                 let after = prefixes.partition_point(|&i| items[i as usize].as_str() <= s);
@@ -342,6 +359,11 @@ impl StrIndex {
             _ => false,
         }
     }
+}
+
+fn hash_str(s: &str) -> u64 {
+    use std::hash::BuildHasher;
+    rustc_hash::FxBuildHasher.hash_one(s)
 }
 
 /// The index of each long list, shared by every condition that names it: keyed by the

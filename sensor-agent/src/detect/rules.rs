@@ -124,7 +124,7 @@ struct RuleFile {
 #[serde(deny_unknown_fields)]
 struct ListDef {
     name: Spanned<String>,
-    items: Vec<Spanned<String>>,
+    items: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -498,7 +498,7 @@ pub fn compile_texts(texts: &[(String, String)]) -> Result<RuleSet, RuleErrors> 
         merge(&mut merged, file, index, &src, &mut errors);
     }
     // Compile what parsed even after errors, so that one run reports every problem.
-    let set = compile(&merged, &mut errors);
+    let set = compile(&mut merged, &mut errors);
     if errors.is_empty() {
         Ok(set)
     } else {
@@ -539,14 +539,11 @@ fn merge(
     errors: &mut Vec<RuleError>,
 ) {
     for list in file.lists {
-        m.lists.insert(
-            list.name.to_string(),
-            list.items.iter().map(|i| i.to_string()).collect(),
-        );
+        m.lists.insert(list.name.to_string(), list.items);
     }
     for list in file.append {
         match m.lists.get_mut(list.name.as_str()) {
-            Some(items) => items.extend(list.items.iter().map(|i| i.to_string())),
+            Some(items) => items.extend(list.items),
             None => errors.push(src.at(
                 &list.name,
                 format!("append to unknown list `{}`", *list.name),
@@ -744,17 +741,18 @@ pub fn parse_duration(s: &str) -> Option<u64> {
     u64::try_from(d.as_nanos()).ok().filter(|v| *v > 0)
 }
 
-fn compile(m: &Merged, errors: &mut Vec<RuleError>) -> RuleSet {
+fn compile(m: &mut Merged, errors: &mut Vec<RuleError>) -> RuleSet {
     let src = |index: usize| Source {
         name: &m.sources[index].0,
         text: &m.sources[index].1,
     };
     // Lists are shared by the conditions that use them whole (expr.rs).
-    let lists: HashMap<String, Arc<[String]>> = m
-        .lists
-        .iter()
-        .map(|(name, items)| (name.clone(), Arc::from(items.as_slice())))
+    // Moved, not copied: a list's strings exist once.
+    let lists: HashMap<String, Arc<[String]>> = std::mem::take(&mut m.lists)
+        .into_iter()
+        .map(|(name, items)| (name, Arc::from(items)))
         .collect();
+    let m = &*m;
     // Macros, in order; each may use the ones before it; compiled once, shared.
     let mut macros: HashMap<String, Arc<Macro>> = HashMap::new();
     for (name, cond_text, index) in &m.macros {
