@@ -626,6 +626,7 @@ fn enforcement(verdict: u32) -> Option<Enforcement> {
     let reason = match e::reason(verdict) {
         e::REASON_NOT_ALLOWED => "not_allowed",
         e::REASON_SOCKET_SHELL => "socket_shell",
+        e::REASON_SOCKET_STDIO => "socket_stdio",
         e::REASON_UNLINKED => "unlinked",
         e::REASON_TMP_WRITTEN => "tmp_written",
         _ => "unknown",

@@ -505,12 +505,15 @@ pub mod enforce {
     pub const REASON_UNLINKED: u32 = 3;
     /// A file written (or changed) since boot under a temporary directory.
     pub const REASON_TMP_WRITTEN: u32 = 4;
+    /// Any program with an inet socket on fd 0, 1 or 2, whatever its file.
+    pub const REASON_SOCKET_STDIO: u32 = 5;
 
     /// `Policy` flags of a label.
     pub const ALLOW_LIST: u32 = 1 << 0;
     pub const DENY_SOCKET_SHELL: u32 = 1 << 1;
     pub const DENY_UNLINKED: u32 = 1 << 2;
     pub const DENY_TMP_WRITTEN: u32 = 1 << 3;
+    pub const DENY_SOCKET_STDIO: u32 = 1 << 4;
 
     /// Labels 1..MAX_LABELS (0: none); the `POLICY` array's size.
     pub const MAX_LABELS: u32 = 64;

@@ -4,7 +4,8 @@
 //! inherits its parent's label here, in the kernel, so a descendant is labelled before it
 //! can run anything and no descendant can shed the label. At exec a labelled process is
 //! judged against its label's policy (`POLICY`, `ALLOWED`, `SHELLS`, `TMP_DIRS`): an
-//! executable outside the label's allow list, a shell with an inet socket on its stdio, an
+//! executable outside the label's allow list, any program (or only an installed shell)
+//! with an inet socket on its stdio, an
 //! executable with no name (memfd, deleted file), or a file written since boot under a
 //! temporary directory. Nothing here looks at a name or argv: files are inode and device.
 //!
@@ -26,9 +27,9 @@ use sensor_common::{
     FdInfo,
     enforce::{
         ACTION_DENIED, ACTION_KILLED, ACTION_WOULD_KILL, ALLOW_LIST, Config, DENY_SOCKET_SHELL,
-        DENY_TMP_WRITTEN, DENY_UNLINKED, FileKey, Lineage, MAX_LABELS, MECH_LSM, MODE_OFF, MODE_ON,
-        REASON_NOT_ALLOWED, REASON_SOCKET_SHELL, REASON_TMP_WRITTEN, REASON_UNLINKED, TMP_DEPTH,
-        verdict,
+        DENY_SOCKET_STDIO, DENY_TMP_WRITTEN, DENY_UNLINKED, FileKey, Lineage, MAX_LABELS, MECH_LSM,
+        MODE_OFF, MODE_ON, REASON_NOT_ALLOWED, REASON_SOCKET_SHELL, REASON_SOCKET_STDIO,
+        REASON_TMP_WRITTEN, REASON_UNLINKED, TMP_DEPTH, verdict,
     },
     fd_kind,
 };
@@ -192,6 +193,10 @@ fn judge(cfg: &Config, label: u32, exe: &Exe, inet_stdio: bool) -> u32 {
         dev: exe.dev,
         label,
     };
+    // Whatever the file is: a copy or rename of a shell is still wired to the network.
+    if flags & DENY_SOCKET_STDIO != 0 && inet_stdio {
+        return REASON_SOCKET_STDIO;
+    }
     // SAFETY: map lookups of plain data.
     if flags & DENY_SOCKET_SHELL != 0 && inet_stdio && unsafe { SHELLS.get(&file(0)) }.is_some() {
         return REASON_SOCKET_SHELL;

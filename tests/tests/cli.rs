@@ -86,12 +86,12 @@ fn rules_check_shows_the_enforcement_policy() {
     assert!(stdout.contains("enforcement: 2 identities"), "{stdout}");
     assert!(
         stdout.contains(
-            "rewritemap-helper (label 1, rule enforce:rewritemap-helper): may run /usr/bin/date, /bin/date, /usr/bin/sha256sum, /opt/nowhere/tool; never socket_shell, unlinked, tmp_written"
+            "rewritemap-helper (label 1, rule enforce:rewritemap-helper): may run /usr/bin/date, /bin/date, /usr/bin/sha256sum, /opt/nowhere/tool; never socket_stdio, unlinked, tmp_written"
         ),
         "{stdout}"
     );
     assert!(
-        stdout.contains("tomcat (label 2, rule enforce:tomcat): may run anything not denied; never socket_shell, unlinked, tmp_written"),
+        stdout.contains("tomcat (label 2, rule enforce:tomcat): may run anything not denied; never socket_stdio, unlinked, tmp_written"),
         "{stdout}"
     );
     assert!(

@@ -224,6 +224,30 @@ fn an_injected_program_is_stopped_before_it_runs_and_audit_only_reports_it() {
     });
     assert!(baseline_stopped.is_empty(), "{baseline_stopped:?}");
 
+    // Even the allowed `date` is stopped once it is wired to the network (`socket_stdio`):
+    // the injection gives it a loopback socket on its stdin, as a reverse shell's
+    // redirection does; no file of it is known to the kernel as a shell.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _ = httpd.get(&injection(&format!(
+        "/usr/bin/date %3C%3E/dev/tcp/127.0.0.1/{port}"
+    )));
+    let line = agent.wait_for("the enforcement alert (date on a socket)", |l| {
+        alert_of(l, "enforce:rewritemap-helper").is_some_and(|a| {
+            a["process"]["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with("/date"))
+        })
+    });
+    let alert = &line["alert"];
+    assert_eq!(alert["action"], mechanism, "{alert}");
+    assert!(alert.to_string().contains("socket_stdio"), "{alert}");
+    assert!(
+        listener.accept().is_ok(),
+        "the redirection reached the socket"
+    );
+    assert_eq!(httpd.get(NORMAL), before, "the helper still answers");
+
     // The kill switch: `enforce = "off"` and SIGHUP; the same injection runs.
     write_config("off");
     agent.signal(libc::SIGHUP);

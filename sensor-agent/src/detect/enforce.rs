@@ -5,7 +5,7 @@
 //! enforce:
 //!   - identity: rewritemap-helper
 //!     allow: [/usr/bin/date, /bin/date]      # an allow list: nothing else may run
-//!     deny: [socket_shell, unlinked, tmp_written]
+//!     deny: [socket_stdio, unlinked, tmp_written]
 //!     rationale: ...
 //! ```
 //! A later file's entry for the same identity replaces the earlier one; with
@@ -38,6 +38,9 @@ pub struct EnforceDef {
 /// A shape of program that a policy can refuse whatever its allow list says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Shape {
+    /// Any program with an inet socket on fd 0, 1 or 2, whatever its file (a copied or
+    /// renamed shell included).
+    SocketStdio,
     /// A shell or interpreter (by identity: an installed one) with an inet socket on fd
     /// 0, 1 or 2.
     SocketShell,
@@ -48,10 +51,16 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 3] = [Shape::SocketShell, Shape::Unlinked, Shape::TmpWritten];
+    pub const ALL: [Shape; 4] = [
+        Shape::SocketStdio,
+        Shape::SocketShell,
+        Shape::Unlinked,
+        Shape::TmpWritten,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Shape::SocketStdio => "socket_stdio",
             Shape::SocketShell => "socket_shell",
             Shape::Unlinked => "unlinked",
             Shape::TmpWritten => "tmp_written",
@@ -65,6 +74,7 @@ impl Shape {
     pub fn flag(self) -> u32 {
         use sensor_common::enforce as e;
         match self {
+            Shape::SocketStdio => e::DENY_SOCKET_STDIO,
             Shape::SocketShell => e::DENY_SOCKET_SHELL,
             Shape::Unlinked => e::DENY_UNLINKED,
             Shape::TmpWritten => e::DENY_TMP_WRITTEN,

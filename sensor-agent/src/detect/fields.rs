@@ -326,7 +326,7 @@ fields! {
             .map_or(Value::Missing, |e| s(crate::detect::alert::action_name(e.action)));
     EnforceRule => "enforce.rule", Str, [Exec, ExecFailed], "the enforcement rule that decided (enforce:IDENTITY)",
         |c| crate::detect::alert::enforcement_of(c.event).map_or(Value::Missing, |e| s(&e.rule));
-    EnforceReason => "enforce.reason", Str, [Exec, ExecFailed], "the shape that decided: not_allowed, socket_shell, unlinked, tmp_written",
+    EnforceReason => "enforce.reason", Str, [Exec, ExecFailed], "the shape that decided: not_allowed, socket_stdio, socket_shell, unlinked, tmp_written",
         |c| crate::detect::alert::enforcement_of(c.event).map_or(Value::Missing, |e| s(&e.reason));
 
     ExecFailedFilename => "exec_failed.filename", Str, [ExecFailed], "the filename that failed",

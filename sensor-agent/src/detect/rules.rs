@@ -1247,7 +1247,7 @@ mod tests {
         assert_eq!(tomcat.allow, None, "tomcat has no allow list");
         assert_eq!(
             tomcat.flags(),
-            sensor_common::enforce::DENY_SOCKET_SHELL
+            sensor_common::enforce::DENY_SOCKET_STDIO
                 | sensor_common::enforce::DENY_UNLINKED
                 | sensor_common::enforce::DENY_TMP_WRITTEN
         );

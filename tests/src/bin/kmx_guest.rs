@@ -668,7 +668,7 @@ fn ptrace_in_namespace(e: &mut Expect) {
 fn enforce_smoke(err_path: &str, e: &mut Expect) {
     const HELPER: &str = "/tmp/kmx-mi/bin/map-appstore-url";
     let script = format!(
-        "#!/bin/sh\nread line\n/bin/true {MARK}-baseline\necho baseline=$?\n/tmp/kmx-payload {MARK}-payload\necho payload=$?\n"
+        "#!/bin/sh\nread line\n/bin/true {MARK}-baseline\necho baseline=$?\n/tmp/kmx-payload {MARK}-payload\necho payload=$?\n/bin/true {MARK}-socket <&3\necho socket=$?\n"
     );
     let prepared = fs::create_dir_all("/tmp/kmx-mi/bin")
         .and_then(|()| fs::write(HELPER, script))
@@ -681,11 +681,32 @@ fn enforce_smoke(err_path: &str, e: &mut Expect) {
         e.errors.push(format!("enforcement smoke: {err}"));
         return;
     }
-    let mut helper = match Command::new(HELPER)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-    {
+    // A loopback connection the helper gets on fd 3, to put on a program's stdin: even
+    // the allowed /bin/true is stopped when it is wired to the network (socket_stdio).
+    let wired = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr().map(|a| (l, a)))
+        .and_then(|(l, a)| TcpStream::connect(a).map(|c| (l, c)));
+    let (_listener, socket) = match wired {
+        Ok(pair) => pair,
+        Err(err) => {
+            e.errors.push(format!("enforcement smoke: socket: {err}"));
+            return;
+        }
+    };
+    let socket_fd = socket.as_raw_fd();
+    let mut command = Command::new(HELPER);
+    command.stdin(Stdio::piped()).stdout(Stdio::piped());
+    // SAFETY: dup2 is async-signal-safe; nothing else runs in the child before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(move || {
+            if libc::dup2(socket_fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut helper = match command.spawn() {
         Ok(h) => h,
         Err(err) => {
             e.errors.push(format!("enforcement smoke: {HELPER}: {err}"));
@@ -733,6 +754,17 @@ fn check_enforcement(lines: &[Value], e: &Expect, c: &mut Checks) {
         "enforce_stopped",
         out.contains("baseline=0") && out.contains(exit),
         format!("helper {}: {out} (want baseline=0 {exit})", e.helper_pid),
+    );
+    let socket_exit = exit.replace("payload", "socket");
+    let socket_alert = lines.iter().filter_map(|l| l.get("alert")).any(|a| {
+        a.pointer("/ruleId").and_then(Value::as_str) == Some("enforce:rewritemap-helper")
+            && a.pointer("/action").and_then(Value::as_str) == Some(action)
+            && a.to_string().contains("socket_stdio")
+    });
+    c.add(
+        "enforce_socket_stdio",
+        out.contains(&socket_exit) && socket_alert,
+        format!("allowed /bin/true with a socket on stdin: {out} (want {socket_exit}, an alert for socket_stdio)"),
     );
     let alert = lines.iter().filter_map(|l| l.get("alert")).find(|a| {
         a.pointer("/ruleId").and_then(Value::as_str) == Some("enforce:rewritemap-helper")
