@@ -98,6 +98,14 @@ pub struct KernelLayout {
     pub sk_v6_daddr: u16,
     pub sk_v6_rcv_saddr: u16,
 
+    /// The name an open was given, as the kernel copied it from the caller
+    /// (`current->nameidata->name->name`), and the directory descriptor it is relative to.
+    /// All 0 where this kernel's BTF does not describe them: the name is then not reported.
+    pub task_nameidata: u16,
+    pub nameidata_name: u16,
+    pub nameidata_dfd: u16,
+    pub filename_name: u16,
+
     /// Offsets in `struct pt_regs` of the six syscall arguments as they stand at syscall
     /// exit (x86_64: di, si, dx, r10, r8, r9), and of the syscall number (orig_ax).
     pub regs_args: [u16; 6],

@@ -5,7 +5,9 @@
 //! `security_file_open` (fexit, for the verdict); elsewhere at the open syscalls' exit,
 //! from the descriptor they returned. Its path is walked up from the file's dentry, so a
 //! symbolic link, `..`, `/proc/self/root/...` or a bind mount leads to the real place, and
-//! at the syscall exit the caller's string goes along when it differs. Whether the open
+//! the name the caller gave goes along when it differs (at `security_file_open` the
+//! kernel's copy of it, from the path walk's `nameidata`; at the syscall exit the caller's
+//! string). Whether the open
 //! created the file is the kernel's own FMODE_CREATED, so `O_CREAT|O_TRUNC` of a file
 //! already there is a truncation. An open that failed, and the path operations (rename,
 //! unlink, chmod, utimes, truncate, link by name), are matched on the path the caller
@@ -29,8 +31,8 @@ use sensor_common::{
 
 use crate::{
     kernel::{
-        KPtr, bounded, copy_kernel, get, get_ptr, off, read_ptr, read_user, read_user_str,
-        task_fd_file,
+        KPtr, bounded, copy_kernel, get, get_ptr, off, read_kernel_str, read_ptr, read_user,
+        read_user_str, task_fd_file,
     },
     maps::{SCRATCH, submit_scratch},
     path::{PATH_AREA, PATHBUF, read_path, walk_path_backwards},
@@ -102,8 +104,9 @@ const FMODE_CREATED: u32 = 0x100000;
 /// Where a path comes from.
 #[derive(Clone, Copy)]
 enum Source {
-    /// A user string, relative to a directory descriptor (or the cwd).
-    User { dirfd: i64, path: u64 },
+    /// A string, relative to a directory descriptor (or the cwd): the caller's (user
+    /// memory), or the kernel's copy of it (`kernel`).
+    Name { dirfd: i64, path: u64, kernel: bool },
     /// The file open at a descriptor.
     Fd(i64),
     /// A `struct file`.
@@ -134,11 +137,20 @@ fn build<const LOOP: bool>(source: Source) -> Option<Built> {
     let fs = read_ptr(task, off!(task_fs)).ok()?;
     let root = read_path(fs, off!(fs_root)).ok()?;
     let (dir, tail) = match source {
-        Source::User { dirfd, path } => {
+        Source::Name {
+            dirfd,
+            path,
+            kernel,
+        } => {
             let mut first = [0u8; 1];
-            read_user(first.as_mut_ptr(), 1, path as KPtr).ok()?;
+            if kernel {
+                first[0] = get::<u8>(path as KPtr, 0);
+            } else {
+                read_user(first.as_mut_ptr(), 1, path as KPtr).ok()?;
+            }
             if first[0] == b'/' {
-                let n = read_user_str(
+                let n = name_str(
+                    kernel,
                     area.wrapping_add(DIR_END),
                     (AREA - DIR_END) as u32,
                     path as KPtr,
@@ -157,7 +169,8 @@ fn build<const LOOP: bool>(source: Source) -> Option<Built> {
             };
             // SAFETY: DIR_END is inside the area.
             unsafe { *area.wrapping_add(DIR_END) = b'/' };
-            let n = read_user_str(
+            let n = name_str(
+                kernel,
                 area.wrapping_add(DIR_END + 1),
                 (AREA - DIR_END - 1) as u32,
                 path as KPtr,
@@ -421,17 +434,51 @@ fn open_op(bits: u32) -> u16 {
 }
 
 fn user(dirfd: u64, path: u64) -> Source {
-    Source::User {
+    Source::Name {
         dirfd: dirfd as i32 as i64,
         path,
+        kernel: false,
     }
 }
 
 fn cwd(path: u64) -> Source {
-    Source::User {
+    Source::Name {
         dirfd: AT_FDCWD,
         path,
+        kernel: false,
     }
+}
+
+/// A NUL-terminated string of user or kernel memory.
+#[inline(always)]
+fn name_str(kernel: bool, dst: *mut u8, max: u32, src: KPtr) -> Result<usize, i64> {
+    if kernel {
+        read_kernel_str(dst, max, src)
+    } else {
+        read_user_str(dst, max, src)
+    }
+}
+
+/// The name the open in progress was given, as the kernel copied it from the caller (its
+/// path walk's `nameidata`, alive while `security_file_open` runs), or None where this
+/// kernel's BTF did not describe it.
+#[inline(always)]
+fn given_name() -> Option<Source> {
+    let at = off!(task_nameidata);
+    if at == 0 {
+        return None;
+    }
+    let nd = get_ptr(current_task(), at);
+    let name = get_ptr(nd, off!(nameidata_name));
+    let path = get_ptr(name, off!(filename_name));
+    if nd.is_null() || name.is_null() || path.is_null() {
+        return None;
+    }
+    Some(Source::Name {
+        dirfd: i64::from(get::<i32>(nd, off!(nameidata_dfd))),
+        path: path as u64,
+        kernel: true,
+    })
 }
 
 fn fd(fd: u64) -> Source {
@@ -529,7 +576,13 @@ fn on_file_open<const LOOP: bool>(file: KPtr, verdict: i64) {
     }
     let (bits, mode, info) = opened_bits(file, flags);
     if let Some(path) = watched_file::<LOOP>(file, bits) {
-        emit::<LOOP>(verdict, open_op(bits), flags, mode, &path, None, info);
+        let given = given_name();
+        let info = if given.is_some() {
+            info | file_info::OTHER_IS_GIVEN
+        } else {
+            info
+        };
+        emit::<LOOP>(verdict, open_op(bits), flags, mode, &path, given, info);
     }
 }
 

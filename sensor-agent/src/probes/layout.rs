@@ -36,6 +36,17 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         source,
     })?;
     let r = Resolver { btf: &btf };
+    // Optional: without them an open reported at `security_file_open` carries the file
+    // the kernel opened but not the name it was given.
+    let given = (|| {
+        Ok::<_, LayoutError>((
+            r.offset("task_struct", "nameidata")?,
+            r.offset("nameidata", "name")?,
+            r.offset("nameidata", "dfd")?,
+            r.offset("filename", "name")?,
+        ))
+    })()
+    .unwrap_or_default();
     Ok(KernelLayout {
         ready: 1,
         task_pid: r.offset("task_struct", "pid")?,
@@ -103,6 +114,10 @@ pub fn resolve(path: &Path) -> Result<KernelLayout, LayoutError> {
         sk_num: r.offset("sock", "__sk_common.skc_num")?,
         sk_v6_daddr: r.offset("sock", "__sk_common.skc_v6_daddr")?,
         sk_v6_rcv_saddr: r.offset("sock", "__sk_common.skc_v6_rcv_saddr")?,
+        task_nameidata: given.0,
+        nameidata_name: given.1,
+        nameidata_dfd: given.2,
+        filename_name: given.3,
         regs_args: syscall_arg_offsets(&r)?,
         regs_nr: r.offset("pt_regs", SYSCALL_NR_REG)?,
         _pad: 0,

@@ -990,6 +990,17 @@ fn check(lines: &[Value], e: &Expect, kernel_view: &KernelView) -> Checks {
         linked.is_some(),
         format!("/tmp/kmx-cron/{MARK}-link reported as {}", e.linked_file),
     );
+    // The name the writer gave goes along with the resolved path, in both hook modes (at
+    // security_file_open the kernel's copy of it).
+    let given = format!("/tmp/kmx-cron/{MARK}-link");
+    let gave = linked
+        .map(|ev| s(ev, "/file/givenPath"))
+        .unwrap_or_default();
+    c.add(
+        "file_given_path",
+        gave == given,
+        format!("given path {gave:?}, want {given}"),
+    );
     let bound = find("file", &|_, b| s(b, "/path") == e.bound_file);
     c.add(
         "file_bind_mount",
