@@ -265,6 +265,9 @@ mod tests {
         // x86_64 pt_regs: di is the 15th word, orig_ax the 16th.
         assert_eq!(layout.regs_args[0], 14 * 8);
         assert_eq!(layout.regs_nr, 15 * 8);
+        // The given name of an open: `filename.name` is its first member.
+        assert!(layout.task_nameidata != 0 && layout.nameidata_name != 0);
+        assert_eq!(layout.filename_name, 0);
     }
 
     #[test]
