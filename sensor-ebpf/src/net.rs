@@ -81,7 +81,9 @@ fn keep_sockaddr(ctx: &FExitContext, op: u16) {
         len: 0,
         addr: [0; COPY_BYTES],
     };
-    let n = if len > COPY_BYTES { COPY_BYTES } else { len };
+    // A caller may pass more than the address (`sizeof(struct sockaddr_storage)`, 128):
+    // what is read of it fits in a `sockaddr_un`.
+    let n = if len > SOCKADDR_UN { SOCKADDR_UN } else { len };
     if addr != 0
         && n > 0
         && copy_kernel(

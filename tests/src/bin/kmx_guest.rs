@@ -355,6 +355,8 @@ struct Expect {
     /// used (its target's pid in that namespace).
     ns_tracer: u32,
     ns_target_arg: u32,
+    /// A listener connected to with an address length of `sockaddr_storage` (128).
+    wide_port: u16,
     cron_file: String,
     /// Enforcement smoke: the helper's pid and what its two programs exited with.
     helper_pid: u32,
@@ -492,6 +494,7 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     }
     wait(target);
 
+    connect_wide(e);
     connect_rewritten(e);
     ptrace_in_namespace(e);
 
@@ -519,6 +522,38 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     // A signal to the agent (one that does nothing to it).
     // SAFETY: SIGCONT to the agent we started.
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
+}
+
+/// A connect that passes `sizeof(struct sockaddr_storage)` as the address length, as
+/// some programs do: the address is still reported.
+fn connect_wide(e: &mut Expect) {
+    let r = (|| -> std::io::Result<u16> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        // SAFETY: a zeroed sockaddr_storage holding a sockaddr_in; a socket we close.
+        unsafe {
+            let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+            let sin = &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr_in;
+            (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
+            (*sin).sin_port = port.to_be();
+            (*sin).sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let rc = libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len);
+            let err = std::io::Error::last_os_error();
+            libc::close(fd);
+            if rc != 0 {
+                return Err(err);
+            }
+        }
+        Ok(port)
+    })();
+    match r {
+        Ok(port) => e.wide_port = port,
+        Err(err) => e
+            .errors
+            .push(format!("connect with a 128-byte address: {err}")),
+    }
 }
 
 /// The socket a connect really reaches, and the name another thread leaves in the
@@ -931,6 +966,19 @@ fn check(lines: &[Value], e: &Expect, kernel_view: &KernelView) -> Checks {
         "ptrace",
         ptrace.is_some(),
         ptrace.map_or("none".into(), |ev| s(ev, "/ptrace/request")),
+    );
+    let wide = find("connect", &|ev, b| {
+        pid_of(ev) == e.driver
+            && n(b, "/socket/remotePort") == u64::from(e.wide_port)
+            && s(b, "/socket/remoteAddr") == "127.0.0.1"
+    });
+    c.add(
+        "connect_storage_len",
+        e.wide_port != 0 && wide.is_some(),
+        format!(
+            "connect to 127.0.0.1:{} with a 128-byte address",
+            e.wide_port
+        ),
     );
     // Where the kernel's copy is used (fexit on the security hooks), the event names what
     // the kernel did; on the dispatcher, what the caller's memory said afterwards, which
