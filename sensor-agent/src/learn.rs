@@ -11,8 +11,20 @@
 //! socket on the shell's stdio, an executable from a memfd or deleted, writes into the web
 //! root, persistence, anti-forensics, injection...). Only the rules in [`LEARNABLE`] are,
 //! and each entry also requires the exec not to be on a socket nor from memory.
+//!
+//! Where the rule set's `enforce:` policy gives an identity an allow list (the RewriteMap
+//! helpers), the programs its descendants ran while learning and the list does not name
+//! are also written as an `enforce:` entry that appends them (`append: true`), so the
+//! baseline that stops alerting also stops being killed under `--enforce on`. Identities
+//! without an allow list get none: appending one would forbid everything else.
 
-use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    path::Path,
+};
+
+use crate::detect::enforce::Policy;
 
 use sensor_proto::v1::{Alert, event};
 
@@ -206,9 +218,30 @@ impl Learner {
         self.shapes.len()
     }
 
+    /// The programs learned under each identity whose enforcement has an allow list that
+    /// does not name them (by the kernel-resolved path of the executable).
+    fn enforce_additions(&self, policy: &Policy) -> BTreeMap<&str, BTreeSet<&str>> {
+        let mut out: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for shape in self.shapes.keys() {
+            if shape.cmdline.is_none() || !shape.exe.starts_with('/') {
+                continue;
+            }
+            let Some(allow) = policy
+                .by_identity(&shape.identity)
+                .and_then(|e| e.allow.as_ref())
+            else {
+                continue;
+            };
+            if !allow.iter().any(|a| *a == shape.exe) {
+                out.entry(&shape.identity).or_default().insert(&shape.exe);
+            }
+        }
+        out
+    }
+
     /// The rule file: a header saying where and when it was learned, then one `allow:`
-    /// entry per shape.
-    pub fn rule_file(&self, host: &str, span: &str) -> String {
+    /// entry per shape, and the `enforce:` additions for identities with an allow list.
+    pub fn rule_file(&self, host: &str, span: &str, policy: &Policy) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -228,6 +261,24 @@ impl Learner {
         if self.shapes.is_empty() {
             let _ = writeln!(out, "allow: []");
             return out;
+        }
+        let additions = self.enforce_additions(policy);
+        if !additions.is_empty() {
+            let _ = writeln!(
+                out,
+                "# Under --enforce on, these programs may also run under their identity (the\n\
+                 # allow list of the loaded policy does not name them). Each is resolved to its\n\
+                 # file when the policy is applied; the never-allowed shapes still apply."
+            );
+            let _ = writeln!(out, "enforce:");
+            for (identity, exes) in &additions {
+                let _ = writeln!(out, "  - identity: {}", quote(identity));
+                let _ = writeln!(out, "    append: true");
+                let _ = writeln!(out, "    allow:");
+                for exe in exes {
+                    let _ = writeln!(out, "      - {}", quote(exe));
+                }
+            }
         }
         let _ = writeln!(out, "allow:");
         for (shape, seen) in &self.shapes {
@@ -330,8 +381,9 @@ mod tests {
         l.alert(&alert("EPMM-B2", FdKind::Pipe, false));
         l.alert(&alert("EPMM-B2", FdKind::Pipe, false));
         assert_eq!(l.learned(), 1);
-        let file = l.rule_file("h", "test");
+        let file = l.rule_file("h", "test", &Policy::default());
         assert!(file.contains("seen 2 times"), "{file}");
+        assert!(!file.contains("enforce:"), "{file}");
         let set = crate::detect::rules::compile_texts(&[
             (
                 crate::detect::rules::DEFAULT_PACK_NAME.into(),
@@ -340,5 +392,63 @@ mod tests {
             ("learned.yaml".into(), file.clone()),
         ]);
         assert!(set.is_ok(), "{file}");
+    }
+
+    #[test]
+    fn programs_outside_an_identitys_allow_list_are_appended_to_its_enforcement() {
+        use crate::detect::rules::{DEFAULT_PACK, DEFAULT_PACK_NAME, compile_texts};
+        use sensor_proto::v1::{Event, ExeIdentity, ExecEvent, Lineage, ProcessInfo};
+        let alert = |rule: &str, identity: &str, exe: &str| Alert {
+            rule_id: rule.into(),
+            process: Some(ProcessInfo {
+                exe: exe.into(),
+                exe_identity: Some(ExeIdentity {
+                    sha256: format!("{exe}-hash"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            lineage: Some(Lineage {
+                identity: identity.into(),
+                ..Default::default()
+            }),
+            evidence: vec![Event {
+                kind: Some(event::Kind::Exec(Box::new(ExecEvent {
+                    argv: vec![exe.into()],
+                    ..Default::default()
+                }))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let pack = compile_texts(&[(DEFAULT_PACK_NAME.into(), DEFAULT_PACK.into())]).unwrap();
+        let mut l = Learner::default();
+        // The helper ran a utility of a newer version, and the date the pack allows.
+        l.alert(&alert("EPMM-B1", "rewritemap-helper", "/usr/bin/basename"));
+        l.alert(&alert("EPMM-B1", "rewritemap-helper", "/usr/bin/date"));
+        // Tomcat has no allow list: nothing may be appended to it.
+        l.alert(&alert("EPMM-B2", "tomcat", "/usr/bin/dash"));
+        let file = l.rule_file("h", "test", &pack.enforce);
+        let set = compile_texts(&[
+            (DEFAULT_PACK_NAME.into(), DEFAULT_PACK.into()),
+            ("learned.yaml".into(), file.clone()),
+        ])
+        .unwrap_or_else(|e| panic!("{e}\n{file}"));
+        let helper = set.enforce.by_identity("rewritemap-helper").unwrap();
+        assert_eq!(
+            helper.allow.as_deref().unwrap(),
+            ["/usr/bin/date", "/bin/date", "/usr/bin/basename"],
+            "{file}"
+        );
+        assert_eq!(
+            helper.deny,
+            pack.enforce.by_identity("rewritemap-helper").unwrap().deny
+        );
+        let tomcat = set.enforce.by_identity("tomcat").unwrap();
+        assert_eq!(tomcat.allow, None, "{file}");
+        assert_eq!(
+            tomcat.deny,
+            pack.enforce.by_identity("tomcat").unwrap().deny
+        );
     }
 }

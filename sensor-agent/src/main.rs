@@ -422,6 +422,7 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
         rules: args.rules.clone(),
         ..Default::default()
     })?;
+    let policy = rules.enforce.clone();
     let mut printed = Vec::new();
     let summary = replay::replay(
         &replay::ReplayOptions {
@@ -440,7 +441,7 @@ fn learn_command(args: LearnArgs) -> anyhow::Result<()> {
     learner
         .json_lines(&String::from_utf8_lossy(&printed))
         .map_err(anyhow::Error::msg)?;
-    sensor_agent::learn::write(&args.out, &learner.rule_file(&host, &span))
+    sensor_agent::learn::write(&args.out, &learner.rule_file(&host, &span, &policy))
         .with_context(|| format!("cannot write {}", args.out.display()))?;
     tracing::info!(
         events = summary.events,

@@ -92,8 +92,24 @@ pub fn run(args: &KmatrixArgs) -> Result<()> {
         };
         let dir = out.join(&kernel.version);
         fs::create_dir_all(&dir)?;
-        let row = boot(&kernel, suite, &initramfs, &dir, accel, timeout)
+        let mut row = boot(&kernel, suite, &initramfs, &dir, accel, timeout)
             .unwrap_or_else(|e| Row::failed(suite, format!("{e:#}")));
+        if row.guest_never_started {
+            // The kernel itself failed before our PID 1 ran: under emulated SMP a boot
+            // can die patching its own text (an int3 oops in the clock code, seen once in
+            // forky's 7.2 under TCG). Nothing of ours was running; boot it once more and
+            // say so. A failure once the guest driver started is never retried.
+            let first = dir.join("console-first-boot.log");
+            let _ = fs::rename(dir.join("console.log"), &first);
+            eprintln!(
+                "{}: the kernel failed before the guest driver started ({}); booting it once more",
+                row.label,
+                first.display()
+            );
+            row = boot(&kernel, suite, &initramfs, &dir, accel, timeout)
+                .unwrap_or_else(|e| Row::failed(suite, format!("{e:#}")));
+            row.second_boot = true;
+        }
         eprintln!("{}", row.line());
         rows.push(row);
     }
@@ -470,6 +486,10 @@ struct Row {
     boot_secs: f64,
     report: Option<Value>,
     error: Option<String>,
+    /// The guest's driver never wrote to its serial port: the kernel died first.
+    guest_never_started: bool,
+    /// This row is the second boot of its kernel (the first never reached the driver).
+    second_boot: bool,
 }
 
 impl Row {
@@ -479,6 +499,8 @@ impl Row {
             boot_secs: 0.0,
             report: None,
             error: Some(error),
+            guest_never_started: false,
+            second_boot: false,
         }
     }
 
@@ -510,8 +532,14 @@ impl Row {
     fn line(&self) -> String {
         let verdict = if self.passed() { "PASS" } else { "FAIL" };
         let mut line = format!(
-            "{verdict} {} (boot+runs {:.0} s)",
-            self.label, self.boot_secs
+            "{verdict} {} (boot+runs {:.0} s{})",
+            self.label,
+            self.boot_secs,
+            if self.second_boot {
+                "; second boot, the first died before the guest driver started"
+            } else {
+                ""
+            }
         );
         if let Some(e) = &self.error {
             let _ = write!(line, ": {e}");
@@ -690,8 +718,11 @@ fn boot(
         boot_secs: started.elapsed().as_secs_f64(),
         report: None,
         error: None,
+        guest_never_started: false,
+        second_boot: false,
     };
     let text = String::from_utf8_lossy(&fs::read(&serial).unwrap_or_default()).replace('\r', "");
+    row.guest_never_started = !text.contains("KMX-BEGIN");
     save_files(&text, dir)?;
     match text
         .split("KMX-REPORT\n")
@@ -794,8 +825,13 @@ fn render(rows: &[Row], accel: Accel) -> String {
                 .collect();
             let _ = writeln!(
                 t,
-                "| {} | {hooks} | {agent} | {} | {} | {} |",
+                "| {}{} | {hooks} | {agent} | {} | {} | {} |",
                 row.label,
+                if row.second_boot {
+                    " (second boot)"
+                } else {
+                    ""
+                },
                 modes(run),
                 if unavailable.is_empty() {
                     "none".to_owned()

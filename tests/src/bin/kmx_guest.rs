@@ -355,7 +355,7 @@ struct Expect {
     /// used (its target's pid in that namespace).
     ns_tracer: u32,
     ns_target_arg: u32,
-    /// A listener connected to with an address length of `sockaddr_storage` (128).
+    /// A closed port connected to with an address length of `sockaddr_storage` (128).
     wide_port: u16,
     cron_file: String,
     /// Enforcement smoke: the helper's pid and what its two programs exited with.
@@ -524,13 +524,15 @@ fn reenact(agent_pid: i32, e: &mut Expect) {
     unsafe { libc::kill(agent_pid, libc::SIGCONT) };
 }
 
-/// A connect that passes `sizeof(struct sockaddr_storage)` as the address length, as
-/// some programs do: the address is still reported.
+/// A TCP connect that passes `sizeof(struct sockaddr_storage)` (128) as the address
+/// length, as many programs do, to a port nothing listens on. A refused connect leaves no
+/// peer in the socket, so the event's address can only come from the address the caller
+/// passed (the kernel's copy where the security hooks run): it must name the port.
 fn connect_wide(e: &mut Expect) {
     let r = (|| -> std::io::Result<u16> {
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        // SAFETY: a zeroed sockaddr_storage holding a sockaddr_in; a socket we close.
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // SAFETY: a zeroed sockaddr_storage is valid; it holds a sockaddr_in; the socket
+        // is closed before returning.
         unsafe {
             let mut storage: libc::sockaddr_storage = std::mem::zeroed();
             let sin = &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr_in;
@@ -542,8 +544,10 @@ fn connect_wide(e: &mut Expect) {
             let rc = libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len);
             let err = std::io::Error::last_os_error();
             libc::close(fd);
-            if rc != 0 {
-                return Err(err);
+            if rc == 0 || err.raw_os_error() != Some(libc::ECONNREFUSED) {
+                return Err(std::io::Error::other(format!(
+                    "expected ECONNREFUSED, got {rc} ({err})"
+                )));
             }
         }
         Ok(port)
@@ -976,7 +980,7 @@ fn check(lines: &[Value], e: &Expect, kernel_view: &KernelView) -> Checks {
         "connect_storage_len",
         e.wide_port != 0 && wide.is_some(),
         format!(
-            "connect to 127.0.0.1:{} with a 128-byte address",
+            "refused connect to 127.0.0.1:{} with a 128-byte address",
             e.wide_port
         ),
     );
