@@ -232,7 +232,7 @@ impl Learner {
             else {
                 continue;
             };
-            if !allow.iter().any(|a| *a == shape.exe) {
+            if !allow.contains(&shape.exe) {
                 out.entry(&shape.identity).or_default().insert(&shape.exe);
             }
         }
