@@ -37,6 +37,12 @@ pub struct BenchArgs {
     /// under target/bench-against) beside this tree's, alternating, and give the ratios.
     #[arg(long, value_name = "REV")]
     against: Option<String>,
+    /// Also count what the probes themselves execute: `kernel.bpf_stats_enabled` during
+    /// each run with the agent, and the run time of every BPF program (`bpftool prog
+    /// show`) divided by the iterations. Wall time on a noisy VM moves by more than the
+    /// probes cost; this does not see the agent's userspace, which `agent CPU` does.
+    #[arg(long)]
+    bpf_stats: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -69,6 +75,8 @@ struct AgentRun {
     cpu: Duration,
     records: u64,
     lost: u64,
+    /// Nanoseconds spent in BPF programs during the workload (`--bpf-stats`).
+    bpf_ns: Option<u64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -83,6 +91,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Workload::Fleet = args.workload {
         return fleet(&args);
+    }
+    if args.bpf_stats {
+        crate::setup::ensure_apt("bpftool", std::path::Path::new("/usr/sbin/bpftool"))?;
     }
     let bin = match &args.agent {
         Some(bin) => bin.clone(),
@@ -108,13 +119,36 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let b = baseline.last().unwrap();
         let a = with_agent.last().unwrap();
         eprintln!(
-            "baseline {:.3}s, with agent {:.3}s (agent cpu {:.3}s, records {}, lost {})",
+            "baseline {:.3}s, with agent {:.3}s (agent cpu {:.3}s, records {}, lost {}{})",
             b.as_secs_f64(),
             a.wall.as_secs_f64(),
             a.cpu.as_secs_f64(),
             a.records,
-            a.lost
+            a.lost,
+            a.bpf_ns.map_or(String::new(), |ns| format!(
+                ", BPF {:.3} us per operation",
+                per_op_us(ns, args.iterations)
+            ))
         );
+    }
+    if args.bpf_stats {
+        let mut per_op: Vec<f64> = with_agent
+            .iter()
+            .filter_map(|a| a.bpf_ns)
+            .map(|ns| per_op_us(ns, args.iterations))
+            .collect();
+        per_op.sort_by(f64::total_cmp);
+        if let Some(mid) = per_op.get(per_op.len() / 2) {
+            println!(
+                "BPF programs: {mid:.3} us per operation (median of {} rounds; {})",
+                per_op.len(),
+                per_op
+                    .iter()
+                    .map(|v| format!("{v:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     let base_median = median(baseline.clone());
     let agent_median = median(with_agent.iter().map(|a| a.wall).collect());
@@ -343,7 +377,17 @@ fn run_with_agent(bin: &std::path::Path, args: &BenchArgs) -> Result<AgentRun> {
     }
     // CPU spent loading (BTF parsing, verification) is not the workload's cost.
     let cpu_at_ready = proc_cpu(agent.id())?;
-    let wall = workload(args.workload, args.iterations)?;
+    let stats = if args.bpf_stats {
+        Some(BpfStats::start()?)
+    } else {
+        None
+    };
+    let wall = workload(args.workload, args.iterations);
+    let bpf_ns = match stats {
+        Some(stats) => Some(stats.finish()?),
+        None => None,
+    };
+    let wall = wall?;
     let cpu = stop_and_measure(&mut agent)?.saturating_sub(cpu_at_ready);
     drop(rx.recv_timeout(Duration::from_millis(1)));
     let _ = reader.join();
@@ -357,7 +401,70 @@ fn run_with_agent(bin: &std::path::Path, args: &BenchArgs) -> Result<AgentRun> {
         cpu,
         records: field(stopped, "records"),
         lost: field(stopped, "lost_in_kernel"),
+        bpf_ns,
     })
+}
+
+fn per_op_us(ns: u64, iterations: u32) -> f64 {
+    ns as f64 / f64::from(iterations.max(1)) / 1000.0
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// The kernel's per-program run time, counted while this lives: the value of the sysctl
+/// before, and each program's total at the start.
+struct BpfStats {
+    previous: String,
+    before: std::collections::HashMap<u64, u64>,
+}
+
+impl BpfStats {
+    fn start() -> Result<BpfStats> {
+        let previous = std::fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("cannot read {BPF_STATS}"))?;
+        std::fs::write(BPF_STATS, "1").with_context(|| format!("cannot enable {BPF_STATS}"))?;
+        Ok(BpfStats {
+            previous: previous.trim().to_owned(),
+            before: bpf_run_times()?,
+        })
+    }
+
+    /// Nanoseconds every program ran since `start`; the sysctl is put back.
+    fn finish(self) -> Result<u64> {
+        let after = bpf_run_times();
+        let _ = std::fs::write(BPF_STATS, &self.previous);
+        Ok(after?
+            .iter()
+            .map(|(id, ns)| ns.saturating_sub(self.before.get(id).copied().unwrap_or(0)))
+            .sum())
+    }
+}
+
+/// Program id -> total run time in ns, from `bpftool prog show --json`.
+fn bpf_run_times() -> Result<std::collections::HashMap<u64, u64>> {
+    let out = Command::new("bpftool")
+        .args(["prog", "show", "--json"])
+        .output()
+        .context("cannot run bpftool")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool prog show failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let progs: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).context("bpftool's JSON")?;
+    Ok(progs
+        .iter()
+        .filter_map(|p| {
+            Some((
+                p.get("id")?.as_u64()?,
+                p.get("run_time_ns")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+            ))
+        })
+        .collect())
 }
 
 /// `name=value` from a log line.
